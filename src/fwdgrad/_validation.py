@@ -1,0 +1,49 @@
+"""Small argument checks shared by the public API.
+
+Every message starts with the call it concerns (``where``) and names the bad value, following the
+convention of ``torch.func`` and ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def check_positive_int(where: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is an ``int`` >= 1 (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{where}: {name} must be >= 1, got {value}")
+
+
+def check_real_scalar(where: str, value: Any, what: str = "loss_fn") -> torch.Tensor:
+    """Raise unless ``value`` is a real floating-point tensor with a single element and no batch dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: {what} must return a real scalar tensor, got {type(value).__name__}")
+    if value.dim() != 0:
+        raise ValueError(
+            f"{where}: {what} must return a real scalar tensor, got a tensor of shape {tuple(value.shape)}"
+        )
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{where}: {what} must return a real floating-point scalar, got dtype {value.dtype}")
+    return value
+
+
+def make_generator(where: str, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """A generator from ``seed`` or ``generator`` (at most one); ``None`` means torch's global RNG."""
+    if seed is not None and generator is not None:
+        raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{where}: seed must be an int, got {seed!r}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,79 @@
+"""Errors raised by fwdgrad, and the translation of PyTorch's forward-AD failures into messages that
+name the operation, the module it ran in, and what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
+_NO_JVP = "implement the jvp function for custom autograd.Function"
+
+
+class ForwardADNotSupportedError(NotImplementedError):
+    """An operation in the loss has no forward-mode AD rule, so no JVP can be formed through it."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient estimate is NaN or infinite; nothing was written to the parameters."""
+
+
+def _describe(exc: BaseException) -> str | None:
+    text = str(exc)
+    match = _NO_FORWARD_AD.search(text)
+    if match:
+        return f"operation {match.group(1)!r} has no forward-mode AD rule in PyTorch {torch.__version__}"
+    if _NO_JVP in text:
+        return "a custom torch.autograd.Function without a jvp staticmethod"
+    return None
+
+
+_ADVICE = (
+    "Replace it with operations that support forward AD, wrap it in a torch.autograd.Function that "
+    "defines jvp, or train this model with the 'bp' estimator."
+)
+
+
+@contextlib.contextmanager
+def explain_forward_ad_errors(where: str, model: nn.Module | None = None) -> Iterator[None]:
+    """Turn PyTorch's "no forward AD" ``NotImplementedError`` into a ``ForwardADNotSupportedError``.
+
+    While active, a global forward pre-hook keeps the stack of modules being run, so the message can say
+    which module of ``model`` (by qualified name and type) ran the unsupported operation.
+    """
+    stack: list[nn.Module] = []
+    handles = []
+    if model is not None:
+
+        def push(module: nn.Module, args: object) -> None:
+            stack.append(module)
+
+        def pop(module: nn.Module, args: object, output: object) -> None:
+            if stack and stack[-1] is module:
+                stack.pop()
+
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(push),
+            nn.modules.module.register_module_forward_hook(pop),
+        ]
+    try:
+        yield
+    except NotImplementedError as exc:
+        what = _describe(exc)
+        if what is None:
+            raise
+        place = ""
+        if model is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            inner = [m for m in stack if id(m) in names]
+            if inner:
+                m = inner[-1]
+                place = f" in module {names[id(m)] or '<root>'!r} ({type(m).__name__})"
+        raise ForwardADNotSupportedError(f"{where}: {what}{place}. {_ADVICE}") from exc
+    finally:
+        for h in handles:
+            h.remove()
