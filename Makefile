@@ -21,7 +21,7 @@ test: lint
 	$(PY) -m pytest -q
 
 test-heavy: install
-	$(PY) -m pytest -q -m montecarlo
+	$(PY) -m pytest -q -m 'montecarlo or slow'
 
 demo: install
 	$(PY) examples/demo.py
