@@ -53,11 +53,15 @@ class Estimator(abc.ABC):
 
     Attributes:
         name: the registry name (set by :func:`register_estimator`).
-        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteError` when the loss or the estimate is
-            not finite and leaves every ``.grad`` untouched.
+        per_example_loss: ``True`` for estimators whose ``loss_fn`` may return a vector of per-example
+            losses (the loss is then its mean); training loops use it to choose ``reduction="none"``.
+
+    A loss or estimate that is NaN or infinite raises :class:`fwdgrad.NonFiniteError` and leaves every
+    ``.grad`` untouched.
     """
 
     name: ClassVar[str] = ""
+    per_example_loss: ClassVar[bool] = False
 
     def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
         where = f"{type(self).__name__}.__call__"
