@@ -1,0 +1,231 @@
+"""Checksum-verified, atomic downloads and safe tar extraction.
+
+``download_file`` streams a URL into a temporary file in the destination folder, checks the byte count
+announced by the server and the md5, flushes it to disk and only then renames it onto the destination
+(``os.replace``, atomic on POSIX and Windows). On any failure the temporary file is removed, so the
+destination either holds a verified file or nothing at all.
+
+``safe_extract_tar`` checks every member of an archive before writing anything: only regular files and
+folders whose normalised path stays inside the target folder are accepted (no absolute paths, no ``..``,
+no symbolic or hard links, no devices). The members are written to a temporary folder next to the target
+and moved into place when all of them have been written.
+
+Example (a local file URL, so that it runs offline):
+    >>> import os, tempfile
+    >>> from pathlib import Path
+    >>> from fwdgrad.data.download import download_file
+    >>> from fwdgrad.data.resources import md5_of_bytes
+    >>> folder = Path(tempfile.mkdtemp()); (folder / "src.bin").write_bytes(b"hello")
+    5
+    >>> out = download_file((folder / "src.bin").as_uri(), folder / "copy.bin", md5=md5_of_bytes(b"hello"))
+    >>> out.read_bytes()
+    b'hello'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+
+from fwdgrad.data.resources import CorruptFileError, DatasetResources, FileResource
+
+_CHUNK = 1 << 16
+
+
+class DownloadError(OSError):
+    """A file could not be fetched from any of its URLs."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive holds a member that would be written outside the target folder, or a link/device."""
+
+
+def download_file(
+    url: str,
+    destination: str | os.PathLike,
+    *,
+    md5: str | None,
+    timeout: float = 60.0,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Path:
+    """Fetch ``url`` into ``destination`` atomically, verifying its size and md5.
+
+    Args:
+        url: any URL ``urllib`` opens (``http(s)://``, ``file://``).
+        destination: the final path; its folder is created if needed.
+        md5: the expected hex md5; ``None`` skips the check (then only the announced size is checked).
+        timeout: socket timeout in seconds.
+        progress: optional ``progress(bytes_so_far, total_or_None)`` callback.
+
+    Returns:
+        ``destination`` as a ``Path``.
+
+    Raises:
+        DownloadError: the URL could not be read, or the connection ended early (nothing is written).
+        CorruptFileError: the content does not match ``md5`` (nothing is written).
+    """
+    destination = Path(destination)
+    if not timeout > 0:
+        raise ValueError(f"download_file: timeout must be > 0, got {timeout!r}")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part", delete=False
+    )
+    temp_path = Path(handle.name)
+    try:
+        with handle:
+            digest, size = _stream_into(url, handle, timeout, progress)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if md5 is not None and digest != md5:
+            raise CorruptFileError(
+                f"download_file: {url} has md5 {digest} ({size} bytes) but the official file has md5 {md5}; "
+                f"{destination} was not written. The server sent a truncated or different file: try again "
+                "later or another mirror, or copy the official file there by hand."
+            )
+        os.replace(temp_path, destination)
+    finally:
+        temp_path.unlink(missing_ok=True)
+    return destination
+
+
+def _stream_into(
+    url: str, handle, timeout: float, progress: Callable[[int, int | None], None] | None
+) -> tuple[str, int]:
+    """Copy ``url`` into the open binary ``handle``; return (md5 hex, byte count)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            announced = response.headers.get("Content-Length")
+            total = int(announced) if announced is not None and announced.isdigit() else None
+            while chunk := response.read(_CHUNK):
+                handle.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if progress is not None:
+                    progress(size, total)
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # http.client.IncompleteRead is a ValueError
+        raise DownloadError(f"download_file: could not read {url}: {exc}") from exc
+    if total is not None and size != total:
+        raise DownloadError(f"download_file: {url} ended after {size} of {total} bytes (connection dropped)")
+    return digest.hexdigest(), size
+
+
+def fetch_resource(
+    resource: FileResource,
+    folder: str | os.PathLike,
+    base_urls: Iterable[str],
+    *,
+    timeout: float = 60.0,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Download one official file into ``folder``, trying each base URL in turn; return its path."""
+    destination = Path(folder) / resource.filename
+    errors: list[str] = []
+    for base in base_urls:
+        url = base.rstrip("/") + "/" + resource.filename
+        if log is not None:
+            log(f"downloading {url} -> {destination}")
+        try:
+            return download_file(url, destination, md5=resource.md5, timeout=timeout)
+        except (DownloadError, CorruptFileError) as exc:
+            errors.append(str(exc))
+    raise DownloadError(
+        f"fetch_resource: could not download {resource.filename} into {folder}:\n  "
+        + "\n  ".join(errors)
+        + f"\nDownload it by hand (md5 {resource.md5}) and put it at {destination}."
+    )
+
+
+def fetch_dataset_files(
+    resources: DatasetResources,
+    folder: str | os.PathLike,
+    *,
+    mirror: str | None = None,
+    missing_only: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[Path]:
+    """Download every file of ``resources`` into ``folder`` (from ``mirror`` when given)."""
+    bases = (mirror,) if mirror is not None else resources.base_urls
+    paths = []
+    for resource in resources.files:
+        path = Path(folder) / resource.filename
+        if missing_only and path.exists():
+            paths.append(path)
+            continue
+        paths.append(fetch_resource(resource, folder, bases, log=log))
+    return paths
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
+    """The member's path relative to the target, or UnsafeArchiveError."""
+    name = PurePosixPath(member.name)
+    where = f"safe_extract_tar: {archive} member {member.name!r}"
+    if member.issym() or member.islnk():
+        raise UnsafeArchiveError(f"{where} is a link (to {member.linkname!r}); links are refused")
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(f"{where} is not a regular file or folder; refused")
+    if not name.parts:  # "." or "./": the target folder itself
+        if member.isdir():
+            return PurePosixPath()
+        raise UnsafeArchiveError(f"{where} has an empty path; refused")
+    if name.is_absolute() or member.name.startswith(("/", "\\")) or ":" in name.parts[0]:
+        raise UnsafeArchiveError(f"{where} has an absolute path; refused")
+    if any(part == ".." for part in name.parts) or "\\" in member.name:
+        raise UnsafeArchiveError(f"{where} would be written outside the target folder; refused")
+    return PurePosixPath(*[part for part in name.parts if part not in ("", ".")])
+
+
+def safe_extract_tar(archive: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Extract ``archive`` (any compression tarfile reads) into ``target``; return the top-level paths.
+
+    Every member is checked before anything is written (see the module docstring); a top-level entry that
+    already exists in ``target`` is replaced only once the whole archive has been extracted.
+
+    Raises:
+        UnsafeArchiveError: a member is a link/device or its path leaves ``target``.
+        CorruptFileError: the archive cannot be read (truncated or not a tar file).
+    """
+    archive, target = Path(archive), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target, prefix=".extract-"))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                relative = [_check_member(member, archive) for member in members]
+                for member, rel in zip(members, relative):
+                    out = staging.joinpath(*rel.parts)
+                    if member.isdir():
+                        out.mkdir(parents=True, exist_ok=True)
+                        continue
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    if source is None:  # pragma: no cover - isfile() members always have data
+                        raise CorruptFileError(f"safe_extract_tar: {archive} member {member.name!r} has no data")
+                    with source, open(out, "wb") as sink:
+                        shutil.copyfileobj(source, sink)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise CorruptFileError(
+                f"safe_extract_tar: cannot read {archive} ({exc}): it is truncated or not a tar archive. "
+                f"Delete it and download it again (`--download`)."
+            ) from exc
+        tops = sorted(staging.iterdir())
+        placed = []
+        for top in tops:
+            final = target / top.name
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            os.replace(top, final)
+            placed.append(final)
+        return placed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
