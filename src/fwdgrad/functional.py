@@ -55,21 +55,31 @@ def _jvp_batched(
     """K JVPs in one pass: ``vmap`` over ``torch.func.jvp``; the primal is computed once and only the
     tangent computations are batched. Random ops (dropout) use the same sample for every direction."""
 
+    # torch.func.jvp carries only tensors as aux: pass tensor leaves through it, keep the rest aside.
+    aux_spec: list[Any] = []
+
     def one(*ts: Tensor) -> Any:
         def g(*ps: Tensor) -> Any:
             out = f(list(ps))
             value = out[0] if has_aux else out
             check_real_scalar(where, value, "fn")
-            return out
+            if not has_aux:
+                return value
+            leaves, spec = tree_flatten(out[1])
+            aux_spec[:] = [spec, leaves]
+            return value, [x for x in leaves if isinstance(x, Tensor)]
 
         return jvp(g, tuple(primals), ts, has_aux=has_aux)
 
     res = vmap(one, randomness="same")(*tangents)
+    aux = None
     if has_aux:
-        value, dirs, aux = res
-        aux = tree_map(lambda a: a[0] if isinstance(a, Tensor) and a.dim() > 0 else a, aux)
+        value, dirs, tensor_leaves = res
+        spec, leaves = aux_spec
+        batched = iter(t[0] for t in tensor_leaves)
+        aux = tree_unflatten([next(batched) if isinstance(x, Tensor) else x for x in leaves], spec)
     else:
-        (value, dirs), aux = res, None
+        value, dirs = res
     return value[0].detach(), dirs.detach(), aux
 
 

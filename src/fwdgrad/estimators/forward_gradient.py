@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad._validation import check_positive_int, check_real_scalar, make_generator
 from fwdgrad.errors import explain_forward_ad_errors
 from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters, register_estimator
 from fwdgrad.functional import combine, directional_derivatives
@@ -71,7 +71,7 @@ class ForwardGradient(Estimator):
         tangents = SAMPLERS[self.tangents](primals, self.num_directions, self._generator)
 
         def f(xs: list[Tensor]) -> Tensor:
-            return call_with_parameters(model, loss_fn, dict(zip(names, xs)))
+            return check_real_scalar(where, call_with_parameters(model, loss_fn, dict(zip(names, xs))))
 
         with explain_forward_ad_errors(where, model):
             value, dirs, _ = directional_derivatives(f, primals, tangents, chunk_size=self.chunk_size, where=where)
