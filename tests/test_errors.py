@@ -111,6 +111,6 @@ def test_a_non_finite_estimate_writes_nothing() -> None:
     model = nn.Linear(3, 1)
     with torch.no_grad():
         model.weight.zero_()  # the loss sqrt(w) is finite at 0, its derivative is not
-    with pytest.raises(fwdgrad.NonFiniteError, match=r"the estimate for \['weight'\] is not finite"):
+    with pytest.raises(fwdgrad.NonFiniteError, match=r"the estimate for \['weight', 'bias'\] is not finite"):
         fwdgrad.estimator("fg-w", seed=0)(model, lambda m: m.weight.sqrt().sum())
     assert model.weight.grad is None
