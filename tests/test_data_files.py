@@ -132,6 +132,17 @@ def test_labels_and_images_disagree(tmp_path, monkeypatch):
         load_dataset("mnist", tmp_path)
 
 
+def test_images_must_be_28_by_28(tmp_path, monkeypatch):
+    files = make_idx_files()
+    bad_raw = encode_idx(files.train_images[:, :27, :])
+    files.raw["train-images-idx3-ubyte"] = bad_raw
+    files.gz["train-images-idx3-ubyte.gz"] = gzip.compress(bad_raw)
+    monkeypatch.setitem(RESOURCES, "mnist", files.resources("mnist"))
+    files.write(tmp_path)
+    with pytest.raises(CorruptFileError, match=r"\[n, 28, 28\]"):
+        load_dataset("mnist", tmp_path)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
 def test_idx_round_trip(dtype):
     array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)

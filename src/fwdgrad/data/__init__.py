@@ -257,7 +257,7 @@ def _load_idx(name: str, folder: Path) -> Dataset:
         arrays.append(read_idx(path, md5=resource.md5, raw_md5=resource.raw_md5))
     train_images, train_labels, test_images, test_labels = arrays
     for images, labels, split in ((train_images, train_labels, "train"), (test_images, test_labels, "t10k")):
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        if images.shape[1:] != (28, 28) or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise CorruptFileError(
                 f"load_dataset: {folder} {split} files disagree: images {images.shape}, labels {labels.shape} "
                 f"(expected [n, 28, 28] and [n]). {redownload_hint(folder)}"
