@@ -11,14 +11,15 @@ no symbolic or hard links, no devices). The members are written to a temporary f
 and moved into place when all of them have been written.
 
 Example (a local file URL, so that it runs offline):
-    >>> import os, tempfile
+    >>> import tempfile
     >>> from pathlib import Path
     >>> from fwdgrad.data.download import download_file
     >>> from fwdgrad.data.resources import md5_of_bytes
-    >>> folder = Path(tempfile.mkdtemp()); (folder / "src.bin").write_bytes(b"hello")
-    5
-    >>> out = download_file((folder / "src.bin").as_uri(), folder / "copy.bin", md5=md5_of_bytes(b"hello"))
-    >>> out.read_bytes()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     source = Path(tmp, "src.bin")
+    ...     _ = source.write_bytes(b"hello")
+    ...     out = download_file(source.as_uri(), Path(tmp, "copy.bin"), md5=md5_of_bytes(b"hello"))
+    ...     out.read_bytes()
     b'hello'
 """
 

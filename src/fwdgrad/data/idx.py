@@ -6,12 +6,13 @@ is the number of dimensions ``d``; then ``d`` big-endian uint32 sizes; then the 
 file whose length is not exactly ``4 + 4 d + prod(sizes) * itemsize`` is reported as truncated/corrupt.
 
 Example:
-    >>> import gzip, tempfile, os, numpy as np
+    >>> import gzip, os, tempfile, numpy as np
     >>> from fwdgrad.data.idx import encode_idx, read_idx
-    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte.gz")
-    >>> with gzip.open(path, "wb") as f:
-    ...     _ = f.write(encode_idx(np.array([3, 1, 4], dtype=np.uint8)))
-    >>> read_idx(path).tolist()
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "labels-idx1-ubyte.gz")
+    ...     with gzip.open(path, "wb") as f:
+    ...         _ = f.write(encode_idx(np.array([3, 1, 4], dtype=np.uint8)))
+    ...     read_idx(path).tolist()
     [3, 1, 4]
 """
 
