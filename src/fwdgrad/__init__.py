@@ -6,6 +6,7 @@ written to ``.grad`` so that every ``torch.optim`` optimizer and scheduler works
 
 from fwdgrad.errors import ForwardADNotSupportedError, NonFiniteError
 from fwdgrad.estimators import (
+    ActivityForwardGradient,
     Backprop,
     Estimator,
     ForwardGradient,
@@ -20,6 +21,7 @@ from fwdgrad.tangents import sample_tangents, variance_factor
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivityForwardGradient",
     "Backprop",
     "Estimator",
     "ForwardADNotSupportedError",

@@ -1,0 +1,412 @@
+r"""Activity perturbation (FG-A): forward gradients that perturb the outputs of modules, not their weights.
+
+Ren, Kornblith, Liao and Hinton (ICLR 2023), "Scaling Forward Gradient With Local Losses", Sections 3–4.
+
+The estimator
+-------------
+Pick modules :math:`m_1 … m_L` (default: every ``nn.Linear`` and ``nn.Conv2d``). During one forward pass
+with dual tensors, the output :math:`z_l` of each picked module gets an extra tangent :math:`u_l`, drawn
+independently for every example (and module). For per-example losses :math:`\ell_b` (``loss_fn`` returns a
+vector ``[B]``; the loss is its mean :math:`L = \frac1B\sum_b \ell_b`), the tangent of :math:`\ell_b` is
+
+.. math:: d_b = \sum_l \langle \partial \ell_b / \partial z_{l,b},\, u_{l,b} \rangle
+
+(examples do not interact, so only example ``b``'s tangents reach :math:`\ell_b`). The activation-gradient
+estimate of module ``l`` and example ``b`` is :math:`\hat g_{z_{l,b}} = \frac1B d_b\, u_{l,b}`. Because the
+:math:`u` are independent across modules and examples with :math:`E[u]=0`, :math:`E[u u^\top]=I`, every cross
+term has mean zero and :math:`E[\hat g_{z_{l,b}}] = \partial L / \partial z_{l,b}`: one pass gives an unbiased
+estimate for every module at once (the other modules' terms only add variance).
+
+Weight gradients follow from each module's *local rule*, the exact vector-Jacobian product of the module
+alone, applied to :math:`\hat g_z`. For ``nn.Linear`` (:math:`z = x W^\top + b`):
+:math:`\hat g_W = \sum_b \hat g_{z_b}^\top x_b`, :math:`\hat g_b = \sum_b \hat g_{z_b}`; ``nn.Conv2d`` uses
+``torch.nn.grad.conv2d_weight``; any other module is re-run on its stored input and differentiated with a
+backward graph that spans that module only. Being linear in :math:`\hat g_z`, the weight estimate is unbiased
+too. No backward pass through the network runs.
+
+Variance (the paper's Table 1): for a layer with fan-in ``p`` and fan-out ``q``, weight perturbation has
+:math:`E\|\hat g - g\|^2 \approx (pq+1)\,S` and activity perturbation :math:`(q+1)\,S` (Gaussian tangents,
+one direction): about ``p`` times lower. Independent per-example tangents further divide the squared-norm
+term by the batch size.
+
+Options
+-------
+* ``skip_inactive=True`` (the paper's choice): an output that goes straight into an ``nn.ReLU`` module and is
+  not positive has an exact zero gradient, so its estimate is set to zero (less variance, still unbiased).
+  Only ``nn.ReLU`` *modules* are detected (not ``F.relu`` calls).
+* ``shared_noise=True``: one tangent shared by all examples of the batch (per-example losses still required).
+* A scalar ``loss_fn`` (no per-example losses): the tangents stay independent per example but only their
+  joint derivative :math:`d = \sum_b \langle \partial L/\partial z_b, u_b\rangle` is observed; the estimate
+  :math:`d\,u_b` is still unbiased but its variance grows with the whole batch's activation size (like weight
+  perturbation of the batch). A tangent *shared* across the batch cannot be used with a scalar loss: the
+  estimate :math:`d\,u` of :math:`\partial L/\partial z_b` would then contain the other examples' gradients
+  (its mean is :math:`\sum_{b'} \partial L/\partial z_{b'}`), i.e. it is biased; that combination raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+
+from fwdgrad import local
+from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.errors import explain_forward_ad_errors
+from fwdgrad.estimators.base import Estimator, LossFn, register_estimator
+from fwdgrad.tangents import SAMPLERS, check_sampler_name
+
+Tensor = torch.Tensor
+ModuleSelection = Sequence[type] | Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+DEFAULT_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+
+
+def is_activity_unit(module: nn.Module) -> bool:
+    """A module that declares ``fwdgrad_activity_unit = True`` is perturbed as a whole (its children are not)."""
+    return bool(getattr(module, "fwdgrad_activity_unit", False))
+
+
+def select_modules(where: str, model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs are perturbed, as ``(qualified name, module)`` in registration order.
+
+    ``modules`` may be ``None`` (every ``nn.Linear``, ``nn.Conv2d`` and module marked
+    ``fwdgrad_activity_unit``), a sequence of module types, a sequence of qualified names, or a predicate
+    ``(name, module) -> bool``. A module inside an already picked module is skipped: the outer one wins.
+    """
+    named = list(model.named_modules())
+    if modules is None:
+        pick = lambda n, m: isinstance(m, DEFAULT_TYPES) or is_activity_unit(m)
+    elif callable(modules) and not isinstance(modules, type):
+        pick = modules
+    else:
+        items = list(modules)
+        if items and all(isinstance(t, type) for t in items):
+            types = tuple(items)
+            pick = lambda n, m: isinstance(m, types)
+        elif items and all(isinstance(t, str) for t in items):
+            known = {n for n, _ in named}
+            unknown = [t for t in items if t not in known]
+            if unknown:
+                raise ValueError(f"{where}: modules {unknown} are not in the model; known: {sorted(known)[:10]}…")
+            wanted = set(items)
+            pick = lambda n, m: n in wanted
+        else:
+            raise ValueError(f"{where}: modules must be types, qualified names or a predicate, got {modules!r}")
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, m in named:
+        if any(name.startswith(c + ".") or c == "" for c, _ in chosen):
+            continue
+        if pick(name, m):
+            chosen.append((name, m))
+    if not chosen:
+        raise ValueError(f"{where}: no module of {type(model).__name__} matches modules={modules!r}")
+    return chosen
+
+
+@dataclasses.dataclass
+class Site:
+    """One call of a perturbed module during the forward pass.
+
+    Attributes:
+        name: qualified name of the module in the model.
+        module: the module.
+        inputs: its positional inputs (primal values, detached).
+        output: its output as handed to the rest of the network (a dual tensor).
+        tangent: ``u``, the tangent added to its output, shape of the output.
+        mask: ``False`` where the output feeds an ``nn.ReLU`` and is not positive (``None``: no mask).
+    """
+
+    name: str
+    module: nn.Module
+    inputs: tuple[Any, ...]
+    output: Tensor
+    tangent: Tensor
+    mask: Tensor | None = None
+
+
+class ActivityPerturbation:
+    """Context manager that adds an independent tangent to the output of every picked module.
+
+    Use inside ``torch.autograd.forward_ad.dual_level()``. ``sites`` lists every call in forward order.
+    Tangents come from ``sampler`` (a name of :data:`fwdgrad.tangents.SAMPLERS`) with ``generator``; with
+    ``shared_noise`` one draw of the per-example shape is broadcast over the batch (dimension 0).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chosen: list[tuple[str, nn.Module]],
+        sampler: str,
+        generator: torch.Generator | None,
+        *,
+        shared_noise: bool = False,
+        skip_inactive: bool = True,
+    ) -> None:
+        self.model = model
+        self.chosen = chosen
+        self.sampler = SAMPLERS[sampler]
+        self.generator = generator
+        self.shared_noise = shared_noise
+        self.skip_inactive = skip_inactive
+        self.sites: list[Site] = []
+        self._by_output: dict[int, Site] = {}
+        self._handles: list[Any] = []
+
+    def _perturb(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
+        if not isinstance(output, Tensor) or not output.dtype.is_floating_point:
+            raise TypeError(
+                f"fwdgrad.ActivityForwardGradient: module {name!r} ({type(module).__name__}) must return one "
+                f"floating-point tensor to be perturbed, got {type(output).__name__}"
+            )
+        primal = fwAD.unpack_dual(output).primal.detach()
+        like = primal[0] if self.shared_noise else primal
+        u = self.sampler([like], 1, self.generator)[0][0]
+        if self.shared_noise:
+            u = u.unsqueeze(0).expand_as(primal)
+        out = output + fwAD.make_dual(torch.zeros_like(primal), u)
+        inputs = tuple(fwAD.unpack_dual(a).primal.detach() if isinstance(a, Tensor) else a for a in args)
+        site = Site(name, module, inputs, out, u)
+        self.sites.append(site)
+        self._by_output[id(out)] = site
+        return out
+
+    def _relu_pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            site = self._by_output.get(id(args[0]))
+            if site is not None and site.output is args[0]:
+                site.mask = fwAD.unpack_dual(args[0]).primal.detach() > 0
+
+    def __enter__(self) -> ActivityPerturbation:
+        for name, module in self.chosen:
+            hook = lambda m, a, o, _n=name: self._perturb(_n, m, a, o)
+            self._handles.append(module.register_forward_hook(hook))
+        if self.skip_inactive:
+            for m in self.model.modules():
+                if isinstance(m, nn.ReLU):
+                    self._handles.append(m.register_forward_pre_hook(self._relu_pre))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._by_output.clear()
+
+
+def _linear_rule(module: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    g2 = g.reshape(-1, g.shape[-1])
+    out = {"weight": g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)}
+    if module.bias is not None:
+        out["bias"] = g2.sum(0)
+    return out
+
+
+def _conv2d_rule(module: nn.Conv2d, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    out = {
+        "weight": torch.nn.grad.conv2d_weight(
+            x, module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups
+        )
+    }
+    if module.bias is not None:
+        out["bias"] = g.sum((0, 2, 3))
+    return out
+
+
+def _generic_rule(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
+    """The VJP of ``module`` alone with respect to its parameters: a backward graph spanning this module."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if not names:
+        return {}
+    with torch.enable_grad():
+        ps = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters() if p.requires_grad}
+        out = functional_call(module, ps, inputs)
+        grads = torch.autograd.grad(out, list(ps.values()), grad_outputs=g, allow_unused=True)
+    return {n: torch.zeros_like(ps[n]) if gr is None else gr for n, gr in zip(names, grads)}
+
+
+def local_param_grads(site: Site, grad_output: Tensor) -> dict[str, Tensor]:
+    """Parameter gradients (names relative to ``site.module``) from the gradient of its output.
+
+    A module may define ``local_grads(x, grad_output) -> {name: grad}`` (its exact rule); ``nn.Linear`` and
+    ``nn.Conv2d`` have built-in rules; any other module is differentiated alone (see :func:`_generic_rule`).
+    """
+    m = site.module
+    own_rule = getattr(m, "local_grads", None)
+    if own_rule is not None and len(site.inputs) == 1:
+        return own_rule(site.inputs[0], grad_output)
+    if type(m) is nn.Linear and len(site.inputs) == 1:
+        return _linear_rule(m, site.inputs[0], grad_output)
+    if type(m) is nn.Conv2d and len(site.inputs) == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return _conv2d_rule(m, site.inputs[0], grad_output)
+    return _generic_rule(m, site.inputs, grad_output)
+
+
+def accumulate_site_grads(
+    sites: list[Site], grad_outputs: list[Tensor], params: dict[str, nn.Parameter], grads: dict[str, Tensor],
+) -> None:
+    """Add every site's local-rule parameter gradients into ``grads`` (keyed by the model's names)."""
+    name_of = {id(p): n for n, p in params.items()}
+    for site, g in zip(sites, grad_outputs):
+        for local_name, gr in local_param_grads(site, g).items():
+            p = site.module.get_parameter(local_name)
+            full = name_of.get(id(p))
+            if full is None:  # frozen or not trainable
+                continue
+            grads[full] = grads[full] + gr.to(grads[full].dtype)
+
+
+def masked(site: Site, g: Tensor) -> Tensor:
+    """``g`` with the entries of inactive ReLU inputs set to zero (when the site has a mask)."""
+    return g if site.mask is None else g * site.mask
+
+
+@register_estimator("fg-a")
+class ActivityForwardGradient(Estimator):
+    r"""Forward gradient with activity perturbation (FG-A), Ren et al. (ICLR 2023).
+
+    See the module docstring for the math. ``loss_fn`` should return per-example losses ``[B]``
+    (``F.cross_entropy(m(x), y, reduction="none")``); the reported loss is their mean. A scalar loss falls
+    back to the batch-level derivative (unbiased, higher variance); see the module docstring.
+
+    Args:
+        num_directions: K independent forward passes averaged per call.
+        tangents: sampler name of :mod:`fwdgrad.tangents` (drawn per module output).
+        modules: which modules to perturb (see :func:`select_modules`); default every ``nn.Linear``,
+            ``nn.Conv2d`` and module marked ``fwdgrad_activity_unit``.
+        skip_inactive: zero the estimate of outputs that feed an ``nn.ReLU`` and are not positive.
+        shared_noise: one tangent for the whole batch instead of one per example.
+        exact_output: when the model's output is itself the output of a perturbed module (a read-out
+            ``nn.Linear``) and the losses are per example, that module is not perturbed but gets its exact
+            gradient: ``∂ℓ_b/∂output_b`` comes from ``C`` forward-mode passes through the criterion alone
+            (:func:`fwdgrad.local.criterion_gradient`), then the module's local rule. As in the paper, whose
+            classification layer is always trained with its exact gradient.
+        seed, generator: the source of randomness (exclusive).
+
+    Parameters outside every perturbed module get a zero estimate.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fwdgrad
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> est = fwdgrad.estimator("fg-a", seed=0)
+        >>> loss = est(model, lambda m: F.cross_entropy(m(x), y, reduction="none"))
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 4])
+    """
+
+    per_example_loss = True
+
+    def __init__(
+        self,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        *,
+        modules: ModuleSelection = None,
+        skip_inactive: bool = True,
+        shared_noise: bool = False,
+        exact_output: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        where = type(self).__name__
+        check_positive_int(where, "num_directions", num_directions)
+        check_sampler_name(where, tangents)
+        self.num_directions = num_directions
+        self.tangents = tangents
+        self.modules = modules
+        self.skip_inactive = bool(skip_inactive)
+        self.shared_noise = bool(shared_noise)
+        self.exact_output = bool(exact_output)
+        self._generator = make_generator(where, seed, generator)
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        chosen = select_modules(where, model, self.modules)
+        grads = {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for n, p in params.items()}
+        loss = None
+        for _ in range(self.num_directions):
+            pert = ActivityPerturbation(
+                model, chosen, self.tangents, self._generator,
+                shared_noise=self.shared_noise, skip_inactive=self.skip_inactive,
+            )
+            outputs: list[Tensor] = []
+            with explain_forward_ad_errors(where, model), fwAD.dual_level(), pert:
+                handle = model.register_forward_hook(lambda m, a, o, p=pert, c=outputs: _cut_output_tangent(p, o, c))
+                try:
+                    value = loss_fn(model)
+                finally:
+                    handle.remove()
+                primal, d = _unpack_loss(where, value)
+            sites = pert.sites
+            if not sites:
+                raise ValueError(f"{where}: loss_fn(model) did not call any perturbed module")
+            output_site = None
+            if self.exact_output and d.dim() == 1 and outputs:
+                output_site = next((s for s in sites if s.output is outputs[0]), None)
+            g_outs = []
+            for s in sites:
+                if s is output_site:
+                    delta = local.criterion_gradient(where, loss_fn, s.output)
+                    g_outs.append(delta.to(s.tangent.dtype) / d.shape[0])
+                else:
+                    g_outs.append(masked(s, _spread(where, s, d, self.shared_noise)))
+            accumulate_site_grads(sites, g_outs, params, grads)
+            loss = primal if loss is None else loss
+        if self.num_directions > 1:
+            for g in grads.values():
+                g.div_(self.num_directions)
+        return loss, grads
+
+
+def _cut_output_tangent(pert: ActivityPerturbation, output: Any, outputs: list[Tensor]) -> Any:
+    """Forward hook of the root model: if its output is a perturbed module's output, remove that module's
+    own tangent (its gradient will be exact) and remember the output."""
+    if not isinstance(output, Tensor):
+        return None
+    site = pert._by_output.get(id(output))
+    if site is None or site.output is not output:
+        return None
+    primal = fwAD.unpack_dual(output).primal
+    cut = output - fwAD.make_dual(torch.zeros_like(primal), site.tangent)
+    site.output = cut
+    outputs.append(cut)
+    return cut
+
+
+def _unpack_loss(where: str, value: Any) -> tuple[Tensor, Tensor]:
+    """``(mean loss, tangent)`` of ``loss_fn``'s output: tangent ``[B]`` (vector) or ``[]`` (scalar)."""
+    if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+        raise TypeError(f"{where}: loss_fn must return a floating-point tensor, got {type(value).__name__}")
+    if value.dim() > 1:
+        raise ValueError(f"{where}: loss_fn must return a scalar or per-example losses [B], got {tuple(value.shape)}")
+    primal, tangent = fwAD.unpack_dual(value)
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    return primal.detach().mean(), tangent.detach()
+
+
+def _spread(where: str, site: Site, d: Tensor, shared_noise: bool) -> Tensor:
+    """The activation-gradient estimate of a site from the loss tangent ``d``: ``d_b/B · u_b`` (vector
+    loss) or ``d · u`` (scalar loss)."""
+    u = site.tangent
+    if d.dim() == 0:
+        if shared_noise:
+            raise ValueError(
+                f"{where}: shared_noise=True needs per-example losses; with a scalar loss the estimate is "
+                "biased. Return F.cross_entropy(..., reduction='none') or use shared_noise=False"
+            )
+        return d * u
+    b = d.shape[0]
+    if u.shape[0] != b:
+        raise ValueError(
+            f"{where}: module {site.name!r} has output batch size {u.shape[0]} but loss_fn returned {b} "
+            "per-example losses; the first dimension of every perturbed output must be the batch"
+        )
+    return (d / b).view(b, *([1] * (u.dim() - 1))).to(u.dtype) * u

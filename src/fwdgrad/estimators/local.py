@@ -1,0 +1,349 @@
+r"""Estimators with local losses: each block learns from its own head's loss (Ren et al., ICLR 2023).
+
+The model declares its blocks and heads through :mod:`fwdgrad.local` (see the protocol there). Four names:
+
+==========  ====================================================================================
+``l-bp``    backprop inside each block, one loss per block (the paper's L-BP)
+``lg-bp``   backprop inside each block, one loss per block, patch and group (LG-BP)
+``lg-fg-w`` weight perturbation; each block's tangent derivative comes from its own losses (LG-FG-W)
+``lg-fg-a`` activity perturbation with local losses (LG-FG-A), the paper's best forward-gradient method
+==========  ====================================================================================
+
+(``l-fg-w`` and ``l-fg-a`` are the same estimators with one loss per block.)
+
+Heads (each block's local classifier and the final read-out) are single ``nn.Linear`` layers on inputs that
+carry no gradient or tangent; their exact gradient needs no backward pass either: the forward-gradient
+estimators get :math:`\partial\ell_b/\partial \text{logits}_b` from ``C`` forward-mode passes through the
+criterion alone (:func:`fwdgrad.local.criterion_gradient`) and apply the linear layer's local rule
+:math:`\hat g_W = \frac1B \sum_b \delta_b h_b^\top`.
+
+For the block bodies, write :math:`D_k[b, s]` for the tangent of the local loss :math:`s` of example ``b``
+of block ``k`` (divided by ``B``: the objective is the batch mean). Blocks are cut from one another, so
+:math:`D_k` only sees block ``k``'s tangents.
+
+* ``lg-fg-a``: the output :math:`z` of a perturbed module of block ``k`` gets tangent :math:`u`; its gradient
+  estimate is :math:`\text{layout}(D_k) \odot u` (masked at inactive ReLUs), where ``layout`` hands each
+  output entry the derivative of the local losses it feeds (the module's ``loss_layout``; the sum over the
+  losses if it has none). With one loss per patch and group, a channel chunk's estimate is driven by its own
+  group's loss only: the variance scales with the group's size, not the layer's.
+* ``lg-fg-w``: the parameters get tangents :math:`v`; the estimate is :math:`\text{layout}(\sum_{b,p} D_k)
+  \odot v` (the module's ``param_loss_layout`` per group, else the total).
+
+Both are unbiased for the gradient of the sum of block ``k``'s local losses with respect to its parameters:
+cross terms between independent tangents have mean zero.
+
+``loss_fn`` must return per-example losses for the forward-gradient estimators (``reduction="none"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from fwdgrad import local
+from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.errors import explain_forward_ad_errors
+from fwdgrad.estimators.activity import (
+    ActivityPerturbation,
+    ModuleSelection,
+    Site,
+    accumulate_site_grads,
+    masked,
+    select_modules,
+)
+from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters, register_estimator
+from fwdgrad.tangents import SAMPLERS, check_sampler_name
+
+Tensor = torch.Tensor
+
+
+def _check_heads(where: str, rec: local.LocalRecorder, model: nn.Module) -> list[local.LocalHead]:
+    if not rec.heads:
+        raise ValueError(
+            f"{where}: {type(model).__name__} recorded no local head; local-loss estimators need a model that "
+            "follows the fwdgrad.local protocol (e.g. fwdgrad.models.LocalMixer)"
+        )
+    return rec.heads
+
+
+def _zeros_like_params(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for n, p in params.items()}
+
+
+def _add_head_grads(
+    where: str, loss_fn: LossFn, heads: list[local.LocalHead], params: dict[str, nn.Parameter],
+    grads: dict[str, Tensor],
+) -> None:
+    """Exact gradients of every head's own loss, by the linear local rule (no backward pass)."""
+    name_of = {id(p): n for n, p in params.items()}
+    for h in heads:
+        delta = local.criterion_gradient(where, loss_fn, h.logits)  # [B, C]
+        b = delta.shape[0]
+        x = h.head_input.detach()
+        pairs = [(h.head.weight, delta.T @ x.to(delta.dtype) / b)]
+        if h.head.bias is not None:
+            pairs.append((h.head.bias, delta.sum(0) / b))
+        for p, g in pairs:
+            n = name_of.get(id(p))
+            if n is not None:
+                grads[n] = grads[n] + g.to(grads[n].dtype)
+
+
+def _split_derivatives(where: str, loss_fn: LossFn, head: local.LocalHead) -> Tensor:
+    """``D[b, *S]``: the tangent of every local loss of the block, divided by the batch size."""
+    split = head.split_logits
+    b, c = split.shape[0], split.shape[-1]
+    extra = split.shape[1:-1]
+    flat = split.reshape(b, -1, c)
+    cols = []
+    for j in range(flat.shape[1]):
+        value = local.check_per_example(where, local.replay_criterion(loss_fn, flat[:, j]), b)
+        t = fwAD.unpack_dual(value).tangent
+        cols.append(torch.zeros(b, dtype=split.dtype) if t is None else t.detach())
+    return (torch.stack(cols, 1) / b).reshape(b, *extra)
+
+
+def _block_losses(where: str, loss_fn: LossFn, model: nn.Module) -> tuple[Tensor, list[local.LocalHead], list[Tensor]]:
+    """Run the model once in local mode inside an active dual level; ``(mean loss, heads, D per block)``."""
+    rec = local.current()
+    assert rec is not None
+    value = loss_fn(model)
+    heads = _check_heads(where, rec, model)
+    local.check_per_example(where, value, heads[0].logits.shape[0])
+    loss = fwAD.unpack_dual(value).primal.detach().mean()
+    derivs = [_split_derivatives(where, loss_fn, h) for h in heads if h.split_logits is not None]
+    return loss, heads, derivs
+
+
+class _LocalForwardGradientBase(Estimator):
+    per_example_loss = True
+    groups: bool = True
+
+    def __init__(
+        self,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        where = type(self).__name__
+        check_positive_int(where, "num_directions", num_directions)
+        check_sampler_name(where, tangents)
+        self.num_directions = num_directions
+        self.tangents = tangents
+        self._generator = make_generator(where, seed, generator)
+
+
+class LocalActivityForwardGradient(_LocalForwardGradientBase):
+    r"""Activity-perturbed forward gradient with local losses (LG-FG-A; ``groups=False``: L-FG-A).
+
+    Args:
+        num_directions: K forward passes averaged per call.
+        tangents: sampler name of :mod:`fwdgrad.tangents`.
+        modules: modules to perturb (see :func:`fwdgrad.estimators.activity.select_modules`); only those inside
+            a recorded block are used.
+        skip_inactive: zero the estimate at outputs that feed an ``nn.ReLU`` and are not positive.
+        seed, generator: the source of randomness.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fwdgrad
+        >>> from fwdgrad.models.localmixer import LocalMixer
+        >>> model = LocalMixer((1, 8, 8), 3, num_blocks=2, num_patches=2, channels=8, groups=2)
+        >>> x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+        >>> loss = fwdgrad.estimator("lg-fg-a", seed=0)(model, lambda m: F.cross_entropy(m(x), y, reduction="none"))
+        >>> model.blocks[0].mix.linear.weight.grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        *,
+        modules: ModuleSelection = None,
+        skip_inactive: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(num_directions, tangents, seed=seed, generator=generator)
+        self.modules = modules
+        self.skip_inactive = bool(skip_inactive)
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        chosen = select_modules(where, model, self.modules)
+        grads = _zeros_like_params(params)
+        loss, heads = None, []
+        for _ in range(self.num_directions):
+            pert = ActivityPerturbation(model, chosen, self.tangents, self._generator, skip_inactive=self.skip_inactive)
+            with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups), pert:
+                value, heads, derivs = _block_losses(where, loss_fn, model)
+            blocks = [h.block for h in heads if h.split_logits is not None]
+            owner = local.block_of(blocks)
+            head_ids = {id(h.head) for h in heads}
+            sites: list[Site] = []
+            g_outs: list[Tensor] = []
+            for s in pert.sites:
+                k = owner.get(id(s.module))
+                if k is None or id(s.module) in head_ids:
+                    continue
+                sites.append(s)
+                g_outs.append(masked(s, self._layout(s, derivs[k]) * s.tangent))
+            accumulate_site_grads(sites, g_outs, params, grads)
+            loss = value if loss is None else loss
+        if self.num_directions > 1:
+            for g in grads.values():
+                g.div_(self.num_directions)
+        _add_head_grads(where, loss_fn, heads, params, grads)
+        return loss, grads
+
+    def _layout(self, site: Site, d: Tensor) -> Tensor:
+        u = site.tangent
+        if d.dim() > 1:
+            fn = getattr(site.module, "loss_layout", None)
+            if self.groups and fn is not None:
+                return fn(d).to(u.dtype)
+            d = d.reshape(d.shape[0], -1).sum(1)
+        return d.view(d.shape[0], *([1] * (u.dim() - 1))).to(u.dtype)
+
+
+class LocalWeightForwardGradient(_LocalForwardGradientBase):
+    r"""Weight-perturbed forward gradient with local losses (LG-FG-W; ``groups=False``: L-FG-W).
+
+    Every trainable parameter gets a tangent; a parameter inside block ``k`` is updated with the tangent
+    derivative of block ``k``'s own losses (per group where its module declares ``param_loss_layout``);
+    heads get their exact local gradient. Parameters outside every block and head get zero.
+    """
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        names = list(params)
+        primals = [p.detach() for p in params.values()]
+        owner_module = {}
+        for mname, m in model.named_modules():
+            for pname, _ in m.named_parameters(recurse=False):
+                owner_module[f"{mname}.{pname}" if mname else pname] = (m, pname)
+        grads = _zeros_like_params(params)
+        loss, heads = None, []
+        for _ in range(self.num_directions):
+            tangents = [t[0] for t in SAMPLERS[self.tangents](primals, 1, self._generator)]
+            with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups):
+                duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, primals, tangents)}
+                value, heads, derivs = call_with_parameters(
+                    model, lambda m: _block_losses(where, loss_fn, m), duals
+                )
+            blocks = [h.block for h in heads if h.split_logits is not None]
+            owner = local.block_of(blocks)
+            head_params = {id(p) for h in heads for p in h.head.parameters()}
+            for n, t in zip(names, tangents):
+                m, pname = owner_module[n]
+                k = owner.get(id(m))
+                if k is None or id(params[n]) in head_params:
+                    continue
+                grads[n] += self._layout(m, pname, derivs[k], t) * t
+            loss = value if loss is None else loss
+        if self.num_directions > 1:
+            for g in grads.values():
+                g.div_(self.num_directions)
+        _add_head_grads(where, loss_fn, heads, params, grads)
+        return loss, grads
+
+    def _layout(self, module: nn.Module, pname: str, d: Tensor, t: Tensor) -> Tensor:
+        fn = getattr(module, "param_loss_layout", None)
+        if self.groups and d.dim() == 3 and fn is not None:
+            return fn(pname, d.sum((0, 1))).to(t.dtype)
+        return d.sum().to(t.dtype)
+
+
+class LocalBackprop(Estimator):
+    r"""Backprop inside each block on its local losses (L-BP; ``groups=True``: LG-BP).
+
+    One ``backward`` of :math:`\text{read-out loss} + \sum_k (\text{head}_k \text{ loss} + \sum_s
+    \ell(\text{split}_k[s]))`; the blocks are cut from one another, so every gradient stays inside its block.
+    Works with scalar or per-example losses. The reported loss is the read-out's.
+    """
+
+    groups: bool = False
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        with torch.enable_grad(), local.recording(self.groups) as rec:
+            value = loss_fn(model)
+            heads = _check_heads(where, rec, model)
+            total = value.mean()
+            for h in heads:
+                if h.split_logits is not None:  # the read-out's loss is ``value`` itself
+                    total = total + local.replay_criterion(loss_fn, h.logits).mean()
+                    split = h.split_logits
+                    flat = split.reshape(split.shape[0], -1, split.shape[-1])
+                    for j in range(flat.shape[1]):
+                        total = total + local.replay_criterion(loss_fn, flat[:, j]).mean()
+            out = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+        grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), out)}
+        return value.detach().mean(), grads
+
+
+@register_estimator("l-bp")
+class LBackprop(LocalBackprop):
+    """L-BP: backprop inside each block, one local loss per block. See :class:`LocalBackprop`."""
+
+    groups = False
+
+
+@register_estimator("lg-bp")
+class LGBackprop(LocalBackprop):
+    """LG-BP: backprop inside each block, one local loss per patch and group. See :class:`LocalBackprop`."""
+
+    groups = True
+
+
+@register_estimator("lg-fg-a")
+class LGActivityForwardGradient(LocalActivityForwardGradient):
+    """LG-FG-A: activity perturbation, local losses per patch and group. See
+    :class:`LocalActivityForwardGradient`."""
+
+    groups = True
+
+
+@register_estimator("l-fg-a")
+class LActivityForwardGradient(LocalActivityForwardGradient):
+    """L-FG-A: activity perturbation, one local loss per block. See :class:`LocalActivityForwardGradient`."""
+
+    groups = False
+
+
+@register_estimator("lg-fg-w")
+class LGWeightForwardGradient(LocalWeightForwardGradient):
+    """LG-FG-W: weight perturbation, local losses per patch and group. See :class:`LocalWeightForwardGradient`."""
+
+    groups = True
+
+
+@register_estimator("l-fg-w")
+class LWeightForwardGradient(LocalWeightForwardGradient):
+    """L-FG-W: weight perturbation, one local loss per block. See :class:`LocalWeightForwardGradient`."""
+
+    groups = False
+
+
+__all__: list[Any] = [
+    "LActivityForwardGradient",
+    "LBackprop",
+    "LGActivityForwardGradient",
+    "LGBackprop",
+    "LGWeightForwardGradient",
+    "LWeightForwardGradient",
+    "LocalActivityForwardGradient",
+    "LocalBackprop",
+    "LocalWeightForwardGradient",
+]
