@@ -1,0 +1,321 @@
+"""The ``fwdgrad`` command line (also ``python -m fwdgrad``).
+
+Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a new subcommand is one entry::
+
+    fwdgrad train    --dataset mnist --data-dir ../shared/data --model mlp --method fg-w:num_directions=4
+    fwdgrad compare  --dataset mnist1d --model mlp --methods "bp,fg-w" --epochs 20 --seeds 3
+    fwdgrad datasets [--data-dir DIR]
+    fwdgrad methods | fwdgrad models
+
+Options come from :class:`fwdgrad.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
+option given on the command line wins over the file. Exit status: 0 on success, 1 when the data cannot be
+read or (``train``) the run stopped on a non-finite loss, 2 on a usage error, 130 when interrupted (the
+finished runs are in ``results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fwdgrad.config import (
+    CONFIG_FIELDS,
+    ON_NONFINITE,
+    OPTIMIZERS,
+    RunConfig,
+    config_from_mapping,
+    load_config,
+    parse_method,
+    parse_method_list,
+    parse_spec,
+)
+
+
+class Command(NamedTuple):
+    """One subcommand: its one-line help, a function adding its arguments, and the function running it
+    (returns the exit status)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A bad option value; printed as ``fwdgrad <command>: error: ...`` with exit status 2."""
+
+
+# --- shared options of train and compare --------------------------------------------------------------
+def _positive_float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_methods: bool) -> None:
+    """Arguments for every RunConfig field; defaults are ``SUPPRESS`` so that only the options actually
+    given override the config file, and the help text shows the real default."""
+    d = defaults
+    S = argparse.SUPPRESS
+    p.add_argument("--config", metavar="FILE.toml", default=S,
+                   help="read options from a TOML file (keys: RunConfig field names; unknown keys are errors); "
+                        "options given here win over the file")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=S, help=f"dataset name, see `fwdgrad datasets` (default: {d.dataset})")
+    g.add_argument("--data-dir", default=S, metavar="DIR",
+                   help="folder with the dataset files (default: $FWDGRAD_DATA_DIR, else ./data)")
+    g.add_argument("--download", action="store_true", default=S,
+                   help="download missing dataset files into --data-dir, checksum-verified (default: off)")
+    g.add_argument("--model", default=S, metavar="NAME[:KEY=VALUE,...]",
+                   help=f"model and its options, e.g. mlp:width=512,depth=3 or mlp:widths=1024x1024 or "
+                        f"cnn:channels=32; see `fwdgrad models` (default: {d.model})")
+    g = p.add_argument_group("methods")
+    default_methods = ",".join(m.to_text() for m in d.methods)
+    g.add_argument("--method", action="append", default=S, metavar="SPEC",
+                   help="estimator name with options, NAME[:KEY=VALUE,...], e.g. fg-w:num_directions=8,"
+                        "tangents=rademacher; reserved keys: lr (this method's learning rate) and label "
+                        "(its name in reports); see `fwdgrad methods`"
+                        + (" (repeatable)" if many_methods else f" (default: {default_methods})"))
+    if many_methods:
+        g.add_argument("--methods", action="append", default=S, metavar="LIST",
+                       help="methods separated by ';' or ','; after a ',' a piece with '=' and no ':' is another "
+                            "option of the method before it, e.g. \"bp,fg-w:num_directions=8,tangents=rademacher"
+                            ",fg-w\" (three methods); 'all' = every registered estimator that can train the "
+                            f"model; combines with --method (default: {default_methods})")
+    g = p.add_argument_group("budget")
+    g.add_argument("--epochs", type=int, default=S, help=f"epochs per run, the same for every method "
+                                                          f"(default: {d.epochs})")
+    g.add_argument("--time-budget", type=float, default=S, metavar="SECONDS",
+                   help="also stop each run after this many seconds of training, evaluation excluded "
+                        "(default: no limit)")
+    g.add_argument("--batch-size", type=int, default=S, help=f"training batch size (default: {d.batch_size})")
+    g.add_argument("--train-subset", type=int, default=S, metavar="N",
+                   help="train on N examples of the training split only (default: all)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"(default: {d.optimizer})")
+    g.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default: {d.momentum:g})")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.weight_decay:g})")
+    g.add_argument("--lr", type=float, default=S,
+                   help="learning rate for every method without its own lr= (default: per-method defaults "
+                        "measured on the default task, see `fwdgrad methods`)")
+    g.add_argument("--lr-sweep", type=_positive_float_list, default=S, metavar="LR,LR,...",
+                   help="pick each method's lr among these by validation accuracy after --sweep-epochs "
+                        "(first seed; the validation split comes from the training set) (default: off)")
+    g.add_argument("--sweep-epochs", type=int, default=S, help=f"epochs of each sweep trial "
+                                                                f"(default: {d.sweep_epochs})")
+    g.add_argument("--val-fraction", type=float, default=S,
+                   help=f"share of the training set held out for validation (default: {d.val_fraction:g})")
+    g = p.add_argument_group("seeds and behaviour")
+    g.add_argument("--seed", type=int, default=S, help=f"first seed (default: {d.seed})")
+    g.add_argument("--seeds", type=int, default=S, help=f"number of seeds: seed, seed+1, ... (default: {d.seeds})")
+    g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,
+                   help=f"on a NaN/Inf loss: stop the run, or skip that step (default: {d.on_nonfinite})")
+    g.add_argument("--eval-batch-size", type=int, default=S, help=f"(default: {d.eval_batch_size})")
+    g.add_argument("--device", default=S, help=f"torch device (default: {d.device})")
+    g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's choice)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", default=S, help=f"parent folder of run folders (default: {d.out_dir})")
+    g.add_argument("--name", default=S,
+                   help="run folder name (default: <command>-<dataset>-<model>-<UTC time>); an existing "
+                        "folder's report files are replaced")
+    g.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip the PNG plots")
+    g.add_argument("--quiet", "-q", action="store_true", default=S,
+                   help="no progress bar and no per-run lines (default: progress bar on a terminal)")
+
+
+def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfig:
+    """defaults ← TOML file ← command-line options; raises ``UsageError`` with a clear message."""
+    where = f"fwdgrad {args.command}"
+    try:
+        config = defaults
+        if getattr(args, "config", None):
+            config = load_config(args.config, config)
+        given = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and k != "methods"}
+        if "model" in given:
+            name, options = parse_spec(given["model"], f"{where}: --model")
+            given["model"] = name
+            given["model_options"] = options  # --model replaces the file's model and its options
+        methods = []
+        for text in getattr(args, "method", None) or []:
+            methods.append(parse_method(text, f"{where}: --method"))
+        for text in getattr(args, "methods", None) or []:
+            methods.extend(parse_method_list(text, f"{where}: --methods"))
+        config = config_from_mapping(given, config, where)
+        if methods:
+            config = dataclasses.replace(config, methods=methods)
+        if args.command == "train" and (len(config.methods) != 1 or config.methods[0].name == "all"):
+            raise ValueError(f"{where}: train runs one method, got {[m.display for m in config.methods]}; "
+                             "use `fwdgrad compare` for several")
+        return config.validate(where)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run_name(command: str, config: RunConfig) -> str:
+    return config.name or f"{command}-{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> int:
+    from fwdgrad import report
+    from fwdgrad.errors import ForwardADNotSupportedError
+    from fwdgrad.train import run_experiment
+
+    config = _config_from_args(args, defaults)
+    name = _run_name(args.command, config)
+    out = Path(config.out_dir) / name
+    argv = ["fwdgrad", *args.argv]
+    command_line = shlex.join(argv)
+    partial: dict[str, Any] = {}
+
+    def save_partial(exp: Any) -> None:
+        partial["exp"] = exp
+        report.write_results_json(exp, out, name, argv)
+
+    try:
+        exp = run_experiment(config, args.command, log=_log, on_run_done=save_partial)
+    except KeyboardInterrupt:
+        if "exp" in partial:
+            _log(f"interrupted; the finished runs are in {out / 'results.json'}")
+        return 130
+    except (FileNotFoundError, ForwardADNotSupportedError, OSError) as exc:
+        _log(f"fwdgrad {args.command}: error: {exc}")
+        return 1
+    except ValueError as exc:
+        if type(exc).__module__.startswith("fwdgrad.data"):
+            _log(f"fwdgrad {args.command}: error: {exc}")
+            return 1
+        raise UsageError(str(exc)) from None
+    report.write_report(exp, out, name, command_line, plots=config.plots, argv=argv)
+    print(report.markdown_table(report.summarize(exp)), end="")
+    for s in exp.skipped_methods:
+        print(f"skipped {s['method']}: {s['reason']}")
+    print(f"report: {out / 'results.md'}")
+    stopped = [r for r in exp.runs if r.status == "stopped (non-finite)"]
+    for r in stopped:
+        _log(f"fwdgrad {args.command}: {r.method} seed {r.seed} stopped: {r.message}")
+    return 1 if args.command == "train" and stopped else 0
+
+
+TRAIN_DEFAULTS = RunConfig()
+COMPARE_DEFAULTS = dataclasses.replace(RunConfig(), methods=[parse_method("all")])
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    _add_run_options(p, TRAIN_DEFAULTS, many_methods=False)
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    _add_run_options(p, COMPARE_DEFAULTS, many_methods=True)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    return _run_experiment_command(args, TRAIN_DEFAULTS)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    return _run_experiment_command(args, COMPARE_DEFAULTS)
+
+
+# --- listings -------------------------------------------------------------------------------------------
+def _add_datasets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where to look for dataset files (default: $FWDGRAD_DATA_DIR, else ./data)")
+
+
+def _run_datasets(args: argparse.Namespace) -> int:
+    from fwdgrad.data import available_datasets
+
+    for info in available_datasets(args.data_dir):
+        shape = "×".join(str(s) for s in info.input_shape)
+        state = "available" if info.available else "missing"
+        print(f"{info.name:<14} [{shape}] {info.num_classes} classes, {state}: {info.location}")
+        print(f"{'':<14} {info.description}")
+    return 0
+
+
+def _add_nothing(p: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    import inspect
+
+    from fwdgrad.estimators.base import available_estimators
+    from fwdgrad.train import default_lr, estimator_options
+
+    for name in available_estimators():
+        opts = estimator_options(name)
+        shown = "any keyword" if opts is None else ", ".join(
+            k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in opts.items() if k != "generator"
+        )
+        lrs = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
+        print(f"{name:<10} options: {shown or '-'}; default lr: {lrs}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from fwdgrad.models import available_models, model_options
+
+    for name in available_models():
+        opts = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
+        print(f"{name:<10} options: {opts or '-'}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train one method on one dataset and write a report", _add_train, _run_train),
+    "compare": Command("train several methods on the same data, initial weights and budget; report a table",
+                       _add_compare, _run_compare),
+    "datasets": Command("list the datasets and where each is read from", _add_datasets, _run_datasets),
+    "methods": Command("list the registered estimators, their options and default learning rates",
+                       _add_nothing, _run_methods),
+    "models": Command("list the registered models and their options", _add_nothing, _run_models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subparser per entry of :data:`COMMANDS`."""
+    import fwdgrad
+
+    parser = argparse.ArgumentParser(
+        prog="fwdgrad", description="Train neural networks with forward gradients and compare them with backprop.",
+        epilog="Run `fwdgrad COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"fwdgrad {fwdgrad.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                           if name not in ("train", "compare") else argparse.HelpFormatter)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fwdgrad`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return COMMANDS[args.command].run(args)
+    except UsageError as exc:
+        print(f"fwdgrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

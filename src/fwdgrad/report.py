@@ -1,0 +1,310 @@
+"""Reports of an experiment under ``runs/<name>/``, every file written atomically (temporary file in the
+same folder, then ``os.replace``), so a reader never sees half a file:
+
+- ``results.json``: every figure of every run (per-epoch history included), the summary, the full
+  config, the versions of python, torch and fwdgrad, and the machine;
+- ``results.md``: the comparison table (method, test accuracy mean ± std over seeds, final train loss,
+  time per epoch, examples/s, peak memory of a step) and notes;
+- ``logs/<method>_seed<k>.csv``: one row per epoch of each run;
+- ``curves_epoch.png`` and ``curves_time.png``: test accuracy and train loss against epochs and against
+  training wall-clock time, one line per method (mean over seeds, band from min to max).
+
+matplotlib (extra ``plots``) is imported only when plots are drawn, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fwdgrad
+from fwdgrad.train import Experiment, RunResult
+
+RESULTS_FORMAT = "fwdgrad-results/1"
+MEMORY_NOTE = (
+    "peak step memory: growth of the process's peak resident set size during the second training step of "
+    "each run (zero_grad + estimate + optimizer step, batch already built), measured by resetting the "
+    "Linux high-water mark (/proc/self/clear_refs) after malloc_trim; it counts activations, tangents, "
+    "gradients and temporaries, not the model or data already resident. Max over seeds."
+)
+TIME_NOTE = (
+    "time: training only (batches, estimates, optimizer steps), evaluation excluded; examples/s = training "
+    "examples processed / that time."
+)
+
+
+# --- atomic files ---------------------------------------------------------------------------------------
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- figures --------------------------------------------------------------------------------------------
+def _finite(values: list[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: list[float | None]) -> float:
+    vals = _finite(values)
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def _std(values: list[float | None]) -> float:
+    vals = _finite(values)
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan
+
+
+def summarize(exp: Experiment) -> list[dict[str, Any]]:
+    """One row per method: test accuracy mean and sample std over seeds (after the last epoch, never the
+    best epoch), final train loss, time per epoch, examples/s, peak step memory (max over seeds)."""
+    rows = []
+    for m in exp.methods:
+        runs = [r for r in exp.runs if r.method == m["method"]]
+        if not runs:
+            continue
+        figs = [r.figures() for r in runs]
+        mems = [f["peak_step_memory_bytes"] for f in figs if f["peak_step_memory_bytes"] is not None]
+        rows.append({
+            "method": m["method"], "estimator": m["estimator"], "lr": m["lr"], "lr_source": m["lr_source"],
+            "seeds": len(runs), "completed": sum(r.status != "stopped (non-finite)" for r in runs),
+            "test_acc_mean": _mean([f["test_acc"] for f in figs]), "test_acc_std": _std([f["test_acc"] for f in figs]),
+            "train_loss_mean": _mean([f["train_loss"] for f in figs]),
+            "time_per_epoch_s": _mean([f["time_per_epoch_s"] for f in figs]),
+            "examples_per_s": _mean([f["examples_per_s"] for f in figs]),
+            "peak_step_memory_bytes": max(mems) if mems else None,
+        })
+    return rows
+
+
+def fairness(exp: Experiment) -> dict[str, bool]:
+    """Whether, for every seed, all methods started from the same weights and saw the same batch order."""
+    same_init = same_order = True
+    for seed in {r.seed for r in exp.runs}:
+        runs = [r for r in exp.runs if r.seed == seed]
+        same_init &= len({r.init_digest for r in runs}) == 1
+        full = [r for r in runs if r.epochs_completed == exp.config.epochs]
+        same_order &= len({r.order_digest for r in full}) <= 1
+    return {"same_initial_weights_per_seed": same_init, "same_batch_order_per_seed": same_order}
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "fwdgrad": fwdgrad.__version__,
+            "numpy": numpy.__version__}
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def _jsonable(x: Any) -> Any:
+    """NaN/Inf → None (strict JSON), tuples → lists, other objects → str."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if x is None or isinstance(x, bool | int | str):
+        return x
+    return str(x)
+
+
+def results_dict(exp: Experiment, name: str, argv: list[str] | None = None) -> dict[str, Any]:
+    """The content of ``results.json``."""
+    return _jsonable({
+        "format": RESULTS_FORMAT, "name": name, "command": exp.command,
+        "argv": list(sys.argv if argv is None else argv),
+        "started_at": exp.started_at, "finished_at": exp.finished_at,
+        "versions": versions(), "machine": machine(), "config": exp.config.to_dict(),
+        "dataset": exp.splits_info, "model": exp.model_info, "methods": exp.methods,
+        "skipped_methods": exp.skipped_methods, "fairness": fairness(exp), "summary": summarize(exp),
+        "notes": {"memory": MEMORY_NOTE, "time": TIME_NOTE},
+        "runs": [r.to_dict() for r in exp.runs],
+    })
+
+
+# --- markdown -------------------------------------------------------------------------------------------
+def _fmt_mem(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison table in GitHub markdown."""
+    head = ("| method | lr | test acc (mean ± std) | seeds | final train loss | time / epoch | examples / s "
+            "| peak step memory |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        acc = (f"{_fmt(100 * r['test_acc_mean'], '.2f')} ± {_fmt(100 * r['test_acc_std'], '.2f')} %"
+               if math.isfinite(r["test_acc_mean"]) else "n/a")
+        stopped = r["seeds"] - r["completed"]
+        seeds = f"{r['seeds']}" + (f" ({stopped} stopped)" if stopped else "")
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {acc} | {seeds} | {_fmt(r['train_loss_mean'], '.4f')} "
+            f"| {_fmt(r['time_per_epoch_s'], '.3f')} s | {_fmt(r['examples_per_s'], ',.0f')} "
+            f"| {_fmt_mem(r['peak_step_memory_bytes'])} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
+    """The content of ``results.md``."""
+    c, d, m = exp.config, exp.splits_info, exp.model_info
+    fair = fairness(exp)
+    opt = f"{c.optimizer}" + (f" (momentum {c.momentum:g})" if c.optimizer == "sgd" else "")
+    seeds = f"{c.seed}" if c.seeds == 1 else f"{c.seed}–{c.seed + c.seeds - 1}"
+    v, mach = versions(), machine()
+    lrs = "; ".join(f"{x['method']} {x['lr']:g} ({x['lr_source']})" for x in exp.methods)
+    out = [
+        f"# {name}\n",
+        f"`{command_line}`\n",
+        f"- data: **{d['name']}** ({d['source']}); train {d['train']} / validation {d['val']} / test {d['test']}",
+        f"- model: **{m['name']}** {m['options'] or ''} ({m['num_parameters']:,} parameters)",
+        f"- budget: {c.epochs} epochs" + (f", at most {c.time_budget:g} s of training" if c.time_budget else "")
+        + f", batch {c.batch_size}, optimizer {opt}, weight decay {c.weight_decay:g}; seeds {seeds}",
+        f"- machine: {mach['processor']}, {mach['cpu_count']} CPUs, {mach['torch_threads']} torch threads; "
+        f"python {v['python']}, torch {v['torch']}, fwdgrad {v['fwdgrad']}",
+        "",
+        markdown_table(summarize(exp)),
+        "Test accuracy is measured after the last epoch (no epoch is picked on the test set); "
+        "± is the sample standard deviation over seeds.",
+        f"Learning rates: {lrs}.",
+        f"Fairness: same initial weights for every method of a seed: "
+        f"{'yes' if fair['same_initial_weights_per_seed'] else 'NO'}; same batch order: "
+        f"{'yes' if fair['same_batch_order_per_seed'] else 'NO'} (SHA-256 digests in results.json).",
+        TIME_NOTE[0].upper() + TIME_NOTE[1:],
+        MEMORY_NOTE[0].upper() + MEMORY_NOTE[1:],
+    ]
+    for s in exp.skipped_methods:
+        out.append(f"Skipped {s['method']}: {s['reason']}")
+    for r in exp.runs:
+        if r.message:
+            out.append(f"Run {r.method} seed {r.seed}: {r.message}")
+    return "\n".join(out) + "\n"
+
+
+# --- csv ------------------------------------------------------------------------------------------------
+CSV_COLUMNS = ("epoch", "complete", "steps", "examples", "train_loss", "train_time_s", "val_loss", "val_acc",
+               "test_loss", "test_acc", "skipped_steps")
+
+
+def safe_filename(text: str) -> str:
+    """``fg-w:num_directions=8`` → ``fg-w_num_directions-8``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text.replace("=", "-")).strip("_") or "method"
+
+
+def run_csv(run: RunResult) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in run.history:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+# --- plots ----------------------------------------------------------------------------------------------
+def _curves(runs: list[RunResult], key: str, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean x, mean y, min y, max y over seeds at each epoch reached by every run."""
+    n = min(len(r.history) for r in runs)
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(n):
+        ys = [r.history[i][key] for r in runs]
+        xs.append(statistics.fmean(r.history[i][x_key] for r in runs))
+        vals = _finite(ys)
+        mean.append(statistics.fmean(vals) if vals else math.nan)
+        lo.append(min(vals) if vals else math.nan)
+        hi.append(max(vals) if vals else math.nan)
+    return xs, mean, lo, hi
+
+
+def plot_png(exp: Experiment, x_key: str, title: str) -> bytes:
+    """A PNG with two panels (test accuracy, train loss) against ``x_key`` ("epoch" or "train_time_s")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for m in exp.methods:
+        runs = [r for r in exp.runs if r.method == m["method"] and r.history]
+        if not runs:
+            continue
+        for ax, key in zip(axes, ("test_acc", "train_loss")):
+            xs, mean, lo, hi = _curves(runs, key, x_key)
+            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=m["method"])
+            if len(runs) > 1:
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    xlabel = "epoch" if x_key == "epoch" else "training time (s, evaluation excluded)"
+    axes[0].set(xlabel=xlabel, ylabel="test accuracy", title="test accuracy")
+    axes[1].set(xlabel=xlabel, ylabel="train loss (epoch mean)", title="train loss", yscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# --- everything -----------------------------------------------------------------------------------------
+def write_results_json(exp: Experiment, out: Path, name: str, argv: list[str] | None = None) -> Path:
+    return write_atomic(out / "results.json", json.dumps(results_dict(exp, name, argv), indent=2) + "\n")
+
+
+def write_report(
+    exp: Experiment, out: str | Path, name: str, command_line: str, *, plots: bool = True,
+    argv: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write every report file under ``out``; returns ``{kind: path}``. Without matplotlib, plots are
+    skipped with a note in results.md instead of failing the run."""
+    out = Path(out)
+    files = {"json": write_results_json(exp, out, name, argv)}
+    md = results_markdown(exp, name, command_line)
+    for run in exp.runs:
+        path = out / "logs" / f"{safe_filename(run.method)}_seed{run.seed}.csv"
+        files[f"csv:{run.method}:{run.seed}"] = write_atomic(path, run_csv(run))
+    if plots:
+        try:
+            title = f"{exp.splits_info['name']} · {exp.model_info['name']} · {exp.config.seeds} seed(s)"
+            files["plot_epoch"] = write_atomic(out / "curves_epoch.png", plot_png(exp, "epoch", title))
+            files["plot_time"] = write_atomic(out / "curves_time.png", plot_png(exp, "train_time_s", title))
+            md += "\n![curves vs epoch](curves_epoch.png)\n\n![curves vs time](curves_time.png)\n"
+        except ModuleNotFoundError:
+            md += "\nPlots skipped: matplotlib is not installed (pip install 'fwdgrad[plots]').\n"
+    files["md"] = write_atomic(out / "results.md", md)
+    return files
