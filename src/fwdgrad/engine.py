@@ -219,7 +219,8 @@ def _conv_term(m: nn.Conv2d, x: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
     if isinstance(w_t, tuple):  # rank-1: conv(x, u ⊗ v) = u · conv(x, v), one output map per group
         u, v = w_t
         g = m.groups
-        kernel = v.view(1, *m.weight.shape[1:]).expand(g, *m.weight.shape[1:])
+        shape = (m.in_channels // g, *m.kernel_size)
+        kernel = v.view(1, *shape).expand(g, *shape)
         z = F.conv2d(x, kernel, None, m.stride, m.padding, m.dilation, g)  # [B, g, H, W]
         if g > 1:
             z = z.repeat_interleave(m.out_channels // g, dim=1)
@@ -300,13 +301,15 @@ class WindowedPass:
         self._depth[m] -= 1
         if self._depth[m]:
             return None
-        for s in self.slots[m]:
-            m._parameters[s.name] = s.watched
+        result = None
         if m in self.fast:
             if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                return self._add_fast_term(m, args[0], output)
-            _USE.hits += 1  # an unusual call: the caller redoes the step on the reference path
-        return None
+                result = self._add_fast_term(m, args[0], output)
+            else:
+                _USE.hits += 1  # an unusual call: the caller redoes the step on the reference path
+        for s in self.slots[m]:
+            m._parameters[s.name] = s.watched
+        return result
 
     def _add_fast_term(self, m: nn.Module, x: Tensor, output: Tensor) -> Tensor:
         tangents: dict[str, Any] = {"weight": None, "bias": None}
