@@ -110,7 +110,7 @@ def test_lr_sweep_never_looks_at_the_test_set() -> None:
     data = blobs()
     garbage = Dataset("blobs", data.x_train, data.y_train, torch.randn_like(data.x_test),
                       torch.zeros_like(data.y_test), 3, "garbage test set")
-    config = tiny_config(lr_sweep=[1e-3, 0.1, 1.0], sweep_epochs=2, val_fraction=0.25)
+    config = tiny_config(lr_sweep=[1e-3, 0.3], sweep_epochs=2, val_fraction=0.25)
     spec = MethodSpec("bp")
     a = choose_lr(config, spec, split_dataset(data, 0.25, None, 0))
     b = choose_lr(config, spec, split_dataset(garbage, 0.25, None, 0))

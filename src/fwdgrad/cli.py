@@ -84,7 +84,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
                    help="estimator name with options, NAME[:KEY=VALUE,...], e.g. fg-w:num_directions=8,"
                         "tangents=rademacher; reserved keys: lr (this method's learning rate) and label "
                         "(its name in reports); see `fwdgrad methods`"
-                        + (" (repeatable)" if many_methods else f" (default: {default_methods})"))
+                        + (" (repeatable; default: none, see --methods)" if many_methods
+                           else f" (default: {default_methods})"))
     if many_methods:
         g.add_argument("--methods", action="append", default=S, metavar="LIST",
                        help="methods separated by ';' or ','; after a ',' a piece with '=' and no ':' is another "
@@ -155,7 +156,11 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
         if args.command == "train" and (len(config.methods) != 1 or config.methods[0].name == "all"):
             raise ValueError(f"{where}: train runs one method, got {[m.display for m in config.methods]}; "
                              "use `fwdgrad compare` for several")
-        return config.validate(where)
+        config.validate(where)
+        from fwdgrad.train import check_methods
+
+        check_methods(config)
+        return config
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

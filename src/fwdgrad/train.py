@@ -161,7 +161,8 @@ def estimator_options(name: str) -> dict[str, Any] | None:
 
 def make_estimator(spec: MethodSpec, seed: int) -> Estimator:
     """Build the estimator of ``spec``. Unless the spec sets ``seed`` or ``generator``, an estimator that
-    accepts ``generator`` gets one seeded from ``seed``, so its random tangents are reproducible."""
+    accepts ``generator`` (else ``seed``) gets one derived from ``seed``, so its random tangents are
+    reproducible."""
     where = f"fwdgrad: method {spec.display!r}"
     known = estimator_options(spec.name)
     options = dict(spec.options)
@@ -169,8 +170,11 @@ def make_estimator(spec: MethodSpec, seed: int) -> Estimator:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(f"{where}: estimator {spec.name!r} has no option {unknown[0]!r}; options: {sorted(known)}")
-        if "generator" in known and "seed" not in options and "generator" not in options:
-            options["generator"] = torch.Generator().manual_seed(derived_seed(seed, "estimator"))
+        if "seed" not in options and "generator" not in options:
+            if "generator" in known:
+                options["generator"] = torch.Generator().manual_seed(derived_seed(seed, "estimator"))
+            elif "seed" in known:
+                options["seed"] = derived_seed(seed, "estimator")
     try:
         return estimator_class(spec.name)(**options)
     except (TypeError, ValueError) as exc:
@@ -476,6 +480,24 @@ def choose_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | No
     return {"lr": lr, "lr_source": source}
 
 
+def check_methods(config: RunConfig) -> None:
+    """Fail fast, before any data is read: every method name is registered (or ``all``), its options are
+    accepted by the estimator, and the model name and options exist."""
+    from fwdgrad.models import model_builder, model_options
+
+    model_builder(config.model)
+    unknown = sorted(set(config.model_options) - set(model_options(config.model)))
+    if unknown:
+        raise ValueError(f"fwdgrad: model {config.model!r} has no option {unknown[0]!r}; "
+                         f"options: {sorted(model_options(config.model))}")
+    for spec in config.methods:
+        if spec.name == "all":
+            continue
+        if spec.name not in available_estimators():
+            raise ValueError(f"fwdgrad: unknown method {spec.name!r}; available: {available_estimators()}")
+        make_estimator(spec, config.seed)
+
+
 def check_method_suits(config: RunConfig, spec: MethodSpec, splits: Splits) -> None:
     """Raise if ``spec`` cannot take one step on the model: builds it and estimates a gradient on two
     training examples, on a throwaway copy of the model (no optimizer step)."""
@@ -510,6 +532,8 @@ def resolve_methods(
             raise ValueError(f"fwdgrad: unknown method {spec.name!r}; available: {available_estimators()}")
         try:
             check_method_suits(config, spec, splits)
+        except NonFiniteError:
+            pass  # the method ran; a non-finite loss is the training loop's business
         except Exception as exc:  # any failure means: this method cannot train this model
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             if is_explicit:
