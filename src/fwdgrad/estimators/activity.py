@@ -163,12 +163,13 @@ class ActivityPerturbation:
                 f"fwdgrad.ActivityForwardGradient: module {name!r} ({type(module).__name__}) must return one "
                 f"floating-point tensor to be perturbed, got {type(output).__name__}"
             )
-        primal = fwAD.unpack_dual(output).primal.detach()
+        primal, incoming = fwAD.unpack_dual(output)
         like = primal[0] if self.shared_noise else primal
-        u = self.sampler([like], 1, self.generator)[0][0]
+        u = self.sampler([like.detach()], 1, self.generator)[0][0]
         if self.shared_noise:
             u = u.unsqueeze(0).expand_as(primal)
-        out = output + fwAD.make_dual(torch.zeros_like(primal), u)
+        # the output keeps the tangent it already carries (from earlier perturbations) and gains u
+        out = fwAD.make_dual(primal.detach(), u if incoming is None else incoming + u)
         inputs = tuple(fwAD.unpack_dual(a).primal.detach() if isinstance(a, Tensor) else a for a in args)
         site = Site(name, module, inputs, out, u)
         self.sites.append(site)
@@ -338,7 +339,7 @@ class ActivityForwardGradient(Estimator):
             )
             outputs: list[Tensor] = []
             with explain_forward_ad_errors(where, model), fwAD.dual_level(), pert:
-                handle = model.register_forward_hook(lambda m, a, o, p=pert, c=outputs: _cut_output_tangent(p, o, c))
+                handle = model.register_forward_hook(lambda m, a, o, c=outputs: c.append(o))
                 try:
                     value = loss_fn(model)
                 finally:
@@ -347,14 +348,17 @@ class ActivityForwardGradient(Estimator):
             sites = pert.sites
             if not sites:
                 raise ValueError(f"{where}: loss_fn(model) did not call any perturbed module")
-            output_site = None
+            output_site, delta = None, None
             if self.exact_output and d.dim() == 1 and outputs:
                 output_site = next((s for s in sites if s.output is outputs[0]), None)
+            if output_site is not None:
+                # exact ∂ℓ_b/∂output_b; remove the output's own (now known) term from every d_b
+                delta = local.criterion_gradient(where, loss_fn, output_site.output).to(d.dtype)
+                d = d - (delta * output_site.tangent).reshape(d.shape[0], -1).sum(1)
             g_outs = []
             for s in sites:
                 if s is output_site:
-                    delta = local.criterion_gradient(where, loss_fn, s.output)
-                    g_outs.append(delta.to(s.tangent.dtype) / d.shape[0])
+                    g_outs.append(delta / d.shape[0])
                 else:
                     g_outs.append(masked(s, _spread(where, s, d, self.shared_noise)))
             accumulate_site_grads(sites, g_outs, params, grads)
@@ -363,21 +367,6 @@ class ActivityForwardGradient(Estimator):
             for g in grads.values():
                 g.div_(self.num_directions)
         return loss, grads
-
-
-def _cut_output_tangent(pert: ActivityPerturbation, output: Any, outputs: list[Tensor]) -> Any:
-    """Forward hook of the root model: if its output is a perturbed module's output, remove that module's
-    own tangent (its gradient will be exact) and remember the output."""
-    if not isinstance(output, Tensor):
-        return None
-    site = pert._by_output.get(id(output))
-    if site is None or site.output is not output:
-        return None
-    primal = fwAD.unpack_dual(output).primal
-    cut = output - fwAD.make_dual(torch.zeros_like(primal), site.tangent)
-    site.output = cut
-    outputs.append(cut)
-    return cut
 
 
 def _unpack_loss(where: str, value: Any) -> tuple[Tensor, Tensor]:
