@@ -258,3 +258,23 @@ def test_deep_copy_of_a_model_after_a_step_is_clean() -> None:
     fwdgrad.ForwardGradient(tangents="rank1", seed=0)(model, lambda m: m(torch.ones(2, 3)).sum())
     clone = copy.deepcopy(model)
     assert all(type(p) is nn.Parameter for p in clone.parameters())
+
+
+@pytest.mark.parametrize("name", ["gaussian", "rademacher"])
+def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fwdgrad import tangents
+
+    like = [torch.zeros(40, 30), torch.zeros(30), torch.zeros(7, 3, 3, 3, dtype=torch.float64)]
+    monkeypatch.setattr(tangents, "PARALLEL_DRAW_MIN", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = SAMPLERS[name](like, 2, torch.Generator().manual_seed(5))
+        torch.set_num_threads(2)
+        two = SAMPLERS[name](like, 2, torch.Generator().manual_seed(5))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert [t.dtype for t in two] == [p.dtype for p in like]
+    seeds = tangents.tensor_seeds(3, torch.Generator().manual_seed(5))
+    assert torch.equal(tangents.draw_tensor(name, like[1], 2, seeds[1], "cpu"), one[1])

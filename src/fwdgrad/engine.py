@@ -1,18 +1,20 @@
 r"""The tangent engine: tangents drawn where they are needed, and the fast forward-gradient passes.
 
 **Tangents, tensor by tensor.** For the per-tensor samplers (``gaussian``, ``rademacher``, ``rank1``)
-``SAMPLERS[name](params, K, generator)`` draws each parameter's ``[K, *shape]`` block with its own call, in
-parameter order. :class:`TangentSource` hands out exactly those numbers, tensor by tensor: it keeps them
-(the ``.grad`` path, where the K = 1 tangent becomes the gradient's storage), keeps only the rank-1 factors
-``u [K, out]``, ``v [K, in]``, or, in ``lean`` mode, keeps only the generator state before each tensor's
-draw and draws the tensor again whenever a pass or the update needs it. So every path (reference, fast,
+``SAMPLERS[name](params, K, generator)`` draws each parameter's ``[K, *shape]`` block on its own (from a
+per-tensor seed; rank-1: small factors). :class:`TangentSource` hands out exactly those numbers, tensor by
+tensor: it keeps them (the ``.grad`` path, where the K = 1 tangent becomes the gradient's storage), keeps
+only the rank-1 factors ``u [K, out]``, ``v [K, in]``, or, in ``lean`` mode, keeps only the per-tensor
+seeds and draws a tensor again whenever a pass or the update needs it. So every path (reference, fast,
 fused) uses the same tangents for the same seed, and the fused update never holds more than one tensor's.
 
 **Windowed forward AD.** A fast step runs ``loss_fn(model)`` once per direction, under ``torch.no_grad``
 inside a forward-AD level, with every trainable parameter swapped out of its module. A parameter becomes
 a dual tensor ``(θ_i, v_i)`` only during the forward of a module that owns it (a *window*, opened by a
-forward pre-hook and closed by a forward hook). For ``nn.Linear`` and ``nn.Conv2d`` the weight and bias
-stay plain and the hook adds their tangent term to the output tangent:
+forward pre-hook and closed by a forward hook). ``nn.Linear`` and ``nn.Conv2d`` get no dual at all: the
+pre-hook strips the input's tangent, the module computes the primal output only, and the forward hook
+forms the whole output tangent itself (PyTorch's forward-AD rule for ``addmm`` with a plain weight would
+also multiply the input by a zero weight tangent, a wasted matmul):
 
 .. math:: y_t = x_t W^\top + x W_t^\top + b_t, \qquad x W_t^\top = (x v)\,u^\top \text{ when } W_t = u v^\top,
 
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.tangents import SAMPLERS, rank1_factors
+from fwdgrad.tangents import SAMPLERS, _draw_device, draw_tensor, rank1_factors, tensor_seeds
 
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
@@ -72,10 +74,10 @@ class TangentSource:
         num_directions: K.
         generator: the step's source of randomness (``None``: torch's global RNG); it is advanced exactly
             as ``SAMPLERS[name]`` advances it, whatever the mode.
-        lean: do not keep the tangents. Each tensor's draw is made once to record the generator state
-            before it (the draws are dropped at once), and :meth:`direction` draws the tensor again from
-            that state when it is needed: tangents become a function of (generator state at the step,
-            parameter index), never stored for the whole model. ``rank1`` keeps its factors
+        lean: keep no tangent. Only the per-tensor seeds are drawn (:func:`fwdgrad.tangents.tensor_seeds`,
+            exactly what the sampler draws from the generator), and :meth:`direction` draws a tensor's
+            block from its seed whenever it is needed: a tangent is a function of (generator state at the
+            step, parameter index), never stored for the whole model. ``rank1`` keeps its factors
             (``K·(out + in)`` numbers per matrix), which are all it ever needs.
 
     Example:
@@ -100,15 +102,12 @@ class TangentSource:
             )
         self.name, self.primals, self.num_directions = name, list(primals), num_directions
         self._blocks: list[Any] | None = None
-        self._states: list[tuple[torch.Generator, Tensor]] | None = None
+        self._seeds: list[tuple[int, torch.device | str]] | None = None
         if name == "rank1":
             self._blocks = list(rank1_factors(self.primals, num_directions, generator))
-        elif lean and (generator is not None or all(p.device.type == "cpu" for p in self.primals)):
-            gen = generator if generator is not None else torch.default_generator
-            self._states = []
-            for p in self.primals:
-                self._states.append((gen, gen.get_state()))
-                SAMPLERS[name]([p], num_directions, gen)
+        elif lean:
+            seeds = tensor_seeds(len(self.primals), generator)
+            self._seeds = [(seed, _draw_device(p, generator)) for p, seed in zip(self.primals, seeds)]
         else:
             self._blocks = SAMPLERS[name](self.primals, num_directions, generator)
 
@@ -120,9 +119,8 @@ class TangentSource:
     def _block(self, index: int) -> Any:
         if self._blocks is not None:
             return self._blocks[index]
-        gen, state = self._states[index]
-        replay = torch.Generator(device=gen.device).set_state(state)
-        return SAMPLERS[self.name]([self.primals[index]], self.num_directions, replay)[0]
+        seed, device = self._seeds[index]
+        return draw_tensor(self.name, self.primals[index], self.num_directions, seed, device)
 
     def direction(self, index: int, k: int) -> Direction:
         """Tensor ``index``'s tangent in direction ``k``: ``(u [out], v [in])`` for a rank-1 matrix, else a
@@ -230,6 +228,21 @@ def _conv_term(m: nn.Conv2d, x: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
     return term if b_t is None else term.add_(b_t.view(1, -1, 1, 1))
 
 
+def _fits(m: nn.Module, x: Tensor) -> bool:
+    if type(m) is nn.Linear:
+        return x.dim() >= 1 and x.shape[-1] == m.in_features
+    return x.dim() == 4
+
+
+def _add_input_term(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor) -> Tensor:
+    """``term + x_t W^T`` (conv: ``+ conv(x_t, W)``), in place where the shapes allow one ``addmm_``."""
+    if type(m) is nn.Linear:
+        if x_t.dim() == 2 and term.dim() == 2 and term.is_contiguous():
+            return term.addmm_(x_t, weight.t())
+        return term.add_(F.linear(x_t, weight))
+    return term.add_(F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups))
+
+
 def _fast_term(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
     """The output-tangent term of the module's own parameters, ``x W_tᵀ + b_t`` (or its conv analogue)."""
     if w_t is None:  # frozen weight, trainable bias
@@ -283,43 +296,49 @@ class WindowedPass:
         self.fast = {m for m in self.slots if fast_modules and _is_fast_module(m)}
         self._direction = 0
         self._depth: dict[nn.Module, int] = {}
+        self._input_tangent: dict[nn.Module, Tensor | None] = {}
+        self._generic: set[nn.Module] = set()
 
-    def _open(self, m: nn.Module, args: Any) -> None:
+    def _open(self, m: nn.Module, args: Any) -> Any:
         depth = self._depth.get(m, 0)
         self._depth[m] = depth + 1
         if depth:
-            return
-        fast = m in self.fast
-        for s in self.slots[m]:
-            if fast:
+            return None
+        slots = self.slots[m]
+        if m in self.fast and args and isinstance(args[0], Tensor) and _fits(m, args[0]):
+            # The module computes the primal only; _close adds the whole output tangent.
+            x_p, x_t = fwAD.unpack_dual(args[0])
+            self._input_tangent[m] = x_t
+            for s in slots:
                 m._parameters[s.name] = s.primal
-            else:
-                tangent = self.source.dense(s.index, self._direction)
-                m._parameters[s.name] = fwAD.make_dual(s.primal, tangent)
+            return (x_p, *args[1:])
+        self._generic.add(m)
+        for s in slots:
+            m._parameters[s.name] = fwAD.make_dual(s.primal, self.source.dense(s.index, self._direction))
+        return None
 
     def _close(self, m: nn.Module, args: Any, output: Any) -> Any:
         self._depth[m] -= 1
         if self._depth[m]:
             return None
         result = None
-        if m in self.fast:
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
-                result = self._add_fast_term(m, args[0], output)
-            else:
-                _USE.hits += 1  # an unusual call: the caller redoes the step on the reference path
+        if m in self._generic:
+            self._generic.discard(m)
+        elif m in self._input_tangent:
+            result = self._fast_output(m, args[0], output, self._input_tangent.pop(m))
         for s in self.slots[m]:
             m._parameters[s.name] = s.watched
         return result
 
-    def _add_fast_term(self, m: nn.Module, x: Tensor, output: Tensor) -> Tensor:
+    def _fast_output(self, m: nn.Module, x: Tensor, out: Tensor, x_t: Tensor | None) -> Tensor:
+        """``make_dual(y, x_t W^T + x W_t^T + b_t)`` (conv: the same with convolutions)."""
         tangents: dict[str, Any] = {"weight": None, "bias": None}
         for s in self.slots[m]:
             tangents[s.name] = self.source.direction(s.index, self._direction)
-        out_p, out_t = fwAD.unpack_dual(output)
-        term = _fast_term(m, fwAD.unpack_dual(x).primal, out_p, tangents["weight"], tangents["bias"])
-        if out_t is not None:
-            term = term.add_(out_t)
-        return fwAD.make_dual(out_p, term)
+        term = _fast_term(m, x, out, tangents["weight"], tangents["bias"])
+        if x_t is not None:
+            term = _add_input_term(m, term, x_t, m.weight)
+        return fwAD.make_dual(out, term)
 
     @contextmanager
     def _installed(self) -> Iterator[None]:
@@ -338,6 +357,8 @@ class WindowedPass:
                 for s in slots:
                     m._parameters[s.name] = s.param
             self._depth.clear()
+            self._input_tangent.clear()
+            self._generic.clear()
 
     def run(self, loss_fn: LossFn, direction: int, where: str) -> tuple[Tensor, Tensor, bool]:
         """``(loss, ⟨∇L, v_k⟩, clean)``; ``clean`` is ``False`` when a parameter was used outside a window."""

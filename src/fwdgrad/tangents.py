@@ -21,6 +21,10 @@ draws its K directions jointly and reaches :math:`(n/K - 1)\|a\|^2`, exact at K 
 the total number of entries and joint samplers (``sphere``, ``orthogonal``) normalise across tensors.
 
 Every sampler takes a ``torch.Generator``; the same generator state gives the same tangents.
+``gaussian`` and ``rademacher`` draw one 62-bit seed per tensor from it (:func:`tensor_seeds`) and each
+tensor's block from a generator seeded with its seed (:func:`draw_tensor`). A tensor's tangent is then a
+function of (generator state, tensor index) that can be drawn again, alone, whenever it is needed (the
+fused update of :mod:`fwdgrad.engine` relies on it), and large draws run on several threads.
 
 Example:
     >>> import torch
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,14 +56,44 @@ def _draw_device(like: Tensor, generator: torch.Generator | None) -> torch.devic
     return generator.device if generator is not None else like.device
 
 
+#: Draw tensors on several threads when a call draws at least this many entries in all.
+PARALLEL_DRAW_MIN = 1 << 20
+
+
+def tensor_seeds(count: int, generator: torch.Generator | None) -> list[int]:
+    """``count`` seeds in ``[0, 2^62)`` from ``generator`` (``None``: torch's global RNG), one per tensor:
+    all that a per-tensor sampler draws from the generator itself."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (count,), generator=generator, device=device).tolist()
+
+
+def draw_tensor(name: str, like: Tensor, num_directions: int, seed: int, device: torch.device | str) -> Tensor:
+    """The ``[K, *like.shape]`` block of per-tensor sampler ``name`` (``gaussian`` or ``rademacher``) for
+    ``seed``, drawn with a generator on ``device`` and returned on ``like``'s device."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (num_directions, *like.shape)
+    if name == "rademacher":
+        return _rademacher(shape, like, gen)
+    return torch.randn(shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
+
+
+def _per_tensor(
+    name: str, like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None
+) -> list[Tensor]:
+    seeds = tensor_seeds(len(like), generator)
+    jobs = [(p, seed, _draw_device(p, generator)) for p, seed in zip(like, seeds)]
+    workers = min(torch.get_num_threads(), len(jobs))
+    total = num_directions * sum(p.numel() for p in like)
+    if workers > 1 and total >= PARALLEL_DRAW_MIN and all(torch.device(d).type == "cpu" for _, _, d in jobs):
+        # Each tensor has its own generator, so the numbers do not depend on the threads.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda job: draw_tensor(name, job[0], num_directions, job[1], job[2]), jobs))
+    return [draw_tensor(name, p, num_directions, seed, device) for p, seed, device in jobs]
+
+
 def gaussian(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
     """Standard normal entries; ``E‖g‖² = (n + 2)‖∇f‖²``. Returns ``[K, *p.shape]`` per tensor."""
-    return [
-        torch.randn(
-            (num_directions, *p.shape), generator=generator, dtype=p.dtype, device=_draw_device(p, generator)
-        ).to(p.device)
-        for p in like
-    ]
+    return _per_tensor("gaussian", like, num_directions, generator)
 
 
 def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -74,7 +109,7 @@ def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator
 
 def rademacher(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
     """Independent ±1 entries; ``E‖g‖² = n‖∇f‖²``, the smallest of any i.i.d. distribution."""
-    return [_rademacher((num_directions, *p.shape), p, generator) for p in like]
+    return _per_tensor("rademacher", like, num_directions, generator)
 
 
 def sphere(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:

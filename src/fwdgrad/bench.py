@@ -1,0 +1,498 @@
+r"""``fwdgrad bench``: step time and extra step memory of forward gradients against backprop.
+
+Every configuration (model × method × tangents × K × update) runs in a **fresh Python process**, so no
+allocator cache, thread pool or page left over by one configuration flatters or penalises the next.
+
+What one worker measures, in this order:
+
+1. build the model and one batch of data (fixed seeds), run ``gc.collect()``;
+2. read ``VmRSS`` from ``/proc/self/status`` → ``rss_before``; reset the peak by writing ``5`` to
+   ``/proc/self/clear_refs`` (Linux ≥ 4.0 sets ``VmHWM`` to the current RSS);
+3. run ``warmup`` steps, then ``steps`` timed steps (``time.perf_counter`` around each whole step:
+   estimator or backward pass **and** the SGD update);
+4. read ``VmHWM`` → ``peak``; the **extra step memory** is ``peak − rss_before``, the most memory the
+   steps (warm-up included, so first-step allocations count) ever held beyond the model, the data and
+   the imported libraries. Where ``clear_refs`` cannot be written, ``ru_maxrss`` replaces ``VmHWM``; the
+   peak then includes the set-up, which the report marks. On CUDA the figure is
+   ``torch.cuda.max_memory_allocated() − memory_allocated()`` after ``reset_peak_memory_stats()``.
+
+The step time is the median of the timed steps. The report gives each as a ratio to backprop on the same
+model in the same run: ``time / time(bp)`` and ``extra memory / extra memory(bp)``.
+
+Methods:
+    ``bp``          ``loss.backward()`` + ``torch.optim.SGD`` (the baseline).
+    ``jvp-naive``   ``torch.func.jvp`` through ``functional_call`` with Gaussian tangents drawn for the whole
+                    model, ``.grad = d·v``, ``torch.optim.SGD``: what one writes without fwdgrad.
+    ``fg-w``        :class:`fwdgrad.ForwardGradient` (``tangents``, ``K``) + ``torch.optim.SGD``, or, with
+                    ``fused``, :meth:`~fwdgrad.ForwardGradient.sgd_step`.
+
+Example:
+    >>> from fwdgrad.bench import Config, quick_configs
+    >>> Config(model="mlp8", method="fg-w", tangents="rank1", k=4).label
+    'fg-w rank1 K=4'
+    >>> all(c.model.startswith("tiny") for c in quick_configs())
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Model name → (builder, batch size). The MLPs are ``depth × Linear(width, width) + ReLU`` and a head of 10.
+MODEL_BATCH = {"mlp8": 512, "mlp32": 2048, "cnn": 128, "tiny-mlp": 32, "tiny-cnn": 8}
+METHODS = ("bp", "jvp-naive", "fg-w")
+LR = 1e-4
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration; ``label`` names it in the table."""
+
+    model: str
+    method: str
+    tangents: str = "gaussian"
+    k: int = 1
+    fused: bool = False
+    chunk_size: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method != "fg-w":
+            return self.method
+        text = f"fg-w {self.tangents} K={self.k}"
+        if self.chunk_size is not None:
+            text += f" chunk={self.chunk_size}"
+        return text + (" fused" if self.fused else "")
+
+
+@dataclass
+class Result:
+    """The measurement of one configuration (``error`` set when the worker failed)."""
+
+    config: Config
+    median_ms: float = math.nan
+    times_ms: list[float] = field(default_factory=list)
+    extra_mb: float = math.nan
+    memory_method: str = ""
+    threads: int = 0
+    device: str = "cpu"
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def _mlp(depth: int, width: int, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+def _cnn(channels: int, hidden: int) -> nn.Module:
+    with contextlib.suppress(Exception):  # the project's CNN, when its module is there
+        from fwdgrad.models import build_model
+
+        return build_model("cnn", (1, 28, 28), 10, channels=channels, hidden=hidden)
+    return nn.Sequential(  # the same architecture (Baydin et al. 2022)
+        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 49, hidden), nn.ReLU(), nn.Linear(hidden, 10),
+    )
+
+
+def build(model: str, device: str = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model and one batch ``(x, y)`` of a benchmark model name, with fixed seeds."""
+    torch.manual_seed(0)
+    if model == "mlp8":
+        net, shape = _mlp(8, 1024), (1024,)
+    elif model == "mlp32":
+        net, shape = _mlp(32, 1024), (1024,)
+    elif model == "cnn":
+        net, shape = _cnn(64, 1024), (1, 28, 28)
+    elif model == "tiny-mlp":
+        net, shape = _mlp(2, 64), (64,)
+    elif model == "tiny-cnn":
+        net, shape = _cnn(4, 32), (1, 28, 28)
+    else:
+        raise ValueError(f"fwdgrad.bench: unknown model {model!r}; choose one of {sorted(MODEL_BATCH)}")
+    g = torch.Generator().manual_seed(1)
+    batch = MODEL_BATCH[model]
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return net.to(device), x.to(device), y.to(device)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def _naive_jvp_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], opt: torch.optim.Optimizer,
+                    generator: torch.Generator) -> None:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for n, p in params.items()}
+    _, d = torch.func.jvp(lambda ps: loss_fn_call(model, loss_fn, ps), (params,), (tangents,))
+    for (_, p), t in zip(model.named_parameters(), tangents.values()):
+        p.grad = t.mul_(d)
+    opt.step()
+
+
+def loss_fn_call(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], params: dict) -> torch.Tensor:
+    """``loss_fn(model)`` with ``params`` substituted (``functional_call``)."""
+    return torch.func.functional_call(_Wrap(model, loss_fn), {"m." + n: t for n, t in params.items()}, ())
+
+
+class _Wrap(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        super().__init__()
+        self.m, self.loss_fn = model, loss_fn
+
+    def forward(self) -> torch.Tensor:
+        return self.loss_fn(self.m)
+
+
+def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A closure running one full training step of ``cfg`` (gradient or estimate, then the SGD update)."""
+    import fwdgrad
+
+    loss_fn = lambda m: F.cross_entropy(m(x), y)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    if cfg.method == "bp":
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            opt.step()
+
+        return step
+    if cfg.method == "jvp-naive":
+        gen = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            _naive_jvp_step(model, loss_fn, opt, gen)
+
+        return step
+    if cfg.method != "fg-w":
+        raise ValueError(f"fwdgrad.bench: unknown method {cfg.method!r}; choose one of {METHODS}")
+    est = fwdgrad.ForwardGradient(num_directions=cfg.k, tangents=cfg.tangents, seed=0, chunk_size=cfg.chunk_size)
+    if cfg.fused:
+        return lambda: est.sgd_step(model, loss_fn, lr=LR)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        est(model, loss_fn)
+        opt.step()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------
+# The worker (one configuration, in its own process)
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result:
+    """Run ``cfg`` here (call it in a fresh process): median step time and extra peak memory."""
+    model, x, y = build(cfg.model, device)
+    step = make_step(cfg, model, x, y)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before, how = torch.cuda.memory_allocated(), "cuda max_memory_allocated - memory_allocated"
+    else:
+        before_kb = _status_kb("VmRSS")
+        how = "VmHWM - VmRSS (clear_refs=5)" if before_kb is not None and _reset_peak() else "ru_maxrss - VmRSS"
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    if device.startswith("cuda"):
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak_kb = _status_kb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        extra = (peak_kb - (before_kb or 0)) / 1024
+    return Result(cfg, statistics.median(times), times, extra, how, torch.get_num_threads(), device)
+
+
+def _worker(argv: Sequence[str]) -> None:
+    spec = json.loads(argv[0])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    cfg = Config(**spec["config"])
+    res = measure(cfg, int(spec["steps"]), int(spec["warmup"]), spec.get("device", "cpu"))
+    out = asdict(res)
+    print("FWDGRAD-BENCH-RESULT " + json.dumps(out), flush=True)
+
+
+def run_in_subprocess(
+    cfg: Config, *, steps: int, warmup: int, threads: int | None, device: str, timeout: float
+) -> Result:
+    """Measure ``cfg`` in a fresh ``python -m fwdgrad.bench --worker`` process."""
+    spec = {"config": asdict(cfg), "steps": steps, "warmup": warmup, "threads": threads, "device": device}
+    cmd = [sys.executable, "-m", "fwdgrad.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return Result(cfg, error=f"timed out after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("FWDGRAD-BENCH-RESULT "):
+            data = json.loads(line.split(" ", 1)[1])
+            data["config"] = Config(**data["config"])
+            return Result(**data)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return Result(cfg, error=f"worker failed (rc={proc.returncode}): {tail[0][:200]}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Configurations, table and plot
+
+
+def full_configs(models: Sequence[str] = ("mlp8", "mlp32", "cnn"), ks: Sequence[int] = (1, 4, 16)) -> list[Config]:
+    """Backprop, the naive ``torch.func.jvp`` step and FG-W (gaussian, rademacher, rank1) × K × fused."""
+    out = []
+    for model in models:
+        out += [Config(model, "bp"), Config(model, "jvp-naive")]
+        for tangents in ("gaussian", "rademacher", "rank1"):
+            for k in ks:
+                for fused in (False, True):
+                    out.append(Config(model, "fg-w", tangents, k, fused))
+    return out
+
+
+def quick_configs() -> list[Config]:
+    """A smoke test on tiny models: every method and path once (runs in well under a minute)."""
+    return [
+        Config("tiny-mlp", "bp"),
+        Config("tiny-mlp", "jvp-naive"),
+        Config("tiny-mlp", "fg-w", "gaussian", 1),
+        Config("tiny-mlp", "fg-w", "rank1", 4, fused=True),
+        Config("tiny-cnn", "bp"),
+        Config("tiny-cnn", "fg-w", "rank1", 1),
+    ]
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    """One table per model: step time and extra memory, absolute and as a ratio to backprop."""
+    lines: list[str] = []
+    for model in dict.fromkeys(r.config.model for r in results):
+        rows = [r for r in results if r.config.model == model]
+        bp = next((r for r in rows if r.config.method == "bp" and not r.error), None)
+        lines += [
+            f"**{model}** (batch {MODEL_BATCH.get(model, '?')})",
+            "",
+            "| method | step ms | time / BP | extra MB | memory / BP |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if r.error:
+                lines.append(f"| {r.config.label} | {r.error} | | | |")
+                continue
+            t_ratio = r.median_ms / bp.median_ms if bp else math.nan
+            m_ratio = r.extra_mb / bp.extra_mb if bp and bp.extra_mb > 0 else math.nan
+            lines.append(
+                f"| {r.config.label} | {_fmt(r.median_ms, 1)} | {_fmt(t_ratio)} | {_fmt(r.extra_mb, 0)} | "
+                f"{_fmt(m_ratio)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def k_scaling_lines(results: Sequence[Result]) -> list[str]:
+    """``step(K) / (K · step(K=1))`` for every (model, tangents, fused) measured at K = 1 and K > 1."""
+    out = []
+    by_key = {(r.config.model, r.config.tangents, r.config.fused, r.config.k): r for r in results
+              if r.config.method == "fg-w" and not r.error and r.config.chunk_size is None}
+    for (model, tangents, fused, k), r in sorted(by_key.items()):
+        one = by_key.get((model, tangents, fused, 1))
+        if k > 1 and one is not None:
+            ratio = r.median_ms / (k * one.median_ms)
+            out.append(f"| {model} | {tangents}{' fused' if fused else ''} | {k} | {_fmt(ratio)} |")
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        fh.write(text)
+        tmp = fh.name
+    os.replace(tmp, path)
+
+
+def plot(results: Sequence[Result], path: Path) -> bool:
+    """Bars of time / BP and memory / BP per configuration, one panel row per model (PNG, Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = list(dict.fromkeys(r.config.model for r in results))
+    fig, axes = plt.subplots(len(models), 2, figsize=(14, 3.2 + 0.0 * len(models)), squeeze=False)
+    fig.set_figheight(max(3.0, 4.0 * len(models)))
+    for row, model in enumerate(models):
+        rows = [r for r in results if r.config.model == model and not r.error]
+        bp = next((r for r in rows if r.config.method == "bp"), None)
+        if bp is None:
+            continue
+        labels = [r.config.label for r in rows]
+        for col, (key, base, title) in enumerate(
+            (("median_ms", bp.median_ms, "step time / backprop"), ("extra_mb", bp.extra_mb, "extra memory / backprop"))
+        ):
+            ax = axes[row][col]
+            values = [getattr(r, key) / base if base > 0 else math.nan for r in rows]
+            ax.bar(range(len(rows)), values, color=["0.5" if r.config.method != "fg-w" else "C0" for r in rows])
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=6)
+            ax.set_title(f"{model}: {title}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: float) -> Path:
+    """Write ``speed_memory.md`` (tables), ``speed_memory.json`` (raw numbers) and ``speed_memory.png``."""
+    out_dir = Path(out_dir)
+    first = next((r for r in results if not r.error), None)
+    head = [
+        "# fwdgrad bench: step time and extra step memory, ratios to backprop",
+        "",
+        f"Command: `{command}` ({wall_s:.0f} s). torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs visible, {first.threads if first else '?'} torch threads, device "
+        f"{first.device if first else '?'}. Memory: {first.memory_method if first else '?'}. "
+        "Each configuration ran in a fresh process; step = estimate (or backward) + SGD update; "
+        "median of the timed steps.",
+        "",
+    ]
+    scaling = k_scaling_lines(results)
+    tail = []
+    if scaling:
+        tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | ratio |",
+                "|---|---|---:|---:|", *scaling, ""]
+    _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + markdown_table(results) + "\n".join(tail))
+    payload = {"command": command, "torch": torch.__version__, "results": [asdict(r) for r in results]}
+    _atomic_write(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
+    plot(results, out_dir / "speed_memory.png")
+    return out_dir / "speed_memory.md"
+
+
+def run_benchmark(
+    configs: Sequence[Config], out_dir: Path | str, *, steps: int = 5, warmup: int = 1, threads: int | None = None,
+    device: str = "cpu", timeout: float = 900.0, command: str = "fwdgrad bench",
+    log: Callable[[str], None] | None = print,
+) -> list[Result]:
+    """Measure every configuration in its own process and write the report into ``out_dir``."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"fwdgrad.bench.run_benchmark: steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
+    start = time.perf_counter()
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        res = run_in_subprocess(cfg, steps=steps, warmup=warmup, threads=threads, device=device, timeout=timeout)
+        results.append(res)
+        if log is not None:
+            what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB"
+            log(f"[{i}/{len(configs)}] {cfg.model:8s} {cfg.label:32s} {what}")
+    report(results, Path(out_dir), command=command, wall_s=time.perf_counter() - start)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fwdgrad bench`` (shared by the CLI and ``benchmarks/speed_memory.py``)."""
+    parser.add_argument("--quick", action="store_true", help="tiny models, a few configurations (< 60 s)")
+    parser.add_argument("--models", default="mlp8,mlp32,cnn", help="comma-separated: mlp8, mlp32, cnn")
+    parser.add_argument("--ks", default="1,4,16", help="comma-separated numbers of directions")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for the .md, .json and .png")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+
+
+def run_from_args(args: argparse.Namespace, command: str) -> int:
+    """Run ``fwdgrad bench`` from parsed arguments; returns the exit code."""
+    if args.quick:
+        configs, steps, warmup = quick_configs(), 2, 1
+    else:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        bad = [m for m in models if m not in MODEL_BATCH]
+        if bad:
+            raise ValueError(f"fwdgrad bench: unknown model {bad[0]!r}; choose from {sorted(MODEL_BATCH)}")
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+        if not ks or min(ks) < 1:
+            raise ValueError(f"fwdgrad bench: --ks must list ints >= 1, got {args.ks!r}")
+        configs, steps, warmup = full_configs(models, ks), args.steps, args.warmup
+    results = run_benchmark(configs, args.out, steps=steps, warmup=warmup, threads=args.threads, device=args.device,
+                            timeout=args.timeout, command=command)
+    print(f"wrote {Path(args.out) / 'speed_memory.md'}")
+    return 1 if any(r.error for r in results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fwdgrad.bench [options]`` (``--worker SPEC`` is the internal per-configuration mode)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        _worker(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(prog="fwdgrad bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args, "fwdgrad bench " + " ".join(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
