@@ -23,8 +23,9 @@ test: lint
 test-heavy: install
 	$(PY) -m pytest -q -m 'montecarlo or slow'
 
+# The README's comparison table and plot come from this command (runs/demo/results.md, curves_*.png).
 demo: install
-	$(PY) examples/demo.py
+	$(VENV)/bin/fwdgrad compare --dataset mnist1d --model mlp --methods all --epochs 50 --seeds 3 --name demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

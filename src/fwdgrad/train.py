@@ -340,12 +340,14 @@ def train_run(
     progress: bool = False,
     log: Log | None = None,
     model: nn.Module | None = None,
+    heartbeat_s: float | None = None,
 ) -> RunResult:
     """Train one method from the seed's initial weights for ``epochs`` (default ``config.epochs``),
     evaluating on the validation and test sets after every epoch.
 
     ``model``: train this module (in place) instead of a fresh :func:`initial_model` — for callers that
-    want the trained weights.
+    want the trained weights. ``heartbeat_s``: without a progress bar, ``log`` an epoch line at most this
+    often (for long runs written to a file).
     """
     epochs = config.epochs if epochs is None else epochs
     device, bs = config.device, config.batch_size
@@ -365,6 +367,7 @@ def train_run(
     order_hash = hashlib.sha256()
     bar = _progress(epochs * steps_per_epoch, f"{spec.display} seed {seed}", progress)
     last_acc = math.nan
+    last_beat = time.perf_counter()
     stop = False
     for epoch in range(1, epochs + 1):
         order = epoch_order(n, seed, epoch)
@@ -439,6 +442,11 @@ def train_run(
         })
         if bar is not None:
             bar.set_postfix(epoch=f"{epoch}/{epochs}", acc=f"{last_acc:.3f}")
+        elif heartbeat_s is not None and log is not None and time.perf_counter() - last_beat >= heartbeat_s:
+            last_beat = time.perf_counter()
+            h = result.history[-1]
+            log(f"{spec.display} seed {seed} epoch {epoch}/{epochs}: train loss {h['train_loss']:.4f}, "
+                f"test acc {test_acc:.4f}, {result.train_time_s:.1f} s of training")
         if stop:
             break
     if bar is not None:
@@ -607,7 +615,7 @@ def run_experiment(
         exp.methods.append({"method": spec.display, "estimator": spec.name, "options": dict(spec.options), **choice})
         for seed in range(config.seed, config.seed + config.seeds):
             run = train_run(config, spec, choice["lr"], splits, seed, lr_source=choice["lr_source"],
-                            progress=progress, log=log)
+                            progress=progress, log=log, heartbeat_s=None if config.quiet else 10.0)
             exp.runs.append(run)
             if log is not None and not config.quiet:
                 f = run.figures()
