@@ -188,17 +188,21 @@ def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
     seeds = f"{c.seed}" if c.seeds == 1 else f"{c.seed}–{c.seed + c.seeds - 1}"
     v, mach = versions(), machine()
     lrs = "; ".join(f"{x['method']} {x['lr']:g} ({x['lr_source']})" for x in exp.methods)
-    out = [
+    model_options = ", ".join(f"{k}={v}" for k, v in m["options"].items())
+    header = [
         f"# {name}\n",
         f"`{command_line}`\n",
         f"- data: **{d['name']}** ({d['source']}); train {d['train']} / validation {d['val']} / test {d['test']}",
-        f"- model: **{m['name']}** {m['options'] or ''} ({m['num_parameters']:,} parameters)",
+        f"- model: **{m['name']}**{f' ({model_options})' if model_options else ''}, "
+        f"{m['num_parameters']:,} parameters",
         f"- budget: {c.epochs} epochs" + (f", at most {c.time_budget:g} s of training" if c.time_budget else "")
         + f", batch {c.batch_size}, optimizer {opt}, weight decay {c.weight_decay:g}; seeds {seeds}",
         f"- machine: {mach['processor']}, {mach['cpu_count']} CPUs, {mach['torch_threads']} torch threads; "
         f"python {v['python']}, torch {v['torch']}, fwdgrad {v['fwdgrad']}",
         "",
         markdown_table(summarize(exp)),
+    ]
+    notes = [
         "Test accuracy is measured after the last epoch (no epoch is picked on the test set); "
         "± is the sample standard deviation over seeds.",
         f"Learning rates: {lrs}.",
@@ -208,12 +212,9 @@ def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
         TIME_NOTE[0].upper() + TIME_NOTE[1:],
         MEMORY_NOTE[0].upper() + MEMORY_NOTE[1:],
     ]
-    for s in exp.skipped_methods:
-        out.append(f"Skipped {s['method']}: {s['reason']}")
-    for r in exp.runs:
-        if r.message:
-            out.append(f"Run {r.method} seed {r.seed}: {r.message}")
-    return "\n".join(out) + "\n"
+    notes += [f"Skipped {s['method']}: {s['reason']}" for s in exp.skipped_methods]
+    notes += [f"Run {r.method} seed {r.seed}: {r.message}" for r in exp.runs if r.message]
+    return "\n".join(header) + "\n" + "\n\n".join(notes) + "\n"
 
 
 # --- csv ------------------------------------------------------------------------------------------------
