@@ -430,12 +430,25 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
     return out_dir / "speed_memory.md"
 
 
+def load_results(path: Path | str) -> list[Result]:
+    """The results stored in a ``speed_memory.json`` (``[]`` if there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for data in json.loads(path.read_text())["results"]:
+        data["config"] = Config(**data["config"])
+        out.append(Result(**data))
+    return out
+
+
 def run_benchmark(
     configs: Sequence[Config], out_dir: Path | str, *, steps: int = 5, warmup: int = 1, threads: int | None = None,
     device: str = "cpu", timeout: float = 900.0, command: str = "fwdgrad bench",
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = print, previous: Sequence[Result] = (),
 ) -> list[Result]:
-    """Measure every configuration in its own process and write the report into ``out_dir``."""
+    """Measure every configuration in its own process and write the report into ``out_dir`` (after the
+    ``previous`` results whose configuration is not measured again)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"fwdgrad.bench.run_benchmark: steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
     start = time.perf_counter()
@@ -446,7 +459,9 @@ def run_benchmark(
         if log is not None:
             what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB"
             log(f"[{i}/{len(configs)}] {cfg.model:8s} {cfg.label:32s} {what}")
-    report(results, Path(out_dir), command=command, wall_s=time.perf_counter() - start)
+    measured = {r.config for r in results}
+    merged = [r for r in previous if r.config not in measured] + results
+    report(merged, Path(out_dir), command=command, wall_s=time.perf_counter() - start)
     return results
 
 
@@ -461,6 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the .md, .json and .png")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results already in OUT/speed_memory.json (a configuration run again replaces "
+                             "its old row) and report them together")
 
 
 def run_from_args(args: argparse.Namespace, command: str) -> int:
@@ -476,8 +494,9 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         if not ks or min(ks) < 1:
             raise ValueError(f"fwdgrad bench: --ks must list ints >= 1, got {args.ks!r}")
         configs, steps, warmup = full_configs(models, ks), args.steps, args.warmup
+    previous = load_results(Path(args.out) / "speed_memory.json") if args.append else []
     results = run_benchmark(configs, args.out, steps=steps, warmup=warmup, threads=args.threads, device=args.device,
-                            timeout=args.timeout, command=command)
+                            timeout=args.timeout, command=command, previous=previous)
     print(f"wrote {Path(args.out) / 'speed_memory.md'}")
     return 1 if any(r.error for r in results) else 0
 

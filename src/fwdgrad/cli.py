@@ -6,6 +6,7 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
     fwdgrad compare  --dataset mnist1d --model mlp --methods "bp,fg-w" --epochs 20 --seeds 3
     fwdgrad datasets [--data-dir DIR]
     fwdgrad methods | fwdgrad models
+    fwdgrad bench    [--quick] [--models mlp8,mlp32,cnn] [--ks 1,4,16]
 
 Options come from :class:`fwdgrad.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
 option given on the command line wins over the file. Exit status: 0 on success, 1 when the data cannot be
@@ -280,6 +281,21 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from fwdgrad.bench import add_arguments
+
+    add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from fwdgrad.bench import run_from_args
+
+    try:
+        return run_from_args(args, "fwdgrad " + shlex.join(args.argv))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train one method on one dataset and write a report", _add_train, _run_train),
     "compare": Command("train several methods on the same data, initial weights and budget; report a table",
@@ -288,6 +304,8 @@ COMMANDS: dict[str, Command] = {
     "methods": Command("list the registered estimators, their options and default learning rates",
                        _add_nothing, _run_methods),
     "models": Command("list the registered models and their options", _add_nothing, _run_models),
+    "bench": Command("step time and extra step memory of forward gradients vs backprop (fresh process each)",
+                     _add_bench, _run_bench),
 }
 
 
