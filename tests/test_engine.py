@@ -278,3 +278,40 @@ def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytes
     assert [t.dtype for t in two] == [p.dtype for p in like]
     seeds = tangents.tensor_seeds(3, torch.Generator().manual_seed(5))
     assert torch.equal(tangents.draw_tensor(name, like[1], 2, seeds[1], "cpu"), one[1])
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "twice-and-tied"])
+def test_rank1_directions_are_batched_in_one_pass_and_equal_the_reference(case: str) -> None:
+    from fwdgrad.engine_batched import batched_directions
+
+    if case == "twice-and-tied":
+        model, loss_fn = _seeded(TwiceAndTied)(), _twice_and_tied_loss
+    else:
+        problem = next(p for p in PROBLEMS if p.id == case)
+        model, loss_fn = problem.model(), problem.loss_fn
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    primals = [p.detach() for p in params.values()]
+    source = engine.TangentSource("rank1", primals, 5, torch.Generator().manual_seed(1))
+    for chunk_size in (None, 2):
+        got = batched_directions(model, loss_fn, params, source, where="t", chunk_size=chunk_size)
+        assert got is not None
+        loss, dirs = engine.reference_directions(model, loss_fn, params, source.materialise(), chunk_size=None,
+                                                 where="t")
+        torch.testing.assert_close(got[1], dirs, rtol=0, atol=TOL)
+        torch.testing.assert_close(got[0], loss, rtol=0, atol=TOL)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_batched_pass_declines_batchnorm_in_training_and_restores_its_buffers() -> None:
+    from fwdgrad.engine_batched import batched_directions
+
+    problem = next(p for p in PROBLEMS if p.id == "batchnorm")
+    model = problem.model()
+    params = dict(model.named_parameters())
+    source = engine.TangentSource("rank1", [p.detach() for p in params.values()], 3, torch.Generator())
+    before = [b.clone() for b in model.buffers()]
+    assert batched_directions(model, problem.loss_fn, params, source, where="t") is None
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+    model.eval()
+    assert batched_directions(model, problem.loss_fn, params, source, where="t") is not None

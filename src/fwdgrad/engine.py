@@ -234,20 +234,27 @@ def _fits(m: nn.Module, x: Tensor) -> bool:
     return x.dim() == 4
 
 
-def _add_input_term(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor) -> Tensor:
-    """``term + x_t W^T`` (conv: ``+ conv(x_t, W)``), in place where the shapes allow one ``addmm_``."""
+def _add_input_term(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
+    """``term + x_t W^T`` (conv: ``+ conv(x_t, W)``), in place (one ``addmm_``) unless ``inplace`` is off."""
     if type(m) is nn.Linear:
-        if x_t.dim() == 2 and term.dim() == 2 and term.is_contiguous():
+        if inplace and x_t.dim() == 2 and term.dim() == 2 and term.is_contiguous():
             return term.addmm_(x_t, weight.t())
-        return term.add_(F.linear(x_t, weight))
-    return term.add_(F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups))
+        return term + F.linear(x_t, weight)
+    return term + F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _primal(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The output of a fast module for plain tensors (what its own ``forward`` computes)."""
+    if type(m) is nn.Linear:
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
 
 
 def _fast_term(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
     """The output-tangent term of the module's own parameters, ``x W_tᵀ + b_t`` (or its conv analogue)."""
     if w_t is None:  # frozen weight, trainable bias
         bias = b_t.view(-1, *([1] * (out.dim() - 2))) if type(m) is nn.Conv2d else b_t
-        return torch.zeros_like(out).add_(bias)
+        return torch.zeros_like(out) + bias
     if type(m) is nn.Linear:
         return _linear_term(m, x, w_t, b_t)
     return _conv_term(m, x, w_t, b_t)
@@ -405,13 +412,21 @@ def reference_directions(
 
 
 def fast_directions(
-    model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], source: TangentSource, *, where: str
+    model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], source: TangentSource, *, where: str,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor] | None:
-    """The fast path: one windowed forward-AD pass per direction (see the module docstring).
+    """The fast path: several directions batched in one pass (:mod:`fwdgrad.engine_batched`, ``chunk_size``
+    at a time) where the model allows it, else one windowed forward-AD pass per direction.
 
     Returns ``(loss, dirs [K])``, or ``None`` when a parameter was used outside its module's forward; the
     buffers are then restored and the caller takes the reference path.
     """
+    if source.num_directions > 1:
+        from fwdgrad.engine_batched import batched_directions
+
+        got = batched_directions(model, loss_fn, params, source, where=where, chunk_size=chunk_size)
+        if got is not None:
+            return got
     saved = _snapshot_buffers(model)
     run = WindowedPass(model, list(params.values()), source)
     loss, dirs = None, []
@@ -426,8 +441,8 @@ def fast_directions(
 
 
 def uses_fast_loop(name: str, num_directions: int) -> bool:
-    """Whether the windowed loop beats one batched ``vmap(jvp)`` pass: always for one direction; for
-    several only with ``rank1`` tangents (2 matmul units per direction against 1 + 2K for the batch)."""
+    """Whether the fast path applies: one direction, or ``rank1`` tangents (whose batched pass costs about
+    ``1 + K`` matmul units against ``1 + 2K`` for the reference ``vmap(jvp)`` with dense tangents)."""
     return name in PER_TENSOR_SAMPLERS and (num_directions == 1 or name == "rank1")
 
 
@@ -439,7 +454,7 @@ def step_directions(
     it gives up) the reference path."""
     got = None
     if fast and uses_fast_loop(source.name, source.num_directions):
-        got = fast_directions(model, loss_fn, params, source, where=where)
+        got = fast_directions(model, loss_fn, params, source, where=where, chunk_size=chunk_size)
     if got is None:
         got = reference_directions(model, loss_fn, params, source.materialise(), chunk_size=chunk_size, where=where)
     return got
