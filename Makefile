@@ -24,8 +24,10 @@ test-heavy: install
 	$(PY) -m pytest -q -m 'montecarlo or slow'
 
 # The README's comparison table and plot come from this command (runs/demo/results.md, curves_*.png).
+# One torch thread: the model is tiny, and extra threads only spin against other processes on shared cores.
 demo: install
-	$(VENV)/bin/fwdgrad compare --dataset mnist1d --model mlp --methods all --epochs 50 --seeds 3 --name demo
+	$(VENV)/bin/fwdgrad compare --dataset mnist1d --model mlp --methods all --epochs 50 --seeds 3 --threads 1 \
+		--name demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
