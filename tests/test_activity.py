@@ -28,6 +28,15 @@ from fwdgrad.models.localmixer import ChannelLinear, GroupLinear, TokenLinear
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops; on a shared 2-core machine a second intra-op thread only adds waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class RaisingReLU(torch.autograd.Function):
     """ReLU with a forward-mode rule whose backward raises: any backward pass through it fails."""
 
@@ -272,5 +281,5 @@ def test_fg_a_variance_lower_than_fg_w_by_fan_in_light():
 
 @pytest.mark.montecarlo
 def test_fg_a_variance_lower_than_fg_w_by_fan_in_heavy():
-    """Heavy (40 000 draws each; relative SE near 0.75 % per MSE, 1.1 % for the ratio; tolerance 5 %)."""
-    _run_variance(40000, 0.05)
+    """Heavy (20 000 draws each; relative SE near 1.1 % per MSE, 1.5 % for the ratio; tolerance 7 %)."""
+    _run_variance(20000, 0.07)
