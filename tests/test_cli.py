@@ -168,7 +168,7 @@ def test_help_documents_every_option_with_its_default() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     for name in ("train", "compare"):
         for action in sub.choices[name]._actions:
-            if action.dest in ("help", "config", "plots"):
+            if action.dest in ("help", "config"):
                 continue
             assert action.help and "default" in action.help, f"{name} {action.option_strings}: {action.help}"
 
@@ -185,3 +185,13 @@ def test_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in cli.COMMANDS)
+
+
+def test_missing_data_exits_1_with_the_loaders_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    def missing(config: object) -> Dataset:
+        raise FileNotFoundError("load_dataset: the mnist files were not found in /nowhere")
+
+    monkeypatch.setattr(train, "load_data", missing)
+    assert run_cli(tmp_path, "train", "--dataset", "mnist") == 1
+    assert "fwdgrad train: error: load_dataset: the mnist files were not found" in capsys.readouterr().err

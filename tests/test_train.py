@@ -240,3 +240,16 @@ def test_figures_and_memory_probe() -> None:
     assert run.examples_seen == 2 * 86 and run.steps == 2 * 6  # 96 - round(9.6) = 86 examples
     if run.peak_step_memory_bytes is not None:  # Linux with a writable /proc/self/clear_refs
         assert 0 <= run.peak_step_memory_bytes < 2**30
+
+
+def test_clip_grad_norm_bounds_every_step() -> None:
+    """Plain SGD with lr 1 and gradients clipped to norm 1e-6: the weights move by at most 1e-6 per step."""
+    config = tiny_config(momentum=0.0, clip_grad_norm=1e-6, epochs=1)
+    splits = split_dataset(blobs(), 0.1, None, 0)
+    model = initial_model(config, splits, 0)
+    before = params_of(model)
+    run = train_run(config, MethodSpec("fg-w"), 1.0, splits, 0, model=model)
+    moved = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(before, model.parameters())))
+    assert run.status == "completed" and 0 < moved <= run.steps * 1e-6 * (1 + 1e-3)
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0, got 0"):
+        tiny_config(clip_grad_norm=0)

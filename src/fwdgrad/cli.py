@@ -103,9 +103,14 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--train-subset", type=int, default=S, metavar="N",
                    help="train on N examples of the training split only (default: all)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=f"(default: {d.optimizer})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
+                   help=f"optimizer of every method: SGD with momentum, or Adam (default: {d.optimizer})")
     g.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default: {d.momentum:g})")
-    g.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.weight_decay:g})")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"L2 weight decay of the optimizer "
+                                                               f"(default: {d.weight_decay:g})")
+    g.add_argument("--clip-grad-norm", type=float, default=S, metavar="MAX_NORM",
+                   help="rescale each step's gradient or estimate to a 2-norm of at most MAX_NORM, for every "
+                        "method (default: off)")
     g.add_argument("--lr", type=float, default=S,
                    help="learning rate for every method without its own lr= (default: per-method defaults "
                         "measured on the default task, see `fwdgrad methods`)")
@@ -121,7 +126,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--seeds", type=int, default=S, help=f"number of seeds: seed, seed+1, ... (default: {d.seeds})")
     g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,
                    help=f"on a NaN/Inf loss: stop the run, or skip that step (default: {d.on_nonfinite})")
-    g.add_argument("--eval-batch-size", type=int, default=S, help=f"(default: {d.eval_batch_size})")
+    g.add_argument("--eval-batch-size", type=int, default=S,
+                   help=f"batch size of the evaluation passes (default: {d.eval_batch_size})")
     g.add_argument("--device", default=S, help=f"torch device (default: {d.device})")
     g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's choice)")
     g = p.add_argument_group("output")
@@ -129,7 +135,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--name", default=S,
                    help="run folder name (default: <command>-<dataset>-<model>-<UTC time>); an existing "
                         "folder's report files are replaced")
-    g.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip the PNG plots")
+    g.add_argument("--no-plots", dest="plots", action="store_false", default=S,
+                   help="skip the PNG plots (default: plots on)")
     g.add_argument("--quiet", "-q", action="store_true", default=S,
                    help="no progress bar and no per-run lines (default: progress bar on a terminal)")
 
@@ -246,8 +253,8 @@ def _run_datasets(args: argparse.Namespace) -> int:
 
     for info in available_datasets(args.data_dir):
         shape = "×".join(str(s) for s in info.input_shape)
-        state = "available" if info.available else "missing"
-        print(f"{info.name:<14} [{shape}] {info.num_classes} classes, {state}: {info.location}")
+        state = "available" if info.available else "NOT available"
+        print(f"{info.name:<14} [{shape}] {info.num_classes} classes; {state} — {info.location}")
         print(f"{'':<14} {info.description}")
     return 0
 

@@ -215,6 +215,7 @@ class RunConfig:
     optimizer: str = "sgd"  # sgd or adam
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None  # rescale each step's gradient (estimate) to at most this 2-norm
     lr: float | None = None  # one lr for every method without its own; None: per-method defaults
     lr_sweep: list[float] | None = None  # candidate lrs: choose the best on the validation split
     sweep_epochs: int = 2  # epochs of each sweep trial (first seed)
@@ -260,6 +261,11 @@ class RunConfig:
             raise ValueError(f"{where}: val_fraction must be in [0, 0.9], got {vf!r}")
         if not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             raise ValueError(f"{where}: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_grad_norm is not None and (
+            isinstance(self.clip_grad_norm, bool) or not isinstance(self.clip_grad_norm, int | float)
+            or not self.clip_grad_norm > 0
+        ):
+            raise ValueError(f"{where}: clip_grad_norm must be > 0, got {self.clip_grad_norm!r}")
         if self.lr is not None and (not isinstance(self.lr, int | float) or not self.lr > 0):
             raise ValueError(f"{where}: lr must be > 0, got {self.lr!r}")
         if self.time_budget is not None and (not isinstance(self.time_budget, int | float) or self.time_budget <= 0):

@@ -402,6 +402,8 @@ def train_run(
                 )
                 stop = True
                 break
+            if config.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             opt.step()
             result.train_time_s += time.perf_counter() - t0
             if probe is not None:
