@@ -16,7 +16,8 @@ def test_two_tiny_configurations_run_in_fresh_processes_and_are_reported(tmp_pat
     results = run_benchmark(configs, tmp_path, steps=1, warmup=0, threads=1, log=None, timeout=120)
     assert [r.error for r in results] == ["", ""]
     for r in results:
-        assert r.median_ms > 0 and len(r.times_ms) == 1 and math.isfinite(r.extra_mb) and r.threads == 1
+        assert r.median_ms > 0 and len(r.times_ms) == 1 and r.threads == 1
+        assert math.isfinite(r.extra_mb) and math.isfinite(r.extra_default_mb) and "MALLOC_MMAP" in r.memory_method
     table = (tmp_path / "speed_memory.md").read_text()
     assert "| bp |" in table and "| 1.00 |" in table and "fg-w rank1 K=2 fused" in table
     data = json.loads((tmp_path / "speed_memory.json").read_text())
@@ -32,18 +33,18 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path) -> None:
 
 def test_table_ratios_and_k_scaling_from_given_numbers() -> None:
     results = [
-        Result(Config("mlp8", "bp"), median_ms=200.0, extra_mb=100.0),
-        Result(Config("mlp8", "fg-w", "rank1", 1), median_ms=150.0, extra_mb=40.0),
-        Result(Config("mlp8", "fg-w", "rank1", 16), median_ms=1200.0, extra_mb=50.0),
+        Result(Config("mlp8", "bp"), median_ms=200.0, extra_mb=100.0, extra_default_mb=120.0),
+        Result(Config("mlp8", "fg-w", "rank1", 1), median_ms=150.0, extra_mb=40.0, extra_default_mb=60.0),
+        Result(Config("mlp8", "fg-w", "rank1", 16), median_ms=1200.0, extra_mb=50.0, extra_default_mb=60.0),
     ]
     table = markdown_table(results)
-    assert "| fg-w rank1 K=1 | 150.0 | 0.75 | 40 | 0.40 |" in table
+    assert "| fg-w rank1 K=1 | 150.0 | 0.75 | 40 | 0.40 | 60 | 0.50 |" in table
     assert k_scaling_lines(results) == ["| mlp8 | rank1 | 16 | 0.50 |"]
 
 
 def test_configuration_lists() -> None:
     full = full_configs()
-    assert len(full) == 3 * (2 + 3 * 3 * 2)
+    assert len(full) == 3 * (3 + 3 * 3 * 2)
     assert {c.model for c in full} == {"mlp8", "mlp32", "cnn"}
     assert all(c.model.startswith("tiny") for c in quick_configs())
 

@@ -16,10 +16,18 @@ What one worker measures, in this order:
    peak then includes the set-up, which the report marks. On CUDA the figure is
    ``torch.cuda.max_memory_allocated() − memory_allocated()`` after ``reset_peak_memory_stats()``.
 
+Each configuration runs twice, in two fresh processes. The **timing** process uses the default allocator;
+its peak (column "extra MB, default malloc") includes what glibc keeps after a free (a freed block
+below glibc's dynamic mmap threshold stays in RSS). The **memory** process (one warm-up and one step)
+runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so every block of 64 KiB or more is returned to the system
+when freed and RSS follows the memory the step really holds (column "extra MB", the one the ratios use).
+Every method gets the same setting in each process.
+
 The step time is the median of the timed steps. The report gives each as a ratio to backprop on the same
 model in the same run: ``time / time(bp)`` and ``extra memory / extra memory(bp)``.
 
 Methods:
+    ``forward``     one forward pass under ``torch.no_grad`` (a floor for the memory of any step).
     ``bp``          ``loss.backward()`` + ``torch.optim.SGD`` (the baseline).
     ``jvp-naive``   ``torch.func.jvp`` through ``functional_call`` with Gaussian tangents drawn for the whole
                     model, ``.grad = d·v``, ``torch.optim.SGD``: what one writes without fwdgrad.
@@ -59,7 +67,9 @@ from torch import nn
 
 #: Model name → (builder, batch size). The MLPs are ``depth × Linear(width, width) + ReLU`` and a head of 10.
 MODEL_BATCH = {"mlp8": 512, "mlp32": 2048, "cnn": 128, "tiny-mlp": 32, "tiny-cnn": 8}
-METHODS = ("bp", "jvp-naive", "fg-w")
+METHODS = ("forward", "bp", "jvp-naive", "fg-w")
+#: The environment of the memory worker: glibc returns every freed block of 64 KiB or more at once.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 LR = 1e-4
 
 
@@ -92,6 +102,7 @@ class Result:
     median_ms: float = math.nan
     times_ms: list[float] = field(default_factory=list)
     extra_mb: float = math.nan
+    extra_default_mb: float = math.nan
     memory_method: str = ""
     threads: int = 0
     device: str = "cpu"
@@ -178,6 +189,13 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
     loss_fn = lambda m: F.cross_entropy(m(x), y)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    if cfg.method == "forward":
+
+        def step() -> None:
+            with torch.no_grad():
+                loss_fn(model)
+
+        return step
     if cfg.method == "bp":
 
         def step() -> None:
@@ -257,7 +275,8 @@ def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result
     else:
         peak_kb = _status_kb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         extra = (peak_kb - (before_kb or 0)) / 1024
-    return Result(cfg, statistics.median(times), times, extra, how, torch.get_num_threads(), device)
+    return Result(cfg, median_ms=statistics.median(times), times_ms=times, extra_mb=extra, memory_method=how,
+                  threads=torch.get_num_threads(), device=device)
 
 
 def _worker(argv: Sequence[str]) -> None:
@@ -271,13 +290,16 @@ def _worker(argv: Sequence[str]) -> None:
 
 
 def run_in_subprocess(
-    cfg: Config, *, steps: int, warmup: int, threads: int | None, device: str, timeout: float
+    cfg: Config, *, steps: int, warmup: int, threads: int | None, device: str, timeout: float,
+    env: dict[str, str] | None = None,
 ) -> Result:
-    """Measure ``cfg`` in a fresh ``python -m fwdgrad.bench --worker`` process."""
+    """Measure ``cfg`` in a fresh ``python -m fwdgrad.bench --worker`` process (``env`` added to its
+    environment)."""
     spec = {"config": asdict(cfg), "steps": steps, "warmup": warmup, "threads": threads, "device": device}
     cmd = [sys.executable, "-m", "fwdgrad.bench", "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return Result(cfg, error=f"timed out after {timeout:.0f} s")
     for line in proc.stdout.splitlines():
@@ -297,7 +319,7 @@ def full_configs(models: Sequence[str] = ("mlp8", "mlp32", "cnn"), ks: Sequence[
     """Backprop, the naive ``torch.func.jvp`` step and FG-W (gaussian, rademacher, rank1) × K × fused."""
     out = []
     for model in models:
-        out += [Config(model, "bp"), Config(model, "jvp-naive")]
+        out += [Config(model, "forward"), Config(model, "bp"), Config(model, "jvp-naive")]
         for tangents in ("gaussian", "rademacher", "rank1"):
             for k in ks:
                 for fused in (False, True):
@@ -330,18 +352,19 @@ def markdown_table(results: Sequence[Result]) -> str:
         lines += [
             f"**{model}** (batch {MODEL_BATCH.get(model, '?')})",
             "",
-            "| method | step ms | time / BP | extra MB | memory / BP |",
-            "|---|---:|---:|---:|---:|",
+            "| method | step ms | time / BP | extra MB | memory / BP | extra MB, default malloc | / BP |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.config.label} | {r.error} | | | |")
+                lines.append(f"| {r.config.label} | {r.error} | | | | | |")
                 continue
             t_ratio = r.median_ms / bp.median_ms if bp else math.nan
             m_ratio = r.extra_mb / bp.extra_mb if bp and bp.extra_mb > 0 else math.nan
+            d_ratio = r.extra_default_mb / bp.extra_default_mb if bp and bp.extra_default_mb > 0 else math.nan
             lines.append(
                 f"| {r.config.label} | {_fmt(r.median_ms, 1)} | {_fmt(t_ratio)} | {_fmt(r.extra_mb, 0)} | "
-                f"{_fmt(m_ratio)} |"
+                f"{_fmt(m_ratio)} | {_fmt(r.extra_default_mb, 0)} | {_fmt(d_ratio)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -455,9 +478,17 @@ def run_benchmark(
     results = []
     for i, cfg in enumerate(configs, 1):
         res = run_in_subprocess(cfg, steps=steps, warmup=warmup, threads=threads, device=device, timeout=timeout)
+        res.extra_default_mb, res.extra_mb = res.extra_mb, math.nan
+        if not res.error and not device.startswith("cuda"):
+            live = run_in_subprocess(cfg, steps=1, warmup=1, threads=threads, device=device, timeout=timeout,
+                                     env=LIVE_MEMORY_ENV)
+            res.extra_mb = live.extra_mb if not live.error else math.nan
+            res.memory_method = live.memory_method + f" with {LIVE_MEMORY_ENV}"
+        elif not res.error:
+            res.extra_mb = res.extra_default_mb
         results.append(res)
         if log is not None:
-            what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB"
+            what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB  ({res.extra_default_mb:.1f} MB)"
             log(f"[{i}/{len(configs)}] {cfg.model:8s} {cfg.label:32s} {what}")
     measured = {r.config for r in results}
     merged = [r for r in previous if r.config not in measured] + results
