@@ -57,8 +57,8 @@ from fwdgrad.tangents import SAMPLERS, _draw_device, draw_tensor, rank1_factors,
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
 
-#: Samplers that draw each tensor's tangent on its own (one call per tensor, in parameter order), so that
-#: a tensor's tangent can be drawn again from the generator state recorded before it.
+#: Samplers that draw each tensor's tangent on its own (from a per-tensor seed; rank-1: small factors), so
+#: that a tensor's tangent can be drawn again, alone, whenever it is needed.
 PER_TENSOR_SAMPLERS = ("gaussian", "rademacher", "rank1")
 
 Direction = Tensor | tuple[Tensor, Tensor]

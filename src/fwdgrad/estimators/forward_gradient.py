@@ -45,11 +45,12 @@ class ForwardGradient(Estimator):
         fast_paths: use the tangent engine's fast passes (:mod:`fwdgrad.engine`); ``False`` forces the
             reference path. Both draw the same tangents and give the same estimate up to rounding.
 
-    Speed and memory: with one direction, or with ``rank1`` tangents and any K, a step runs one forward
-    pass per direction in which each parameter is dual only inside its own module's forward, and
-    ``nn.Linear`` / ``nn.Conv2d`` add their tangent term themselves (rank-1: ``(x·v)·uᵀ``, no ``u vᵀ`` is
-    formed). Other settings batch ``chunk_size`` directions in one ``vmap(jvp)`` pass. :meth:`sgd_step`
-    updates the parameters tensor by tensor without forming a gradient. See ``docs/performance.md``.
+    Speed and memory: with one direction, or with ``rank1`` tangents, a step runs the fast path of
+    :mod:`fwdgrad.engine`: each parameter is dual only inside its own module's forward, and
+    ``nn.Linear`` / ``nn.Conv2d`` form their output tangent themselves (rank-1: ``(x·v)·uᵀ``, no ``u vᵀ``
+    is formed); rank-1 directions run ``chunk_size`` at a time in one batched pass. Other settings batch
+    ``chunk_size`` directions in one ``vmap(jvp)`` pass over ``functional_call``. :meth:`sgd_step` updates
+    the parameters tensor by tensor without forming a gradient. See ``docs/performance.md``.
 
     Example:
         >>> import torch, torch.nn.functional as F, fwdgrad
