@@ -33,13 +33,15 @@ def test_a_failing_worker_is_reported_not_raised(tmp_path) -> None:
 
 def test_table_ratios_and_k_scaling_from_given_numbers() -> None:
     results = [
-        Result(Config("mlp8", "bp"), median_ms=200.0, extra_mb=100.0, extra_default_mb=120.0),
-        Result(Config("mlp8", "fg-w", "rank1", 1), median_ms=150.0, extra_mb=40.0, extra_default_mb=60.0),
-        Result(Config("mlp8", "fg-w", "rank1", 16), median_ms=1200.0, extra_mb=50.0, extra_default_mb=60.0),
+        Result(Config("mlp8", "bp"), median_ms=200.0, cpu_ms=300.0, extra_mb=100.0, extra_default_mb=120.0),
+        Result(Config("mlp8", "fg-w", "rank1", 1), median_ms=150.0, cpu_ms=150.0, extra_mb=40.0,
+               extra_default_mb=60.0),
+        Result(Config("mlp8", "fg-w", "rank1", 16), median_ms=1200.0, cpu_ms=1440.0, extra_mb=50.0,
+               extra_default_mb=60.0),
     ]
     table = markdown_table(results)
-    assert "| fg-w rank1 K=1 | 150.0 | 0.75 | 40 | 0.40 | 60 | 0.50 |" in table
-    assert k_scaling_lines(results) == ["| mlp8 | rank1 | 16 | 0.50 |"]
+    assert "| fg-w rank1 K=1 | 150.0 | 0.75 | 150.0 | 0.50 | 40 | 0.40 | 60 | 0.50 |" in table
+    assert k_scaling_lines(results) == ["| mlp8 | rank1 | 16 | 0.50 | 0.60 |"]
 
 
 def test_configuration_lists() -> None:

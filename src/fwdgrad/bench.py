@@ -101,6 +101,7 @@ class Result:
     config: Config
     median_ms: float = math.nan
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: float = math.nan
     extra_mb: float = math.nan
     extra_default_mb: float = math.nan
     memory_method: str = ""
@@ -262,20 +263,22 @@ def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result
     else:
         before_kb = _status_kb("VmRSS")
         how = "VmHWM - VmRSS (clear_refs=5)" if before_kb is not None and _reset_peak() else "ru_maxrss - VmRSS"
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+            cpu.append((time.process_time() - start_cpu) * 1e3)
     if device.startswith("cuda"):
         extra = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         peak_kb = _status_kb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         extra = (peak_kb - (before_kb or 0)) / 1024
-    return Result(cfg, median_ms=statistics.median(times), times_ms=times, extra_mb=extra, memory_method=how,
+    return Result(cfg, median_ms=statistics.median(times), times_ms=times, cpu_ms=statistics.median(cpu),
+                  extra_mb=extra, memory_method=how,
                   threads=torch.get_num_threads(), device=device)
 
 
@@ -352,18 +355,21 @@ def markdown_table(results: Sequence[Result]) -> str:
         lines += [
             f"**{model}** (batch {MODEL_BATCH.get(model, '?')})",
             "",
-            "| method | step ms | time / BP | extra MB | memory / BP | extra MB, default malloc | / BP |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| method | step ms | time / BP | CPU ms | CPU / BP | extra MB | memory / BP "
+            "| extra MB, default malloc | / BP |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             if r.error:
-                lines.append(f"| {r.config.label} | {r.error} | | | | | |")
+                lines.append(f"| {r.config.label} | {r.error} | | | | | | | |")
                 continue
             t_ratio = r.median_ms / bp.median_ms if bp else math.nan
             m_ratio = r.extra_mb / bp.extra_mb if bp and bp.extra_mb > 0 else math.nan
             d_ratio = r.extra_default_mb / bp.extra_default_mb if bp and bp.extra_default_mb > 0 else math.nan
+            c_ratio = r.cpu_ms / bp.cpu_ms if bp and bp.cpu_ms > 0 else math.nan
             lines.append(
-                f"| {r.config.label} | {_fmt(r.median_ms, 1)} | {_fmt(t_ratio)} | {_fmt(r.extra_mb, 0)} | "
+                f"| {r.config.label} | {_fmt(r.median_ms, 1)} | {_fmt(t_ratio)} | {_fmt(r.cpu_ms, 1)} | "
+                f"{_fmt(c_ratio)} | {_fmt(r.extra_mb, 0)} | "
                 f"{_fmt(m_ratio)} | {_fmt(r.extra_default_mb, 0)} | {_fmt(d_ratio)} |"
             )
         lines.append("")
@@ -379,7 +385,8 @@ def k_scaling_lines(results: Sequence[Result]) -> list[str]:
         one = by_key.get((model, tangents, fused, 1))
         if k > 1 and one is not None:
             ratio = r.median_ms / (k * one.median_ms)
-            out.append(f"| {model} | {tangents}{' fused' if fused else ''} | {k} | {_fmt(ratio)} |")
+            cpu = r.cpu_ms / (k * one.cpu_ms) if one.cpu_ms > 0 else math.nan
+            out.append(f"| {model} | {tangents}{' fused' if fused else ''} | {k} | {_fmt(ratio)} | {_fmt(cpu)} |")
     return out
 
 
@@ -438,14 +445,15 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
         f"{os.cpu_count()} CPUs visible, {first.threads if first else '?'} torch threads, device "
         f"{first.device if first else '?'}. Memory: {first.memory_method if first else '?'}. "
         "Each configuration ran in a fresh process; step = estimate (or backward) + SGD update; "
-        "median of the timed steps.",
+        "median of the timed steps (wall clock; CPU = process CPU time, less sensitive to other processes). "
+        "Extra MB: live memory (MALLOC_MMAP_THRESHOLD_=65536); default malloc: the timing process's peak.",
         "",
     ]
     scaling = k_scaling_lines(results)
     tail = []
     if scaling:
-        tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | ratio |",
-                "|---|---|---:|---:|", *scaling, ""]
+        tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | wall | CPU |",
+                "|---|---|---:|---:|---:|", *scaling, ""]
     _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + markdown_table(results) + "\n".join(tail))
     payload = {"command": command, "torch": torch.__version__, "results": [asdict(r) for r in results]}
     _atomic_write(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
