@@ -155,7 +155,7 @@ class LocalActivityForwardGradient(_LocalForwardGradientBase):
         >>> model = LocalMixer((1, 8, 8), 3, num_blocks=2, num_patches=2, channels=8, groups=2)
         >>> x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
         >>> loss = fwdgrad.estimator("lg-fg-a", seed=0)(model, lambda m: F.cross_entropy(m(x), y, reduction="none"))
-        >>> model.blocks[0].mix.linear.weight.grad is not None
+        >>> model.blocks[0].channel.weight.grad is not None
         True
     """
 
