@@ -283,3 +283,19 @@ def test_fg_a_variance_lower_than_fg_w_by_fan_in_light():
 def test_fg_a_variance_lower_than_fg_w_by_fan_in_heavy():
     """Heavy (20 000 draws each; relative SE near 1.1 % per MSE, 1.5 % for the ratio; tolerance 7 %)."""
     _run_variance(20000, 0.07)
+
+
+@pytest.mark.parametrize("name", ["fg-a", "lg-fg-a", "lg-fg-w"])
+def test_num_directions_averages_consecutive_single_direction_estimates(name: str):
+    """K directions = the mean of K one-direction estimates drawn in sequence from the same generator."""
+    from test_local import batch, tiny
+
+    model, (x, y) = tiny(), batch()
+    lf = lambda m: F.cross_entropy(m(x), y, reduction="none")
+    params = dict(model.named_parameters())
+    both = fwdgrad.estimator(name, num_directions=2, seed=5).estimate(model, lf, params)[1]
+    single = fwdgrad.estimator(name, seed=5)
+    first = single.estimate(model, lf, params)[1]
+    second = single.estimate(model, lf, params)[1]
+    for n in both:
+        torch.testing.assert_close(both[n], (first[n] + second[n]) / 2, rtol=0, atol=1e-12, msg=n)
