@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from fwdgrad import cli, train
-from fwdgrad.config import parse_method, parse_method_list, parse_value
+from fwdgrad.config import load_config, parse_method, parse_method_list, parse_value
 from fwdgrad.data import Dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -195,3 +196,16 @@ def test_missing_data_exits_1_with_the_loaders_message(tmp_path: Path, monkeypat
     monkeypatch.setattr(train, "load_data", missing)
     assert run_cli(tmp_path, "train", "--dataset", "mnist") == 1
     assert "fwdgrad train: error: load_dataset: the mnist files were not found" in capsys.readouterr().err
+
+
+def test_documented_config_files_parse(tmp_path: Path) -> None:
+    """The TOML in docs/cli.md and examples/ stays valid: every key known, every method spec parses."""
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "examples" / "mnist1d_compare.toml")
+    assert config.epochs == 50 and config.methods[0].name == "all" and config.model_options["width"] == 256
+    blocks = re.findall(r"```toml\n(.*?)```", (root / "docs" / "cli.md").read_text(), flags=re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"block{i}.toml"
+        path.write_text(block)
+        load_config(path).validate()
