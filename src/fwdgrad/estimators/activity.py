@@ -281,8 +281,8 @@ class ActivityForwardGradient(Estimator):
             ``nn.Conv2d`` and module marked ``fwdgrad_activity_unit``.
         skip_inactive: zero the estimate of outputs that feed an ``nn.ReLU`` and are not positive.
         shared_noise: one tangent for the whole batch instead of one per example.
-        exact_output: when the model's output is itself the output of a perturbed module (a read-out
-            ``nn.Linear``) and the losses are per example, that module is not perturbed but gets its exact
+        exact_output: when the model's output ``[B, C]`` is itself the output of a perturbed module (a
+            read-out ``nn.Linear``) and the losses are per example, that module is not perturbed but gets its exact
             gradient: ``∂ℓ_b/∂output_b`` comes from ``C`` forward-mode passes through the criterion alone
             (:func:`fwdgrad.local.criterion_gradient`), then the module's local rule. As in the paper, whose
             classification layer is always trained with its exact gradient.
@@ -350,7 +350,7 @@ class ActivityForwardGradient(Estimator):
                 raise ValueError(f"{where}: loss_fn(model) did not call any perturbed module")
             output_site, delta = None, None
             if self.exact_output and d.dim() == 1 and outputs:
-                output_site = next((s for s in sites if s.output is outputs[0]), None)
+                output_site = next((s for s in sites if s.output is outputs[0] and s.output.dim() == 2), None)
             if output_site is not None:
                 # exact ∂ℓ_b/∂output_b; remove the output's own (now known) term from every d_b
                 delta = local.criterion_gradient(where, loss_fn, output_site.output).to(d.dtype)
