@@ -185,3 +185,14 @@ def test_group_losses_lower_the_variance_of_activity_perturbation():
             total += float((model.blocks[0].group.weight.grad - truth["blocks.0.group.weight"]).pow(2).sum())
         mse[name] = total / 60
     assert mse["lg-fg-a"] < 0.75 * mse["l-fg-a"], mse
+
+
+def test_with_one_patch_and_one_group_lg_equals_l():
+    """S/1/1-like model: one loss per (patch, group) is one loss per block, so lg-* equals l-* bit for bit
+    up to rounding (the paper's Table 3 lists identical S/1/1 numbers for FG-A and LG-FG-A)."""
+    model, (x, y) = tiny(num_blocks=1, num_patches=1, groups=1), batch()
+    for family in ["fg-a", "fg-w"]:
+        a = estimate(f"l-{family}", model, per_example(x, y), seed=2)
+        b = estimate(f"lg-{family}", model, per_example(x, y), seed=2)
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-12, msg=n)
