@@ -253,3 +253,16 @@ def test_clip_grad_norm_bounds_every_step() -> None:
     assert run.status == "completed" and 0 < moved <= run.steps * 1e-6 * (1 + 1e-3)
     with pytest.raises(ValueError, match="clip_grad_norm must be > 0, got 0"):
         tiny_config(clip_grad_norm=0)
+
+
+@pytest.mark.slow
+def test_demo_task_learns() -> None:
+    """The default task (real MNIST-1D, default mlp, default lrs): after 5 epochs backprop is well above
+    chance (10 %), and activity-perturbed forward gradients are above it too. Measured at these settings:
+    bp 0.505, fg-a 0.205 test accuracy (seed 0, after epoch 5 of the 50-epoch demo)."""
+    from fwdgrad.data import load_dataset
+
+    config = RunConfig(methods=[MethodSpec("bp"), MethodSpec("fg-a")], epochs=5, threads=1, quiet=True).validate()
+    exp = run_experiment(config, "compare", dataset=load_dataset("mnist1d"))
+    acc = {r.method: r.final["test_acc"] for r in exp.runs}
+    assert acc["bp"] >= 0.4 and acc["fg-a"] >= 0.13, acc
