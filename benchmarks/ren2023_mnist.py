@@ -137,7 +137,8 @@ def plot(runs: list[dict], path: Path) -> None:
             if r["config"] != cfg:
                 continue
             ep = [p["epoch"] for p in r["curve"]]
-            line, = ax.plot(ep, [p["test_error"] for p in r["curve"]], marker="o", label=f"{r['method']} (lr {r['lr']:g})")
+            label = f"{r['method']} (lr {r['lr']:g})"
+            (line,) = ax.plot(ep, [p["test_error"] for p in r["curve"]], marker="o", label=label)
             if r["paper"]:
                 ax.axhline(r["paper"][0], color=line.get_color(), ls=":", lw=1)
         ax.set_title(f"LocalMixer {cfg} on MNIST (dotted: paper)")
