@@ -315,3 +315,19 @@ def test_batched_pass_declines_batchnorm_in_training_and_restores_its_buffers() 
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
     model.eval()
     assert batched_directions(model, problem.loss_fn, params, source, where="t") is not None
+
+
+def test_fused_update_on_threads_equals_the_serial_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = PROBLEMS[0]
+    models = [problem.model(), problem.model()]
+    threads = torch.get_num_threads()
+    try:
+        for model, (n_threads, limit) in zip(models, [(1, 1 << 40), (2, 1)]):
+            monkeypatch.setattr(engine, "PARALLEL_DRAW_MIN", limit)
+            torch.set_num_threads(n_threads)
+            fwdgrad.ForwardGradient(tangents="gaussian", seed=2).sgd_step(model, problem.loss_fn, lr=0.1,
+                                                                         weight_decay=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)

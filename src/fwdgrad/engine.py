@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.tangents import SAMPLERS, _draw_device, draw_tensor, rank1_factors, tensor_seeds
+from fwdgrad.tangents import PARALLEL_DRAW_MIN, SAMPLERS, _draw_device, draw_tensor, rank1_factors, tensor_seeds
 
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
@@ -478,8 +479,20 @@ def apply_sgd(source: TangentSource, params: Sequence[Tensor], dirs: Tensor, lr:
     r"""``θ_i ← (1 − lr·wd)·θ_i − (lr/K) Σ_k d_k v_{ik}`` tensor by tensor, the tangents drawn again (or,
     for rank-1, the factors reused): the only temporary is one tensor's tangent."""
     k_total = dirs.shape[0]
-    with torch.no_grad():
-        for i, p in enumerate(params):
+
+    def update(i: int) -> None:
+        p = params[i]
+        with torch.no_grad():
             if weight_decay:
                 p.mul_(1.0 - lr * weight_decay)
             source.weighted_sum(i, dirs, out=p.data, alpha=-lr / k_total)
+
+    workers = min(torch.get_num_threads(), len(params))
+    drawn = not source.factored and source._blocks is None  # each tensor's tangent is drawn again here
+    if drawn and workers > 1 and sum(p.numel() for p in params) * k_total >= PARALLEL_DRAW_MIN:
+        # Tensors are independent (each has its own seed): update them on several threads.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(update, range(len(params))))
+    else:
+        for i in range(len(params)):
+            update(i)
