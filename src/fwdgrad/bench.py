@@ -5,6 +5,9 @@ allocator cache, thread pool or page left over by one configuration flatters or 
 
 What one worker measures, in this order:
 
+0. run two steps of the same configuration on a tiny model of the same kind (``tiny-mlp`` or
+   ``tiny-cnn``) and drop it: PyTorch loads much on first use (forward-AD rules, ``torch.func``, the
+   decompositions behind them), and that one-time cost is not the memory of a step;
 1. build the model and one batch of data (fixed seeds), run ``gc.collect()``;
 2. read ``VmRSS`` from ``/proc/self/status`` → ``rss_before``; reset the peak by writing ``5`` to
    ``/proc/self/clear_refs`` (Linux ≥ 4.0 sets ``VmHWM`` to the current RSS);
@@ -253,6 +256,13 @@ def _reset_peak() -> bool:
 
 def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result:
     """Run ``cfg`` here (call it in a fresh process): median step time and extra peak memory."""
+    tiny = "tiny-cnn" if "cnn" in cfg.model else "tiny-mlp"
+    tiny_model, tiny_x, tiny_y = build(tiny, device)
+    tiny_step = make_step(Config(tiny, cfg.method, cfg.tangents, cfg.k, cfg.fused, cfg.chunk_size),
+                          tiny_model, tiny_x, tiny_y)
+    for _ in range(2):
+        tiny_step()
+    del tiny_step, tiny_model, tiny_x, tiny_y
     model, x, y = build(cfg.model, device)
     step = make_step(cfg, model, x, y)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
