@@ -347,8 +347,7 @@ def quick_configs() -> list[Config]:
         Config("tiny-mlp", "jvp-naive"),
         Config("tiny-mlp", "fg-w", "gaussian", 1),
         Config("tiny-mlp", "fg-w", "rank1", 4, fused=True),
-        Config("tiny-cnn", "bp"),
-        Config("tiny-cnn", "fg-w", "rank1", 1),
+        Config("tiny-cnn", "fg-w", "rank1", 2),
     ]
 
 
