@@ -71,7 +71,7 @@ def mlp(seed: int = 0, act: type[nn.Module] = nn.ReLU) -> nn.Module:
 def convnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(2, 3)
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.Flatten(), nn.Linear(8, 3)
     ).to(DT)
 
 
@@ -299,3 +299,12 @@ def test_num_directions_averages_consecutive_single_direction_estimates(name: st
     second = single.estimate(model, lf, params)[1]
     for n in both:
         torch.testing.assert_close(both[n], (first[n] + second[n]) / 2, rtol=0, atol=1e-12, msg=n)
+
+
+def test_fg_a_unbiased_light_convnet():
+    """Light MC (200 draws, z ≤ 5) through Conv2d layers (stride, padding) and a read-out."""
+    model, (x, y) = convnet(), data(6, (2, 6, 6))
+    truth = true_grads(model, x, y)
+    est = ActivityForwardGradient(seed=12, exact_output=False)
+    means, ses = mc_mean(est, model, lambda m: F.cross_entropy(m(x), y, reduction="none"), 200)
+    assert_unbiased(means, ses, truth)
