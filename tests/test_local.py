@@ -171,7 +171,7 @@ def test_local_forward_gradients_unbiased_heavy(name: str):
 def test_group_losses_lower_the_variance_of_activity_perturbation():
     """LG-FG-A's per-group derivative drives each channel chunk: its MSE is below L-FG-A's.
 
-    Statistical: with 4 groups the ratio of the two MSEs measured 0.34–0.47 over 60 draws (three seeds); the
+    Statistical: with 4 groups the ratio of the two MSEs measured 0.34–0.47 over 50 draws (three seeds); the
     test asks for < 0.75."""
     model, (x, y) = tiny(groups=4, num_blocks=1, channels=16), batch(16)
     truth = estimate("l-bp", model, per_example(x, y))
