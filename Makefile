@@ -8,7 +8,6 @@ DATA_DIR ?= ../shared/data
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 

@@ -266,3 +266,12 @@ def test_demo_task_learns() -> None:
     exp = run_experiment(config, "compare", dataset=load_dataset("mnist1d"))
     acc = {r.method: r.final["test_acc"] for r in exp.runs}
     assert acc["bp"] >= 0.4 and acc["fg-a"] >= 0.13, acc
+
+
+def test_local_variants_borrow_the_default_lr_of_their_global_counterpart() -> None:
+    from fwdgrad.train import DEFAULT_LR, default_lr
+
+    for local, base in [("l-bp", "bp"), ("lg-bp", "bp"), ("lg-fg-a", "fg-a"), ("lg-fg-w", "fg-w")]:
+        lr, source = default_lr(local, "sgd")
+        assert lr == DEFAULT_LR["sgd"][base]
+        assert f"not swept for {local}" in source

@@ -193,6 +193,11 @@ def default_lr(name: str, optimizer: str) -> tuple[float, str]:
         own = own[optimizer]
     if isinstance(own, int | float) and not isinstance(own, bool) and own > 0:
         return float(own), f"{name}.default_lr"
+    # Local-loss variants (l-bp, lg-fg-a, ...) borrow the rate of their global counterpart: a
+    # starting point that was not swept for them, and the source string says so.
+    prefix, _, base = name.partition("-")
+    if prefix in ("l", "lg") and base in table:
+        return table[base], f"the {base} default with {optimizer} (not swept for {name})"
     return table[FALLBACK_METHOD], f"no default for {name}: the {FALLBACK_METHOD} default with {optimizer}"
 
 
