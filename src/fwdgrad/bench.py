@@ -443,14 +443,16 @@ def plot(results: Sequence[Result], path: Path) -> bool:
     return True
 
 
-def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: float) -> Path:
+def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: float,
+           earlier: Sequence[str] = ()) -> Path:
     """Write ``speed_memory.md`` (tables), ``speed_memory.json`` (raw numbers) and ``speed_memory.png``."""
     out_dir = Path(out_dir)
     first = next((r for r in results if not r.error), None)
     head = [
         "# fwdgrad bench: step time and extra step memory, ratios to backprop",
         "",
-        f"Command: `{command}` ({wall_s:.0f} s). torch {torch.__version__}, {platform.machine()}, "
+        "".join(f"Earlier command (kept rows): `{c}`. " for c in earlier)
+        + f"Command: `{command}` ({wall_s:.0f} s). torch {torch.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs visible, {first.threads if first else '?'} torch threads, device "
         f"{first.device if first else '?'}. Memory: {first.memory_method if first else '?'}. "
         "Each configuration ran in a fresh process; step = estimate (or backward) + SGD update; "
@@ -464,7 +466,8 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
         tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | wall | CPU |",
                 "|---|---|---:|---:|---:|", *scaling, ""]
     _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + markdown_table(results) + "\n".join(tail))
-    payload = {"command": command, "torch": torch.__version__, "results": [asdict(r) for r in results]}
+    payload = {"command": command, "earlier_commands": list(earlier), "torch": torch.__version__,
+               "results": [asdict(r) for r in results]}
     _atomic_write(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
     plot(results, out_dir / "speed_memory.png")
     return out_dir / "speed_memory.md"
@@ -485,7 +488,7 @@ def load_results(path: Path | str) -> list[Result]:
 def run_benchmark(
     configs: Sequence[Config], out_dir: Path | str, *, steps: int = 5, warmup: int = 1, threads: int | None = None,
     device: str = "cpu", timeout: float = 900.0, command: str = "fwdgrad bench",
-    log: Callable[[str], None] | None = print, previous: Sequence[Result] = (),
+    log: Callable[[str], None] | None = print, previous: Sequence[Result] = (), earlier: Sequence[str] = (),
 ) -> list[Result]:
     """Measure every configuration in its own process and write the report into ``out_dir`` (after the
     ``previous`` results whose configuration is not measured again)."""
@@ -509,7 +512,8 @@ def run_benchmark(
             log(f"[{i}/{len(configs)}] {cfg.model:8s} {cfg.label:32s} {what}")
     measured = {r.config for r in results}
     merged = [r for r in previous if r.config not in measured] + results
-    report(merged, Path(out_dir), command=command, wall_s=time.perf_counter() - start)
+    report(merged, Path(out_dir), command=command, wall_s=time.perf_counter() - start,
+           earlier=earlier if previous else ())
     return results
 
 
@@ -543,8 +547,12 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
             raise ValueError(f"fwdgrad bench: --ks must list ints >= 1, got {args.ks!r}")
         configs, steps, warmup = full_configs(models, ks), args.steps, args.warmup
     previous = load_results(Path(args.out) / "speed_memory.json") if args.append else []
+    earlier: list[str] = []
+    if previous:
+        data = json.loads((Path(args.out) / "speed_memory.json").read_text())
+        earlier = [*data.get("earlier_commands", []), data.get("command", "?")]
     results = run_benchmark(configs, args.out, steps=steps, warmup=warmup, threads=args.threads, device=args.device,
-                            timeout=args.timeout, command=command, previous=previous)
+                            timeout=args.timeout, command=command, previous=previous, earlier=earlier)
     print(f"wrote {Path(args.out) / 'speed_memory.md'}")
     return 1 if any(r.error for r in results) else 0
 
