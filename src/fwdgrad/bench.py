@@ -404,6 +404,7 @@ def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
         fh.write(text)
         tmp = fh.name
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -432,6 +433,9 @@ def plot(results: Sequence[Result], path: Path) -> bool:
             values = [getattr(r, key) / base if base > 0 else math.nan for r in rows]
             ax.bar(range(len(rows)), values, color=["0.5" if r.config.method != "fg-w" else "C0" for r in rows])
             ax.axhline(1.0, color="k", lw=0.8)
+            finite = [v for v in values if math.isfinite(v) and v > 0]
+            if finite and max(finite) / min(finite) > 20:
+                ax.set_yscale("log")
             ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=6)
             ax.set_title(f"{model}: {title}", fontsize=9)
     fig.tight_layout()
@@ -465,7 +469,7 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
     if scaling:
         tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | wall | CPU |",
                 "|---|---|---:|---:|---:|", *scaling, ""]
-    _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + markdown_table(results) + "\n".join(tail))
+    _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + "\n" + markdown_table(results) + "\n".join(tail))
     payload = {"command": command, "earlier_commands": list(earlier), "torch": torch.__version__,
                "results": [asdict(r) for r in results]}
     _atomic_write(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
