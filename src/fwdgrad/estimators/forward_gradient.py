@@ -81,8 +81,13 @@ class ForwardGradient(Estimator):
         self.num_directions = num_directions
         self.tangents = tangents
         self.chunk_size = chunk_size
-        self.fast_paths = fast_paths
+        self._fast_paths = fast_paths  # private: the repr shows the estimator's hyperparameters only
         self._generator = make_generator(where, seed, generator)
+
+    @property
+    def fast_paths(self) -> bool:
+        """Whether the tangent engine's fast passes are used (``False``: the reference path)."""
+        return self._fast_paths
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
