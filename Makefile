@@ -28,5 +28,9 @@ demo: install
 	$(VENV)/bin/fwdgrad compare --dataset mnist1d --model mlp --methods all --epochs 50 --seeds 3 --threads 1 \
 		--name demo
 
+# The speed/memory benchmark (each configuration in a fresh process; about an hour for the full grid).
+bench: install
+	$(VENV)/bin/fwdgrad bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -111,22 +111,6 @@ class ForwardGradient(Estimator):
             value, dirs, _ = directional_derivatives(f, primals, tangents, chunk_size=self.chunk_size, where=where)
         return value, dict(zip(names, combine(dirs, tangents)))
 
-    @staticmethod
-    def _accumulate(where: str, loss: Tensor, params: dict[str, nn.Parameter], grads: dict[str, Tensor]) -> None:
-        """:meth:`Estimator._accumulate` with a cheaper finiteness test: a sum is NaN or infinite whenever one
-        of its terms is, so a tensor whose sum is finite has only finite entries and skips the entry-wise
-        ``isfinite(g).all()`` (which costs as much as drawing the tangents); the others get the exact test."""
-        if torch.isfinite(loss) and all(bool(torch.isfinite(g.sum())) for g in grads.values()):
-            with torch.no_grad():
-                for n, p in params.items():
-                    g = grads[n]
-                    if p.grad is None:
-                        p.grad = g.detach().to(p.dtype)
-                    else:
-                        p.grad.add_(g)
-            return
-        Estimator._accumulate(where, loss, params, grads)
-
     def sgd_step(self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0) -> Tensor:
         r"""One fused SGD step, ``θ ← θ − lr·(ĝ + wd·θ)``, tensor by tensor, without forming ``ĝ``.
 
