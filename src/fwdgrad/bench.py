@@ -68,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwdgrad._procmem import reset_peak_rss, status_kib
+
 #: Model name → (builder, batch size). The MLPs are ``depth × Linear(width, width) + ReLU`` and a head of 10.
 MODEL_BATCH = {"mlp8": 512, "mlp32": 2048, "cnn": 128, "tiny-mlp": 32, "tiny-cnn": 8}
 METHODS = ("forward", "bp", "jvp-naive", "fg-w")
@@ -234,26 +236,6 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 # The worker (one configuration, in its own process)
 
 
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result:
     """Run ``cfg`` here (call it in a fresh process): median step time and extra peak memory."""
     tiny = "tiny-cnn" if "cnn" in cfg.model else "tiny-mlp"
@@ -271,8 +253,8 @@ def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result
         torch.cuda.reset_peak_memory_stats()
         before, how = torch.cuda.memory_allocated(), "cuda max_memory_allocated - memory_allocated"
     else:
-        before_kb = _status_kb("VmRSS")
-        how = "VmHWM - VmRSS (clear_refs=5)" if before_kb is not None and _reset_peak() else "ru_maxrss - VmRSS"
+        before_kb = status_kib("VmRSS")
+        how = "VmHWM - VmRSS (clear_refs=5)" if before_kb is not None and reset_peak_rss() else "ru_maxrss - VmRSS"
     times, cpu = [], []
     for i in range(warmup + steps):
         sync()
@@ -285,7 +267,7 @@ def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result
     if device.startswith("cuda"):
         extra = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        peak_kb = _status_kb("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_kb = status_kib("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         extra = (peak_kb - (before_kb or 0)) / 1024
     return Result(cfg, median_ms=statistics.median(times), times_ms=times, cpu_ms=statistics.median(cpu),
                   extra_mb=extra, memory_method=how,

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwdgrad._procmem import reset_peak_rss, status_kib
 from fwdgrad.config import MethodSpec, RunConfig
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators.base import Estimator, available_estimators, estimator_class
@@ -230,17 +231,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: st
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory_probe() -> Callable[[], int | None] | None:
     """Start measuring the peak resident memory of what runs next; call the result to get the growth in
     bytes. Linux only (``None`` elsewhere, or when ``/proc/self/clear_refs`` is not writable).
@@ -255,17 +245,12 @@ def peak_memory_probe() -> Callable[[], int | None] | None:
     gc.collect()
     if hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
-    before = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    if before is None:
+    before = status_kib("VmRSS")
+    if not reset_peak_rss() or before is None:
         return None
 
     def stop() -> int | None:
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         return None if peak is None else max(0, peak - before) * 1024
 
     return stop
