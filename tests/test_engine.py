@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fwdgrad
-from fwdgrad import engine
-from fwdgrad.tangents import SAMPLERS
+from fwdgrad import derivatives
+from fwdgrad.derivatives.batched import batched_directions
+from fwdgrad.directions import PER_TENSOR_SAMPLERS, SAMPLERS, TangentSource
+from fwdgrad.estimators import gradient
 from problems import PROBLEMS, Problem
 
 TOL = 1e-10
-PER_TENSOR = list(engine.PER_TENSOR_SAMPLERS)
+PER_TENSOR = list(PER_TENSOR_SAMPLERS)
 
 
 def _grads(model: nn.Module, loss_fn, *, fast: bool, tangents: str, k: int, seed: int = 11) -> list[torch.Tensor]:
@@ -91,8 +93,8 @@ def test_the_mlp_and_cnn_problems_stay_on_the_fast_path() -> None:
     for problem in PROBLEMS:
         model = problem.model()
         params = dict(model.named_parameters())
-        source = engine.TangentSource("rank1", [p.detach() for p in params.values()], 2, torch.Generator())
-        assert engine.fast_directions(model, problem.loss_fn, params, source, where="t") is not None, problem.id
+        source = TangentSource("rank1", [p.detach() for p in params.values()], 2, torch.Generator())
+        assert derivatives.fast_directions(model, problem.loss_fn, params, source, where="t") is not None, problem.id
 
 
 def test_a_parameter_used_outside_its_module_falls_back_with_buffers_restored() -> None:
@@ -103,9 +105,9 @@ def test_a_parameter_used_outside_its_module_falls_back_with_buffers_restored() 
 
     model = problem.model()
     params = dict(model.named_parameters())
-    source = engine.TangentSource("gaussian", [p.detach() for p in params.values()], 1, torch.Generator())
+    source = TangentSource("gaussian", [p.detach() for p in params.values()], 1, torch.Generator())
     before = [b.clone() for b in model.buffers()]
-    assert engine.fast_directions(model, penalised, params, source, where="t") is None
+    assert derivatives.fast_directions(model, penalised, params, source, where="t") is None
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
     for tangents in PER_TENSOR:
         _assert_fast_equals_reference(problem.model, penalised, tangents, 1)
@@ -136,7 +138,7 @@ def test_an_unhandled_module_with_its_own_parameters_uses_forward_ad() -> None:
 def test_lean_source_draws_what_the_sampler_draws_and_advances_the_generator_alike(tangents: str, k: int) -> None:
     like = [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.zeros(2, 2, 3, 3)]
     gen, replay = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
-    source = engine.TangentSource(tangents, like, k, gen, lean=True)
+    source = TangentSource(tangents, like, k, gen, lean=True)
     expected = SAMPLERS[tangents](like, k, replay)
     for got, want in zip(source.materialise(), expected):
         assert torch.equal(got, want)
@@ -149,7 +151,7 @@ def test_lean_source_draws_what_the_sampler_draws_and_advances_the_generator_ali
 def test_lean_source_on_the_global_rng_replays_it() -> None:
     like = [torch.zeros(5, 2)]
     torch.manual_seed(9)
-    source = engine.TangentSource("gaussian", like, 1, None, lean=True)
+    source = TangentSource("gaussian", like, 1, None, lean=True)
     after = torch.rand(2)
     torch.manual_seed(9)
     (expected,) = SAMPLERS["gaussian"](like, 1, None)
@@ -249,8 +251,8 @@ def test_parameters_are_restored_after_an_error_in_the_forward() -> None:
 
 
 def test_tangent_source_rejects_joint_samplers() -> None:
-    with pytest.raises(ValueError, match=r"^fwdgrad.engine.TangentSource: tangents 'sphere' are drawn jointly"):
-        engine.TangentSource("sphere", [torch.zeros(2)], 1, None)
+    with pytest.raises(ValueError, match=r"^fwdgrad.directions.TangentSource: tangents 'sphere' are drawn jointly"):
+        TangentSource("sphere", [torch.zeros(2)], 1, None, lean=True)
 
 
 def test_deep_copy_of_a_model_after_a_step_is_clean() -> None:
@@ -282,8 +284,6 @@ def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytes
 
 @pytest.mark.parametrize("case", ["mlp", "cnn", "twice-and-tied"])
 def test_rank1_directions_are_batched_in_one_pass_and_equal_the_reference(case: str) -> None:
-    from fwdgrad.engine_batched import batched_directions
-
     if case == "twice-and-tied":
         model, loss_fn = _seeded(TwiceAndTied)(), _twice_and_tied_loss
     else:
@@ -291,11 +291,11 @@ def test_rank1_directions_are_batched_in_one_pass_and_equal_the_reference(case: 
         model, loss_fn = problem.model(), problem.loss_fn
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     primals = [p.detach() for p in params.values()]
-    source = engine.TangentSource("rank1", primals, 5, torch.Generator().manual_seed(1))
+    source = TangentSource("rank1", primals, 5, torch.Generator().manual_seed(1))
     for chunk_size in (None, 2):
         got = batched_directions(model, loss_fn, params, source, where="t", chunk_size=chunk_size)
         assert got is not None
-        loss, dirs = engine.reference_directions(model, loss_fn, params, source.materialise(), chunk_size=None,
+        loss, dirs = derivatives.reference_directions(model, loss_fn, params, source.materialise(), chunk_size=None,
                                                  where="t")
         torch.testing.assert_close(got[1], dirs, rtol=0, atol=TOL)
         torch.testing.assert_close(got[0], loss, rtol=0, atol=TOL)
@@ -304,12 +304,10 @@ def test_rank1_directions_are_batched_in_one_pass_and_equal_the_reference(case: 
 
 
 def test_batched_pass_declines_batchnorm_in_training_and_restores_its_buffers() -> None:
-    from fwdgrad.engine_batched import batched_directions
-
     problem = next(p for p in PROBLEMS if p.id == "batchnorm")
     model = problem.model()
     params = dict(model.named_parameters())
-    source = engine.TangentSource("rank1", [p.detach() for p in params.values()], 3, torch.Generator())
+    source = TangentSource("rank1", [p.detach() for p in params.values()], 3, torch.Generator())
     before = [b.clone() for b in model.buffers()]
     assert batched_directions(model, problem.loss_fn, params, source, where="t") is None
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
@@ -323,7 +321,7 @@ def test_fused_update_on_threads_equals_the_serial_one(monkeypatch: pytest.Monke
     threads = torch.get_num_threads()
     try:
         for model, (n_threads, limit) in zip(models, [(1, 1 << 40), (2, 1)]):
-            monkeypatch.setattr(engine, "PARALLEL_DRAW_MIN", limit)
+            monkeypatch.setattr(gradient, "PARALLEL_DRAW_MIN", limit)
             torch.set_num_threads(n_threads)
             fwdgrad.ForwardGradient(tangents="gaussian", seed=2).sgd_step(model, problem.loss_fn, lr=0.1,
                                                                          weight_decay=0.01)

@@ -163,6 +163,6 @@ def test_registry_lists_and_builds_estimators() -> None:
     try:
         assert isinstance(fwdgrad.estimator("test-scaled-bp"), ScaledBackprop)
     finally:
-        from fwdgrad.estimators import base
+        from fwdgrad.estimators import registry
 
-        del base._REGISTRY["test-scaled-bp"]
+        del registry._REGISTRY["test-scaled-bp"]

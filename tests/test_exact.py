@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fwdgrad
-from fwdgrad.estimators.base import call_with_parameters
+from fwdgrad.derivatives import call_with_parameters
+from fwdgrad.directions import SAMPLERS
 from fwdgrad.functional import directional_derivatives
-from fwdgrad.tangents import SAMPLERS
 from problems import PROBLEMS, Problem, autograd_gradient, directional
 
 TOL = 1e-10

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad.estimators.base import call_with_parameters
+from fwdgrad.derivatives import call_with_parameters
 from fwdgrad.functional import directional_derivatives
 from fwdgrad.models import MLP, ConvNet, available_models, build_model, model_options, num_parameters, register_model
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from fwdgrad.estimators.base import call_with_parameters
+from fwdgrad.derivatives import call_with_parameters
+from fwdgrad.directions import SAMPLERS, variance_factor
 from fwdgrad.functional import combine, directional_derivatives
-from fwdgrad.tangents import SAMPLERS, variance_factor
 
 Z_MAX = 5.0
 LIGHT, HEAVY = 4_000, 200_000

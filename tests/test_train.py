@@ -11,9 +11,9 @@ import torch
 
 from fwdgrad.config import MethodSpec, RunConfig, parse_method
 from fwdgrad.data import Dataset
-from fwdgrad.estimators.base import _REGISTRY, Estimator, register_estimator
+from fwdgrad.estimators.base import Estimator
+from fwdgrad.estimators.registry import _REGISTRY, recipe, register_estimator
 from fwdgrad.train import (
-    DEFAULT_LR,
     choose_lr,
     default_lr,
     epoch_order,
@@ -123,10 +123,10 @@ def test_lr_precedence_and_defaults() -> None:
     splits = split_dataset(blobs(), 0.1, None, 0)
     assert choose_lr(tiny_config(), MethodSpec("fg-w", lr=0.5), splits)["lr"] == 0.5
     assert choose_lr(tiny_config(lr=0.25), MethodSpec("fg-w"), splits)["lr"] == 0.25
-    assert choose_lr(tiny_config(), MethodSpec("fg-w"), splits)["lr"] == DEFAULT_LR["sgd"]["fg-w"]
+    assert choose_lr(tiny_config(), MethodSpec("fg-w"), splits)["lr"] == recipe("fg-w").default_lr["sgd"]
     # forward gradients get smaller default steps than backprop, for every optimizer
-    for opt in DEFAULT_LR:
-        assert DEFAULT_LR[opt]["fg-w"] < DEFAULT_LR[opt]["bp"]
+    for opt in ("sgd", "adam"):
+        assert recipe("fg-w").default_lr[opt] < recipe("bp").default_lr[opt]
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_all_expands_the_registry_and_skips_unsuitable_methods(temporary_estimat
     reasons = {s["method"]: s["reason"] for s in skipped}
     assert "only trains LocalMixer" in reasons["test-broken"] and "test-default-lr" in reasons
     assert default_lr("test-default-lr", "sgd") == (0.123, "test-default-lr.default_lr")
-    assert default_lr("test-broken", "adam")[0] == DEFAULT_LR["adam"]["fg-w"]
+    assert default_lr("test-broken", "adam")[0] == recipe("fg-w").default_lr["adam"]
     with pytest.raises(ValueError, match="method 'test-broken' cannot train model 'mlp'"):
         resolve_methods(tiny_config(methods=[MethodSpec("test-broken")]), splits)
 
@@ -269,9 +269,9 @@ def test_demo_task_learns() -> None:
 
 
 def test_local_variants_borrow_the_default_lr_of_their_global_counterpart() -> None:
-    from fwdgrad.train import DEFAULT_LR, default_lr
+    from fwdgrad.train import default_lr
 
     for local, base in [("l-bp", "bp"), ("lg-bp", "bp"), ("lg-fg-a", "fg-a"), ("lg-fg-w", "fg-w")]:
         lr, source = default_lr(local, "sgd")
-        assert lr == DEFAULT_LR["sgd"][base]
+        assert lr == recipe(base).default_lr["sgd"]
         assert f"not swept for {local}" in source

@@ -4,6 +4,7 @@ One estimator interface for the forward-gradient family on any ``torch.nn.Module
 written to ``.grad`` so that every ``torch.optim`` optimizer and scheduler works.
 """
 
+from fwdgrad.directions import sample_tangents, variance_factor
 from fwdgrad.errors import ForwardADNotSupportedError, NonFiniteError
 from fwdgrad.estimators import (
     ActivityForwardGradient,
@@ -16,7 +17,6 @@ from fwdgrad.estimators import (
     register_estimator,
 )
 from fwdgrad.functional import directional_derivatives, forward_grad
-from fwdgrad.tangents import sample_tangents, variance_factor
 
 __version__ = "0.1.0"
 

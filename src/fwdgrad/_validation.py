@@ -46,4 +46,6 @@ def make_generator(where: str, seed: int | None, generator: torch.Generator | No
         return None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{where}: seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{where}: seed must be in [0, 2**63), got {seed}")
     return torch.Generator().manual_seed(seed)

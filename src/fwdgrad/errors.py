@@ -12,6 +12,8 @@ from torch import nn
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
 _NO_JVP = "implement the jvp function for custom autograd.Function"
+# torch.func (vmap over jvp, K > 1 directions) reports a Function without setup_context/jvp this way
+_NO_FUNCTORCH = "In order to use an autograd.Function with functorch transforms"
 
 
 class ForwardADNotSupportedError(NotImplementedError):
@@ -27,8 +29,11 @@ def _describe(exc: BaseException) -> str | None:
     match = _NO_FORWARD_AD.search(text)
     if match:
         return f"operation {match.group(1)!r} has no forward-mode AD rule in PyTorch {torch.__version__}"
-    if _NO_JVP in text:
-        return "a custom torch.autograd.Function without a jvp staticmethod"
+    if _NO_JVP in text or _NO_FUNCTORCH in text:
+        return (
+            "a custom torch.autograd.Function without a jvp staticmethod (with several directions at once it "
+            "also needs setup_context, and generate_vmap_rule = True or a vmap staticmethod)"
+        )
     return None
 
 
@@ -56,13 +61,14 @@ def explain_forward_ad_errors(where: str, model: nn.Module | None = None) -> Ite
             if stack and stack[-1] is module:
                 stack.pop()
 
+        push._fwdgrad_benign = pop._fwdgrad_benign = True  # type: ignore[attr-defined]  # see derivatives.rules
         handles = [
             nn.modules.module.register_module_forward_pre_hook(push),
             nn.modules.module.register_module_forward_hook(pop),
         ]
     try:
         yield
-    except NotImplementedError as exc:
+    except (NotImplementedError, RuntimeError) as exc:
         what = _describe(exc)
         if what is None:
             raise

@@ -32,11 +32,13 @@ Per-loss layouts (for the forward-gradient estimators)
 ------------------------------------------------------
 With ``S = (P, G)`` the forward-gradient estimators get one directional derivative per example, patch and
 group, ``D[b, p, g]``. A module inside a block tells them which of its outputs feed which local loss by a
-method ``loss_layout(d) -> Tensor``: it maps ``d`` of shape ``[B, P, G]`` to a tensor that broadcasts
+method ``local_loss_layout(d) -> Tensor``: it maps ``d`` of shape ``[B, P, G]`` to a tensor that broadcasts
 against its output (for example, the channel chunk ``g`` of a grouped layer gets ``d[b, p, g]``). For weight
-perturbation, ``param_loss_layout(name, dg) -> Tensor`` maps ``dg`` of shape ``[G]`` (summed over examples
-and patches) to a tensor that broadcasts against parameter ``name``. A module without these methods gets the
-sum over ``S`` (still unbiased, with more variance).
+perturbation, ``local_param_loss_layout(name, dg) -> Tensor`` maps ``dg`` of shape ``[G]`` (summed over
+examples and patches) to a tensor that broadcasts against parameter ``name``. These two methods are the
+declared protocol :class:`LocalLossLayer`. A module without them gets the sum over ``S`` (still unbiased,
+with more variance). (The older undeclared names ``loss_layout``/``param_loss_layout`` still work for one
+release, with a ``DeprecationWarning``.)
 
 Example:
     >>> import torch, fwdgrad.local as local
@@ -51,14 +53,49 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 Tensor = torch.Tensor
+
+
+@runtime_checkable
+class LocalLossLayer(Protocol):
+    """A module inside a block that maps the per-loss derivatives onto its outputs and parameters."""
+
+    def local_loss_layout(self, d: Tensor) -> Tensor:
+        """``d [B, P, G]`` → a tensor broadcasting against the module's output."""
+        ...
+
+    def local_param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
+        """``dg [G]`` → a tensor broadcasting against parameter ``name``."""
+        ...
+
+
+_WARNED: set[tuple[type, str]] = set()
+
+
+def layer_method(module: Any, name: str, deprecated: str) -> Any:
+    """``module.<name>`` (a protocol member), else the deprecated undeclared ``module.<deprecated>`` with a
+    ``DeprecationWarning`` (once per class), else ``None``."""
+    found = getattr(module, name, None)
+    if found is not None:
+        return found
+    found = getattr(module, deprecated, None)
+    if found is not None and (type(module), deprecated) not in _WARNED:
+        _WARNED.add((type(module), deprecated))
+        warnings.warn(
+            f"{type(module).__name__}.{deprecated} is deprecated and will stop working in the next release; "
+            f"implement {name} (the declared protocol) instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return found
 
 
 def stop_gradient(x: Tensor) -> Tensor:

@@ -1,233 +1,25 @@
-r"""Tangent samplers: the random directions ``v`` of a forward gradient.
-
-A forward gradient along ``v`` is :math:`g = \langle \nabla f, v\rangle\, v`. It is unbiased,
-:math:`\mathbb{E}[g] = \nabla f`, whenever :math:`\mathbb{E}[v v^\top] = I`. Every sampler here meets that
-condition, and they differ in their second moment. With :math:`a = \nabla f \in \mathbb{R}^n` and one
-direction:
-
-==============  ==========================================  ======================
-name            distribution of v                           E‖g‖²
-==============  ==========================================  ======================
-``gaussian``    N(0, I)                                      (n + 2)‖a‖²
-``rademacher``  independent ±1 entries                       n‖a‖²
-``sphere``      uniform on the sphere of radius √n           n‖a‖²
-``rank1``       u vᵀ per matrix parameter, u, v Rademacher   n‖a‖²
-``orthogonal``  √n·q, q₁…q_K orthonormal, random subspace    (n/K)‖a‖² for the mean
-==============  ==========================================  ======================
-
-Averaging K independent directions divides :math:`\mathbb{E}\|g - a\|^2` by K; the orthogonal sampler
-draws its K directions jointly and reaches :math:`(n/K - 1)\|a\|^2`, exact at K = n (see
-``variance_factor``). The parameter vector is the concatenation of all tensors in ``like``, so ``n`` is
-the total number of entries and joint samplers (``sphere``, ``orthogonal``) normalise across tensors.
-
-Every sampler takes a ``torch.Generator``; the same generator state gives the same tangents.
-``gaussian`` and ``rademacher`` draw one 62-bit seed per tensor from it (:func:`tensor_seeds`) and each
-tensor's block from a generator seeded with its seed (:func:`draw_tensor`). A tensor's tangent is then a
-function of (generator state, tensor index) that can be drawn again, alone, whenever it is needed (the
-fused update of :mod:`fwdgrad.engine` relies on it), and large draws run on several threads.
+"""Tangent samplers (kept import path): everything lives in :mod:`fwdgrad.directions.samplers`.
 
 Example:
-    >>> import torch
     >>> from fwdgrad.tangents import sample_tangents
-    >>> g = torch.Generator().manual_seed(0)
-    >>> w, b = torch.zeros(3, 2), torch.zeros(3)
-    >>> tw, tb = sample_tangents("rademacher", [w, b], num_directions=4, generator=g)
-    >>> tuple(tw.shape), tuple(tb.shape)
-    ((4, 3, 2), (4, 3))
-    >>> bool(((tw == 1) | (tw == -1)).all())
+    >>> from fwdgrad.directions import sample_tangents as same
+    >>> sample_tangents is same
     True
 """
 
-from __future__ import annotations
-
-import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-
-import torch
-
-from fwdgrad._validation import check_positive_int
-
-Tensor = torch.Tensor
-Sampler = Callable[[Sequence[Tensor], int, "torch.Generator | None"], list[Tensor]]
-
-
-def _draw_device(like: Tensor, generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else like.device
-
-
-#: Draw tensors on several threads when a call draws at least this many entries in all.
-PARALLEL_DRAW_MIN = 1 << 20
-
-
-def tensor_seeds(count: int, generator: torch.Generator | None) -> list[int]:
-    """``count`` seeds in ``[0, 2^62)`` from ``generator`` (``None``: torch's global RNG), one per tensor:
-    all that a per-tensor sampler draws from the generator itself."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**62, (count,), generator=generator, device=device).tolist()
-
-
-def draw_tensor(name: str, like: Tensor, num_directions: int, seed: int, device: torch.device | str) -> Tensor:
-    """The ``[K, *like.shape]`` block of per-tensor sampler ``name`` (``gaussian`` or ``rademacher``) for
-    ``seed``, drawn with a generator on ``device`` and returned on ``like``'s device."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (num_directions, *like.shape)
-    if name == "rademacher":
-        return _rademacher(shape, like, gen)
-    return torch.randn(shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
-
-
-def _per_tensor(
-    name: str, like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None
-) -> list[Tensor]:
-    seeds = tensor_seeds(len(like), generator)
-    jobs = [(p, seed, _draw_device(p, generator)) for p, seed in zip(like, seeds)]
-    workers = min(torch.get_num_threads(), len(jobs))
-    total = num_directions * sum(p.numel() for p in like)
-    if workers > 1 and total >= PARALLEL_DRAW_MIN and all(torch.device(d).type == "cpu" for _, _, d in jobs):
-        # Each tensor has its own generator, so the numbers do not depend on the threads.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda job: draw_tensor(name, job[0], num_directions, job[1], job[2]), jobs))
-    return [draw_tensor(name, p, num_directions, seed, device) for p, seed, device in jobs]
-
-
-def gaussian(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
-    """Standard normal entries; ``E‖g‖² = (n + 2)‖∇f‖²``. Returns ``[K, *p.shape]`` per tensor."""
-    return _per_tensor("gaussian", like, num_directions, generator)
-
-
-def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """±1 entries from random bytes, 8 signs per byte (about 2x faster than ``bernoulli_`` on CPU)."""
-    numel = math.prod(shape)
-    device = _draw_device(like, generator)
-    raw = torch.randint(0, 256, ((numel + 7) // 8,), generator=generator, dtype=torch.uint8, device=device)
-    shifts = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = (raw.unsqueeze(1) >> shifts) & 1
-    signs = bits.view(-1)[:numel].to(like.dtype).mul_(2).sub_(1)
-    return signs.view(shape).to(like.device)
-
-
-def rademacher(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
-    """Independent ±1 entries; ``E‖g‖² = n‖∇f‖²``, the smallest of any i.i.d. distribution."""
-    return _per_tensor("rademacher", like, num_directions, generator)
-
-
-def sphere(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
-    """Uniform on the sphere of radius √n of the whole parameter vector; ``E‖g‖² = n‖∇f‖²``."""
-    draws = gaussian(like, num_directions, generator)
-    n = sum(p.numel() for p in like)
-    sq_norm = sum(d.flatten(1).pow(2).sum(1) for d in draws)  # [K]
-    scale = math.sqrt(n) / sq_norm.sqrt()
-    return [d * scale.view(-1, *([1] * (d.dim() - 1))) for d in draws]
-
-
-def orthogonal(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
-    """K orthonormal directions of a uniformly random K-dim subspace, each scaled to norm √n.
-
-    The mean estimate ``(1/K) Σ (aᵀvₖ) vₖ = (n/K) Σ (aᵀqₖ) qₖ`` is unbiased with
-    ``E‖g − a‖² = (n/K − 1)‖a‖²``. Requires ``K <= n``; costs a QR of an ``n × K`` matrix.
-    """
-    n = sum(p.numel() for p in like)
-    if num_directions > n:
-        raise ValueError(
-            f"fwdgrad.tangents.orthogonal: num_directions={num_directions} exceeds the number of "
-            f"parameters n={n}; at most n orthonormal directions exist"
-        )
-    ref = like[0]
-    device = _draw_device(ref, generator)
-    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-    m = torch.randn((n, num_directions), generator=generator, dtype=dtype, device=device)
-    q, r = torch.linalg.qr(m)
-    # Fix the signs so that q is Haar-distributed (QR alone is not unique).
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones((), dtype=dtype))
-    directions = (q.T * math.sqrt(n)).to(ref.device)  # [K, n]
-    out, start = [], 0
-    for p in like:
-        out.append(directions[:, start : start + p.numel()].reshape(num_directions, *p.shape).to(p.dtype))
-        start += p.numel()
-    return out
-
-
-def rank1_factors(
-    like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None
-) -> list[tuple[Tensor, Tensor] | Tensor]:
-    """The factors of the ``rank1`` tangents: ``(u [K, out], v [K, in])`` for tensors with ``dim >= 2``
-    (``in`` is the product of the trailing dimensions) and a plain ``[K, *shape]`` Rademacher tensor for
-    the others. ``rank1`` expands exactly these factors, so a fast path may use them directly."""
-    factors: list[tuple[Tensor, Tensor] | Tensor] = []
-    for p in like:
-        if p.dim() >= 2:
-            u = _rademacher((num_directions, p.shape[0]), p, generator)
-            v = _rademacher((num_directions, math.prod(p.shape[1:])), p, generator)
-            factors.append((u, v))
-        else:
-            factors.append(_rademacher((num_directions, *p.shape), p, generator))
-    return factors
-
-
-def rank1(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
-    """``u vᵀ`` with Rademacher ``u, v`` for matrix-shaped tensors (conv kernels are flattened to
-    ``[out, in·kh·kw]``), Rademacher for the rest. Entries are ±1, so ``‖v‖² = n`` and
-    ``E‖g‖² = n‖∇f‖²``, the same as full Rademacher, at the cost of ``out + in`` random signs."""
-    out = []
-    for p, f in zip(like, rank1_factors(like, num_directions, generator)):
-        if isinstance(f, tuple):
-            u, v = f
-            out.append((u.unsqueeze(2) * v.unsqueeze(1)).reshape(num_directions, *p.shape))
-        else:
-            out.append(f)
-    return out
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "gaussian": gaussian,
-    "rademacher": rademacher,
-    "sphere": sphere,
-    "orthogonal": orthogonal,
-    "rank1": rank1,
-}
-
-
-def check_sampler_name(where: str, name: object) -> str:
-    """Raise a ``ValueError`` naming ``name`` and the choices unless it is a known sampler."""
-    if not isinstance(name, str) or name not in SAMPLERS:
-        raise ValueError(f"{where}: unknown tangents {name!r}; choose one of {sorted(SAMPLERS)}")
-    return name
-
-
-def sample_tangents(
-    name: str,
-    like: Sequence[Tensor],
-    num_directions: int = 1,
-    generator: torch.Generator | None = None,
-) -> list[Tensor]:
-    """Draw ``num_directions`` tangents for the tensors in ``like``.
-
-    Args:
-        name: one of ``gaussian``, ``rademacher``, ``sphere``, ``orthogonal``, ``rank1``.
-        like: the primal tensors; each tangent has its dtype and device.
-        num_directions: K, the number of directions.
-        generator: the source of randomness (``None``: torch's global RNG).
-
-    Returns:
-        One tensor ``[K, *p.shape]`` per tensor ``p`` in ``like``.
-    """
-    check_sampler_name("fwdgrad.sample_tangents", name)
-    check_positive_int("fwdgrad.sample_tangents", "num_directions", num_directions)
-    return SAMPLERS[name](list(like), num_directions, generator)
-
-
-def variance_factor(name: str, n: int, num_directions: int = 1) -> float:
-    """``E‖ĝ − ∇f‖² / ‖∇f‖²`` for the mean estimate ``ĝ`` over K directions of sampler ``name``.
-
-    Gaussian ``(n + 1)/K``; Rademacher, sphere and rank-1 ``(n − 1)/K``; orthogonal ``n/K − 1``.
-    Rank-1's value holds when every tensor is either a vector or a matrix (the moment is the same as
-    full Rademacher because the entries are ±1 and uncorrelated).
-    """
-    check_sampler_name("fwdgrad.tangents.variance_factor", name)
-    k = num_directions
-    if name == "gaussian":
-        return (n + 1) / k
-    if name == "orthogonal":
-        return n / k - 1
-    return (n - 1) / k
+from fwdgrad.directions.samplers import (  # noqa: F401
+    PARALLEL_DRAW_MIN,
+    SAMPLERS,
+    Sampler,
+    check_sampler_name,
+    draw_tensor,
+    gaussian,
+    orthogonal,
+    rademacher,
+    rank1,
+    rank1_factors,
+    sample_tangents,
+    sphere,
+    tensor_seeds,
+    variance_factor,
+)

@@ -13,8 +13,8 @@ Fairness, for a given seed: every method starts from the same initial weights (b
 and of its batch order, so a report shows that the guarantee held.
 
 Learning rates: the method's own ``lr=``, else ``--lr``, else the best of ``--lr-sweep`` on a validation
-split carved from the training set (never the test set), else a per-method default measured on the
-default task (:data:`DEFAULT_LR`).
+split carved from the training set (never the test set), else the default of the estimator's recipe
+(:func:`fwdgrad.estimators.default_lr`), measured on the default task.
 
 A NaN/Inf loss or estimate raises :class:`fwdgrad.NonFiniteError` inside the estimator before any
 gradient is written; the run then stops with a message (``on_nonfinite="stop"``) or skips that step
@@ -30,7 +30,6 @@ import ctypes.util
 import dataclasses
 import gc
 import hashlib
-import inspect
 import math
 import sys
 import time
@@ -45,24 +44,12 @@ from torch import nn
 from fwdgrad._procmem import reset_peak_rss, status_kib
 from fwdgrad.config import MethodSpec, RunConfig
 from fwdgrad.errors import NonFiniteError
-from fwdgrad.estimators.base import Estimator, available_estimators, estimator_class
+from fwdgrad.estimators import Estimator, available_estimators, estimator, estimator_options
+from fwdgrad.estimators import default_lr as recipe_default_lr
 from fwdgrad.models import build_model, num_parameters
 
 Tensor = torch.Tensor
 Log = Callable[[str], None]
-
-# Per-method default learning rates by optimizer, chosen by validation accuracy on the default task
-# (MNIST-1D, mlp width 256 depth 2, batch 128, 50-60 epochs, SGD momentum 0.9 or Adam); the sweeps and
-# their figures are in docs/cli.md. Where the best lr diverged (NaN) on a longer run, the next smaller one
-# is the default. A method missing here uses its class attribute ``default_lr`` (a float, or a dict by
-# optimizer) when it has one, else the "fg-w" value: forward gradients need much smaller steps than
-# backprop because their variance grows with the number of perturbed dimensions.
-DEFAULT_LR: dict[str, dict[str, float]] = {
-    "sgd": {"bp": 0.1, "fg-w": 1e-4, "fg-a": 3e-3},
-    "adam": {"bp": 3e-3, "fg-w": 1e-3, "fg-a": 1e-3},
-}
-FALLBACK_METHOD = "fg-w"
-
 
 class DatasetLike(Protocol):
     """What the loop needs from a :class:`fwdgrad.data.Dataset`."""
@@ -151,17 +138,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def estimator_options(name: str) -> dict[str, Any] | None:
-    """Constructor options of estimator ``name`` with defaults; ``None`` when it takes ``**kwargs``."""
-    init = estimator_class(name).__init__
-    if init is object.__init__:
-        return {}
-    params = list(inspect.signature(init).parameters.values())[1:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name: p.default for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
 def make_estimator(spec: MethodSpec, seed: int) -> Estimator:
     """Build the estimator of ``spec``. Unless the spec sets ``seed`` or ``generator``, an estimator that
     accepts ``generator`` (else ``seed``) gets one derived from ``seed``, so its random tangents are
@@ -179,27 +155,15 @@ def make_estimator(spec: MethodSpec, seed: int) -> Estimator:
             elif "seed" in known:
                 options["seed"] = derived_seed(seed, "estimator")
     try:
-        return estimator_class(spec.name)(**options)
+        return estimator(spec.name, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
 
 
 def default_lr(name: str, optimizer: str) -> tuple[float, str]:
-    """The default learning rate of method ``name`` and where it comes from."""
-    table = DEFAULT_LR[optimizer]
-    if name in table:
-        return table[name], f"default for {name} with {optimizer}"
-    own = getattr(estimator_class(name), "default_lr", None)
-    if isinstance(own, dict) and optimizer in own:
-        own = own[optimizer]
-    if isinstance(own, int | float) and not isinstance(own, bool) and own > 0:
-        return float(own), f"{name}.default_lr"
-    # Local-loss variants (l-bp, lg-fg-a, ...) borrow the rate of their global counterpart: a
-    # starting point that was not swept for them, and the source string says so.
-    prefix, _, base = name.partition("-")
-    if prefix in ("l", "lg") and base in table:
-        return table[base], f"the {base} default with {optimizer} (not swept for {name})"
-    return table[FALLBACK_METHOD], f"no default for {name}: the {FALLBACK_METHOD} default with {optimizer}"
+    """The default learning rate of method ``name`` and where it comes from: the estimator recipe's
+    (:func:`fwdgrad.estimators.default_lr`)."""
+    return recipe_default_lr(name, optimizer)
 
 
 def make_optimizer(config: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -52,35 +52,39 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
 
 from fwdgrad import local
-from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.derivatives import RULES, is_activity_layer, local_weight_grads, once_per_step
+from fwdgrad.derivatives.watch import UsesOutside
+from fwdgrad.directions import SAMPLERS
 from fwdgrad.errors import explain_forward_ad_errors
-from fwdgrad.estimators.base import Estimator, LossFn, register_estimator
-from fwdgrad.tangents import SAMPLERS, check_sampler_name
+from fwdgrad.estimators.base import LossFn, SampledEstimator
+from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 ModuleSelection = Sequence[type] | Sequence[str] | Callable[[str, nn.Module], bool] | None
 
-DEFAULT_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
+#: Default learning rates of fg-a, by optimizer (measured like fg-w's, see docs/cli.md).
+FG_A_LR = {"sgd": 3e-3, "adam": 1e-3}
 
 
-def is_activity_unit(module: nn.Module) -> bool:
-    """A module that declares ``fwdgrad_activity_unit = True`` is perturbed as a whole (its children are not)."""
-    return bool(getattr(module, "fwdgrad_activity_unit", False))
+def _default_pick(name: str, m: nn.Module) -> bool:
+    """Every module with a registered per-layer rule (``nn.Linear``, ``nn.Conv2d`` and their subclasses) and
+    every :class:`fwdgrad.derivatives.ActivityLayer`."""
+    return isinstance(m, tuple(RULES)) or is_activity_layer(m)
 
 
 def select_modules(where: str, model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
     """The modules whose outputs are perturbed, as ``(qualified name, module)`` in registration order.
 
-    ``modules`` may be ``None`` (every ``nn.Linear``, ``nn.Conv2d`` and module marked
-    ``fwdgrad_activity_unit``), a sequence of module types, a sequence of qualified names, or a predicate
+    ``modules`` may be ``None`` (every ``nn.Linear``, ``nn.Conv2d`` and
+    :class:`~fwdgrad.derivatives.ActivityLayer`), a sequence of module types, a sequence of qualified names,
+    or a predicate
     ``(name, module) -> bool``. A module inside an already picked module is skipped: the outer one wins.
     """
     named = list(model.named_modules())
     if modules is None:
-        pick = lambda n, m: isinstance(m, DEFAULT_TYPES) or is_activity_unit(m)
+        pick = _default_pick
     elif callable(modules) and not isinstance(modules, type):
         pick = modules
     else:
@@ -199,52 +203,37 @@ class ActivityPerturbation:
         self._by_output.clear()
 
 
-def _linear_rule(module: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    g2 = g.reshape(-1, g.shape[-1])
-    out = {"weight": g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)}
-    if module.bias is not None:
-        out["bias"] = g2.sum(0)
-    return out
-
-
-def _conv2d_rule(module: nn.Conv2d, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-    out = {
-        "weight": torch.nn.grad.conv2d_weight(
-            x, module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups
-        )
-    }
-    if module.bias is not None:
-        out["bias"] = g.sum((0, 2, 3))
-    return out
-
-
-def _generic_rule(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
-    """The VJP of ``module`` alone with respect to its parameters: a backward graph spanning this module."""
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    if not names:
-        return {}
-    with torch.enable_grad():
-        ps = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters() if p.requires_grad}
-        out = functional_call(module, ps, inputs)
-        grads = torch.autograd.grad(out, list(ps.values()), grad_outputs=g, allow_unused=True)
-    return {n: torch.zeros_like(ps[n]) if gr is None else gr for n, gr in zip(names, grads)}
-
-
 def local_param_grads(site: Site, grad_output: Tensor) -> dict[str, Tensor]:
-    """Parameter gradients (names relative to ``site.module``) from the gradient of its output.
+    """Parameter gradients (names relative to ``site.module``) from the gradient of its output: the
+    module's local rule (:func:`fwdgrad.derivatives.local_weight_grads`)."""
+    return local_weight_grads(site.module, site.inputs, grad_output)
 
-    A module may define ``local_grads(x, grad_output) -> {name: grad}`` (its exact rule); ``nn.Linear`` and
-    ``nn.Conv2d`` have built-in rules; any other module is differentiated alone (see :func:`_generic_rule`).
-    """
-    m = site.module
-    own_rule = getattr(m, "local_grads", None)
-    if own_rule is not None and len(site.inputs) == 1:
-        return own_rule(site.inputs[0], grad_output)
-    if type(m) is nn.Linear and len(site.inputs) == 1:
-        return _linear_rule(m, site.inputs[0], grad_output)
-    if type(m) is nn.Conv2d and len(site.inputs) == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        return _conv2d_rule(m, site.inputs[0], grad_output)
-    return _generic_rule(m, site.inputs, grad_output)
+
+def uncovered_parameters(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], params: dict[str, nn.Parameter]
+) -> dict[str, str]:
+    """Trainable parameters that perturbing ``chosen`` cannot reach, with the reason: registered in no
+    perturbed module, or also registered in a module outside them (a tied weight)."""
+    inside = {id(sub) for _, m in chosen for sub in m.modules()}
+    reached = {id(p) for _, m in chosen for p in m.parameters()}
+    outside = {id(p) for m in model.modules() if id(m) not in inside for p in m._parameters.values() if p is not None}
+    out = {}
+    for n, p in params.items():
+        if id(p) not in reached:
+            out[n] = "in no perturbed module"
+        elif id(p) in outside:
+            out[n] = "tied to a module that is not perturbed"
+    return out
+
+
+def _coverage_error(where: str, uncovered: dict[str, str]) -> ValueError:
+    listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
+    more = f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else ""
+    return ValueError(
+        f"{where}: activity perturbation cannot estimate the gradient of {len(uncovered)} parameter(s): "
+        f"{listed}{more}. It would give them exactly zero. Perturb the modules that use them (modules=...), "
+        "freeze them (requires_grad_(False)), or use weight perturbation ('fg-w') for this model"
+    )
 
 
 def accumulate_site_grads(
@@ -266,8 +255,7 @@ def masked(site: Site, g: Tensor) -> Tensor:
     return g if site.mask is None else g * site.mask
 
 
-@register_estimator("fg-a")
-class ActivityForwardGradient(Estimator):
+class ActivityForwardGradient(SampledEstimator):
     r"""Forward gradient with activity perturbation (FG-A), Ren et al. (ICLR 2023).
 
     See the module docstring for the math. ``loss_fn`` should return per-example losses ``[B]``
@@ -276,9 +264,9 @@ class ActivityForwardGradient(Estimator):
 
     Args:
         num_directions: K independent forward passes averaged per call.
-        tangents: sampler name of :mod:`fwdgrad.tangents` (drawn per module output).
+        tangents: sampler name of :mod:`fwdgrad.directions` (drawn per module output).
         modules: which modules to perturb (see :func:`select_modules`); default every ``nn.Linear``,
-            ``nn.Conv2d`` and module marked ``fwdgrad_activity_unit``.
+            ``nn.Conv2d`` and :class:`~fwdgrad.derivatives.ActivityLayer`.
         skip_inactive: zero the estimate of outputs that feed an ``nn.ReLU`` and are not positive.
         shared_noise: one tangent for the whole batch instead of one per example.
         exact_output: when the model's output ``[B, C]`` is itself the output of a perturbed module (a
@@ -288,7 +276,10 @@ class ActivityForwardGradient(Estimator):
             classification layer is always trained with its exact gradient.
         seed, generator: the source of randomness (exclusive).
 
-    Parameters outside every perturbed module get a zero estimate.
+    A trainable parameter that the perturbed modules cannot reach (registered in no perturbed module, tied
+    into another one, or used outside their forward, as in ``nn.LSTM`` or ``nn.MultiheadAttention``)
+    raises ``ValueError`` naming it: the estimate would be a silent zero. Buffers (BatchNorm statistics)
+    move once per step, whatever K is.
 
     Example:
         >>> import torch, torch.nn.functional as F, fwdgrad
@@ -314,25 +305,24 @@ class ActivityForwardGradient(Estimator):
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        where = type(self).__name__
-        check_positive_int(where, "num_directions", num_directions)
-        check_sampler_name(where, tangents)
-        self.num_directions = num_directions
-        self.tangents = tangents
+        super().__init__(num_directions, tangents, seed=seed, generator=generator)
         self.modules = modules
         self.skip_inactive = bool(skip_inactive)
         self.shared_noise = bool(shared_noise)
         self.exact_output = bool(exact_output)
-        self._generator = make_generator(where, seed, generator)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         where = f"{type(self).__name__}.__call__"
         chosen = select_modules(where, model, self.modules)
+        uncovered = uncovered_parameters(model, chosen, params)
+        if uncovered:
+            raise _coverage_error(where, uncovered)
         grads = {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for n, p in params.items()}
         loss = None
-        for _ in range(self.num_directions):
+        step_loss = once_per_step(model, loss_fn)
+        for k in range(self.num_directions):
             pert = ActivityPerturbation(
                 model, chosen, self.tangents, self._generator,
                 shared_noise=self.shared_noise, skip_inactive=self.skip_inactive,
@@ -341,7 +331,10 @@ class ActivityForwardGradient(Estimator):
             with explain_forward_ad_errors(where, model), fwAD.dual_level(), pert:
                 handle = model.register_forward_hook(lambda m, a, o, c=outputs: c.append(o))
                 try:
-                    value = loss_fn(model)
+                    if k == 0:  # the first pass also checks that no parameter is used outside its module
+                        value = _watching_uses(where, model, chosen, params, lambda: step_loss(model))
+                    else:
+                        value = step_loss(model)
                 finally:
                     handle.remove()
                 primal, d = _unpack_loss(where, value)
@@ -363,10 +356,42 @@ class ActivityForwardGradient(Estimator):
                     g_outs.append(masked(s, _spread(where, s, d, self.shared_noise)))
             accumulate_site_grads(sites, g_outs, params, grads)
             loss = primal if loss is None else loss
-        if self.num_directions > 1:
-            for g in grads.values():
-                g.div_(self.num_directions)
-        return loss, grads
+        return loss, self.average(grads)
+
+
+
+
+register_estimator(
+    "fg-a", ActivityForwardGradient, default_lr=FG_A_LR, claims=("unbiased", "no-backward", "grad", "fused")
+)
+
+
+def _watching_uses(
+    where: str, model: nn.Module, chosen: list[tuple[str, nn.Module]], params: dict[str, nn.Parameter],
+    run: Callable[[], Any],
+) -> Any:
+    """``run()`` while recording any use of a trainable parameter outside the perturbed module that owns it;
+    such a use (a tied weight through ``F.linear``, a submodule's weight used by its parent) raises."""
+    owner: dict[int, set[nn.Module]] = {}
+    for _, m in chosen:
+        for p in m.parameters():
+            owner.setdefault(id(p), set()).add(m)
+    tracker = UsesOutside(owner)
+    handles = []
+    for _, m in chosen:
+        handles.append(m.register_forward_pre_hook(tracker.enter))
+        handles.append(m.register_forward_hook(tracker.leave, always_call=True))
+    try:
+        with tracker:
+            value = run()
+    finally:
+        for h in handles:
+            h.remove()
+    if tracker.outside:
+        names = {id(p): n for n, p in params.items()}
+        outside = {names[i]: "used outside its module's forward" for i in tracker.outside if i in names}
+        raise _coverage_error(where, outside)
+    return value
 
 
 def _unpack_loss(where: str, value: Any) -> tuple[Tensor, Tensor]:

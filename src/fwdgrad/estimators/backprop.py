@@ -6,12 +6,15 @@ import torch
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.estimators.base import Estimator, LossFn, register_estimator
+from fwdgrad.estimators.base import Estimator, LossFn
+from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 
+#: Default learning rates of bp, by optimizer (MNIST-1D mlp sweeps, docs/cli.md).
+BP_LR = {"sgd": 0.1, "adam": 3e-3}
 
-@register_estimator("bp")
+
 class Backprop(Estimator):
     """The exact gradient by reverse-mode autograd (one backward pass): the baseline of every benchmark.
 
@@ -31,3 +34,6 @@ class Backprop(Estimator):
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         out = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
         return loss.detach(), out
+
+
+register_estimator("bp", Backprop, default_lr=BP_LR, claims=("exact", "grad", "fused"))

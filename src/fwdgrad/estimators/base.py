@@ -1,25 +1,37 @@
-"""The estimator contract and the registry of estimators by name.
+"""The estimator contract.
 
 Every estimator is called as ``loss = est(model, loss_fn)``: it evaluates ``loss_fn(model)``, forms an
 estimate of the gradient of that loss with respect to every parameter with ``requires_grad``, and
 *accumulates* it into ``p.grad`` exactly as ``loss.backward()`` would. So ``zero_grad``, gradient
-accumulation, clipping, every ``torch.optim`` optimizer and every LR scheduler work unchanged.
+accumulation, clipping, every ``torch.optim`` optimizer and every LR scheduler work unchanged. The same
+step can instead update the parameters in place without forming a gradient: ``est.sgd_step(model,
+loss_fn, lr, weight_decay, momentum)``.
+
+A subclass implements either :meth:`Estimator.step` (returning a :class:`~fwdgrad.estimators.gradient.
+Gradient`, e.g. an implicit one whose directions can be regenerated) or the simpler
+:meth:`Estimator.estimate` (``(loss, {name: gradient})``). :class:`SampledEstimator` is the shared base of
+the estimators that draw random tangents: it validates ``num_directions``, ``tangents``, ``seed`` /
+``generator`` and ``chunk_size`` once for all of them.
 """
 
 from __future__ import annotations
 
-import abc
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from fwdgrad.errors import NonFiniteError
+from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.derivatives import call_with_parameters
+from fwdgrad.directions import check_sampler_name
+from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
 
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
+
+__all__ = ["Estimator", "LossFn", "SampledEstimator", "call_with_parameters", "trainable_parameters"]
 
 
 def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -32,117 +44,138 @@ def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter
     return params
 
 
-def call_with_parameters(model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor]) -> Any:
-    """``loss_fn(model)`` with the named parameters replaced by ``params`` (dual or batched tensors), via
-    ``torch.func.functional_call``; the module's own parameters are restored afterwards."""
-    return functional_call(_LossOf(model, loss_fn), {"model." + n: t for n, t in params.items()}, ())
+def check_rate(where: str, name: str, value: object, *, strictly_positive: bool, below_one: bool = False) -> float:
+    """``value`` as a float, or a ``ValueError`` naming it unless finite, >= 0 (> 0), and < 1 if asked."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
+    if value < 0 or (strictly_positive and value == 0) or (below_one and value >= 1):
+        bound = "in [0, 1)" if below_one else ("> 0" if strictly_positive else ">= 0")
+        raise ValueError(f"{where}: {name} must be {bound}, got {value!r}")
+    return float(value)
 
 
-class _LossOf(nn.Module):
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self) -> Any:
-        return self.loss_fn(self.model)
-
-
-class Estimator(abc.ABC):
-    """Base class: subclasses implement :meth:`estimate`; :meth:`__call__` checks and writes ``.grad``.
+class Estimator:
+    """Base class of every estimator; see the module docstring.
 
     Attributes:
-        name: the registry name (set by :func:`register_estimator`).
+        name: the registry name it was built under (``""`` when built directly from its class).
         per_example_loss: ``True`` for estimators whose ``loss_fn`` may return a vector of per-example
             losses (the loss is then its mean); training loops use it to choose ``reduction="none"``.
 
     A loss or estimate that is NaN or infinite raises :class:`fwdgrad.NonFiniteError` and leaves every
-    ``.grad`` untouched.
+    ``.grad`` (and, for :meth:`sgd_step`, every parameter) untouched.
     """
 
-    name: ClassVar[str] = ""
     per_example_loss: ClassVar[bool] = False
+    _name: str = ""
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
         where = f"{type(self).__name__}.__call__"
-        if not callable(loss_fn):
-            raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
-        params = trainable_parameters(where, model)
-        loss, grads = self.estimate(model, loss_fn, params)
-        self._accumulate(where, loss, params, grads)
-        return loss.detach()
+        params = self._checked(where, model, loss_fn)
+        grad = self.step(model, loss_fn, params)
+        grad.accumulate(where, list(params.values()), list(params))
+        return grad.loss.detach()
 
-    @abc.abstractmethod
+    def step(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], *, lean: bool = False
+    ) -> Gradient:
+        """One step's estimate, not yet written anywhere. ``lean``: the consumer is a fused update, so an
+        implicit gradient need not keep its tangents. The default wraps :meth:`estimate`."""
+        loss, grads = self.estimate(model, loss_fn, params)
+        return ExplicitGradient(loss, [grads[n] for n in params])
+
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Return ``(loss, {name: gradient estimate})`` without touching ``.grad``."""
+        """``(loss, {name: gradient estimate})`` without touching ``.grad``; subclasses implement this or
+        :meth:`step`."""
+        if type(self).step is Estimator.step:
+            raise NotImplementedError(f"{type(self).__name__} implements neither step nor estimate")
+        grad = self.step(model, loss_fn, params)
+        return grad.loss, {n: grad.tensor(i) for i, n in enumerate(params)}
+
+    def sgd_step(
+        self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+    ) -> Tensor:
+        r"""One fused SGD step, ``b ← μ·b + ĝ + wd·θ``, ``θ ← θ − lr·b`` (``b = ĝ + wd·θ`` when ``μ = 0``),
+        tensor by tensor; ``.grad`` is not touched.
+
+        For the same seed the result equals ``est(model, loss_fn)`` followed by ``torch.optim.SGD(params, lr,
+        momentum=momentum, weight_decay=weight_decay).step()``, up to rounding. For an estimator whose
+        directions can be regenerated (``fg-w`` with ``gaussian``/``rademacher``/``rank1`` tangents) and
+        ``momentum=0``, no gradient and no model-sized tangent is ever allocated: each tensor's tangent is
+        drawn again from its seed as it is updated (the MeZO trick). The momentum buffers live in the
+        estimator (one per parameter, like the optimizer's).
+
+        Returns:
+            The detached loss before the update. A non-finite loss or estimate raises
+            :class:`fwdgrad.NonFiniteError` and leaves every parameter untouched.
+
+        Example:
+            >>> import torch, torch.nn.functional as F, fwdgrad
+            >>> model = torch.nn.Linear(4, 2)
+            >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            >>> est = fwdgrad.estimator("fg-w", tangents="rank1", seed=0)
+            >>> loss = est.sgd_step(model, lambda m: F.cross_entropy(m(x), y), lr=0.01, momentum=0.9)
+            >>> model.weight.grad is None
+            True
+        """
+        where = f"{type(self).__name__}.sgd_step"
+        lr = check_rate(where, "lr", lr, strictly_positive=True)
+        weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
+        momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
+        params = self._checked(where, model, loss_fn)
+        grad = self.step(model, loss_fn, params, lean=True)
+        buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
+        grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
+        return grad.loss.detach()
 
     @staticmethod
-    def _accumulate(where: str, loss: Tensor, params: dict[str, nn.Parameter], grads: dict[str, Tensor]) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"{where}: the loss is {loss.item()}; no gradient was written")
-        # A sum is NaN or infinite whenever one of its terms is, so one sum per tensor clears the common
-        # case; only a tensor whose sum is not finite (a bad entry, or an overflow) gets the entry-wise test,
-        # which costs about as much as drawing Gaussian tangents.
-        suspects = [n for n, g in grads.items() if not torch.isfinite(g.sum())]
-        bad = [n for n in suspects if not torch.isfinite(grads[n]).all()]
-        if bad:
-            raise NonFiniteError(f"{where}: the estimate for {bad[:3]} is not finite; no gradient was written")
-        with torch.no_grad():
-            for n, p in params.items():
-                g = grads[n]
-                if p.grad is None:
-                    p.grad = g.detach().to(p.dtype)
-                else:
-                    p.grad.add_(g)
+    def _checked(where: str, model: nn.Module, loss_fn: Any) -> dict[str, nn.Parameter]:
+        if not callable(loss_fn):
+            raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
+        return trainable_parameters(where, model)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
-_REGISTRY: dict[str, type[Estimator]] = {}
+class SampledEstimator(Estimator):
+    """The shared base of estimators that average K random directions.
 
-
-def register_estimator(name: str, cls: type[Estimator] | None = None) -> Any:
-    """Register ``cls`` under ``name`` (usable as a decorator). A taken name raises ``ValueError``."""
-
-    def add(c: type[Estimator]) -> type[Estimator]:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"fwdgrad.register_estimator: name must be a non-empty str, got {name!r}")
-        if name in _REGISTRY:
-            raise ValueError(
-                f"fwdgrad.register_estimator: name {name!r} is taken by {_REGISTRY[name].__name__}"
-            )
-        if not (isinstance(c, type) and issubclass(c, Estimator)):
-            raise TypeError(f"fwdgrad.register_estimator: {c!r} is not a subclass of fwdgrad.Estimator")
-        _REGISTRY[name] = c
-        if not c.__dict__.get("name"):
-            c.name = name
-        return c
-
-    return add if cls is None else add(cls)
-
-
-def available_estimators() -> list[str]:
-    """The registered estimator names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def estimator_class(name: str) -> type[Estimator]:
-    """The class registered under ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"fwdgrad.estimator: unknown estimator {name!r}; available: {available_estimators()}")
-    return _REGISTRY[name]
-
-
-def estimator(name: str, **kwargs: Any) -> Estimator:
-    """Build the estimator registered as ``name`` with ``kwargs``.
-
-    Example:
-        >>> import fwdgrad
-        >>> fwdgrad.estimator("fg-w", num_directions=4, tangents="rademacher", seed=0)
-        ForwardGradient(num_directions=4, tangents='rademacher', chunk_size=None)
+    Args:
+        num_directions: K, directions averaged per call (``int >= 1``).
+        tangents: sampler name of :mod:`fwdgrad.directions`.
+        seed: seed of a private ``torch.Generator`` (exclusive with ``generator``), ``0 <= seed < 2**63``.
+        generator: the generator to draw from; ``None`` with no seed uses torch's global RNG.
+        chunk_size: at most this many directions per pass, for the estimators that batch them (keyword
+            ``batches_directions = True``); others do not take it.
     """
-    return estimator_class(name)(**kwargs)
+
+    batches_directions: ClassVar[bool] = False
+
+    def __init__(
+        self, num_directions: int = 1, tangents: str = "gaussian", *, seed: int | None = None,
+        generator: torch.Generator | None = None, chunk_size: int | None = None,
+    ) -> None:
+        where = type(self).__name__
+        check_positive_int(where, "num_directions", num_directions)
+        check_sampler_name(where, tangents)
+        self.num_directions = num_directions
+        self.tangents = tangents
+        if self.batches_directions:
+            check_positive_int(where, "chunk_size", chunk_size, allow_none=True)
+            self.chunk_size = chunk_size
+        self._generator = make_generator(where, seed, generator)
+
+    def average(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Divide sums over the K directions by K, in place."""
+        if self.num_directions > 1:
+            for g in grads.values():
+                g.div_(self.num_directions)
+        return grads

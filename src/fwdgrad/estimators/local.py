@@ -44,9 +44,11 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
-from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.derivatives import call_with_parameters, once_per_step
+from fwdgrad.directions import SAMPLERS
 from fwdgrad.errors import explain_forward_ad_errors
 from fwdgrad.estimators.activity import (
+    FG_A_LR,
     ActivityPerturbation,
     ModuleSelection,
     Site,
@@ -54,8 +56,10 @@ from fwdgrad.estimators.activity import (
     masked,
     select_modules,
 )
-from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters, register_estimator
-from fwdgrad.tangents import SAMPLERS, check_sampler_name
+from fwdgrad.estimators.backprop import BP_LR
+from fwdgrad.estimators.base import Estimator, LossFn, SampledEstimator
+from fwdgrad.estimators.forward_gradient import FG_W_LR
+from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 
@@ -106,11 +110,14 @@ def _split_derivatives(where: str, loss_fn: LossFn, head: local.LocalHead) -> Te
     return (torch.stack(cols, 1) / b).reshape(b, *extra)
 
 
-def _block_losses(where: str, loss_fn: LossFn, model: nn.Module) -> tuple[Tensor, list[local.LocalHead], list[Tensor]]:
-    """Run the model once in local mode inside an active dual level; ``(mean loss, heads, D per block)``."""
+def _block_losses(
+    where: str, loss_fn: LossFn, model: nn.Module, step_loss: LossFn
+) -> tuple[Tensor, list[local.LocalHead], list[Tensor]]:
+    """Run the model once (``step_loss``, the loss whose buffer updates count once per step) in local mode
+    inside an active dual level; ``(mean loss, heads, D per block)``."""
     rec = local.current()
     assert rec is not None
-    value = loss_fn(model)
+    value = step_loss(model)
     heads = _check_heads(where, rec, model)
     local.check_per_example(where, value, heads[0].logits.shape[0])
     loss = fwAD.unpack_dual(value).primal.detach().mean()
@@ -118,35 +125,19 @@ def _block_losses(where: str, loss_fn: LossFn, model: nn.Module) -> tuple[Tensor
     return loss, heads, derivs
 
 
-class _LocalForwardGradientBase(Estimator):
+class LocalActivityForwardGradient(SampledEstimator):
     per_example_loss = True
-    groups: bool = True
 
-    def __init__(
-        self,
-        num_directions: int = 1,
-        tangents: str = "gaussian",
-        *,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        where = type(self).__name__
-        check_positive_int(where, "num_directions", num_directions)
-        check_sampler_name(where, tangents)
-        self.num_directions = num_directions
-        self.tangents = tangents
-        self._generator = make_generator(where, seed, generator)
-
-
-class LocalActivityForwardGradient(_LocalForwardGradientBase):
-    r"""Activity-perturbed forward gradient with local losses (LG-FG-A; ``groups=False``: L-FG-A).
+    r"""Activity-perturbed forward gradient with local losses (``groups=True``: LG-FG-A, registered as
+    ``lg-fg-a``; ``groups=False``: L-FG-A, ``l-fg-a``).
 
     Args:
         num_directions: K forward passes averaged per call.
-        tangents: sampler name of :mod:`fwdgrad.tangents`.
+        tangents: sampler name of :mod:`fwdgrad.directions`.
         modules: modules to perturb (see :func:`fwdgrad.estimators.activity.select_modules`); only those inside
             a recorded block are used.
         skip_inactive: zero the estimate at outputs that feed an ``nn.ReLU`` and are not positive.
+        groups: one local loss per patch and group (``True``) or one per block.
         seed, generator: the source of randomness.
 
     Example:
@@ -166,12 +157,14 @@ class LocalActivityForwardGradient(_LocalForwardGradientBase):
         *,
         modules: ModuleSelection = None,
         skip_inactive: bool = True,
+        groups: bool = True,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_directions, tangents, seed=seed, generator=generator)
         self.modules = modules
         self.skip_inactive = bool(skip_inactive)
+        self.groups = bool(groups)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
@@ -180,10 +173,11 @@ class LocalActivityForwardGradient(_LocalForwardGradientBase):
         chosen = select_modules(where, model, self.modules)
         grads = _zeros_like_params(params)
         loss, heads = None, []
+        step_loss = once_per_step(model, loss_fn)
         for _ in range(self.num_directions):
             pert = ActivityPerturbation(model, chosen, self.tangents, self._generator, skip_inactive=self.skip_inactive)
             with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups), pert:
-                value, heads, derivs = _block_losses(where, loss_fn, model)
+                value, heads, derivs = _block_losses(where, loss_fn, model, step_loss)
             blocks = [h.block for h in heads if h.split_logits is not None]
             owner = local.block_of(blocks)
             head_ids = {id(h.head) for h in heads}
@@ -197,29 +191,43 @@ class LocalActivityForwardGradient(_LocalForwardGradientBase):
                 g_outs.append(masked(s, self._layout(s, derivs[k]) * s.tangent))
             accumulate_site_grads(sites, g_outs, params, grads)
             loss = value if loss is None else loss
-        if self.num_directions > 1:
-            for g in grads.values():
-                g.div_(self.num_directions)
+        self.average(grads)
         _add_head_grads(where, loss_fn, heads, params, grads)
         return loss, grads
 
     def _layout(self, site: Site, d: Tensor) -> Tensor:
         u = site.tangent
         if d.dim() > 1:
-            fn = getattr(site.module, "loss_layout", None)
+            fn = local.layer_method(site.module, "local_loss_layout", "loss_layout")
             if self.groups and fn is not None:
                 return fn(d).to(u.dtype)
             d = d.reshape(d.shape[0], -1).sum(1)
         return d.view(d.shape[0], *([1] * (u.dim() - 1))).to(u.dtype)
 
 
-class LocalWeightForwardGradient(_LocalForwardGradientBase):
-    r"""Weight-perturbed forward gradient with local losses (LG-FG-W; ``groups=False``: L-FG-W).
+class LocalWeightForwardGradient(SampledEstimator):
+    r"""Weight-perturbed forward gradient with local losses (``groups=True``: LG-FG-W, ``lg-fg-w``;
+    ``groups=False``: L-FG-W, ``l-fg-w``).
 
     Every trainable parameter gets a tangent; a parameter inside block ``k`` is updated with the tangent
-    derivative of block ``k``'s own losses (per group where its module declares ``param_loss_layout``);
-    heads get their exact local gradient. Parameters outside every block and head get zero.
+    derivative of block ``k``'s own losses (per group where its module implements
+    :class:`fwdgrad.local.LocalLossLayer`); heads get their exact local gradient. Parameters outside every
+    block and head get zero (the local-loss objective does not involve them).
     """
+
+    per_example_loss = True
+
+    def __init__(
+        self,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        *,
+        groups: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(num_directions, tangents, seed=seed, generator=generator)
+        self.groups = bool(groups)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
@@ -233,12 +241,13 @@ class LocalWeightForwardGradient(_LocalForwardGradientBase):
                 owner_module[f"{mname}.{pname}" if mname else pname] = (m, pname)
         grads = _zeros_like_params(params)
         loss, heads = None, []
+        step_loss = once_per_step(model, loss_fn)
         for _ in range(self.num_directions):
             tangents = [t[0] for t in SAMPLERS[self.tangents](primals, 1, self._generator)]
             with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups):
                 duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, primals, tangents)}
                 value, heads, derivs = call_with_parameters(
-                    model, lambda m: _block_losses(where, loss_fn, m), duals
+                    model, lambda m: _block_losses(where, loss_fn, m, step_loss), duals
                 )
             blocks = [h.block for h in heads if h.split_logits is not None]
             owner = local.block_of(blocks)
@@ -250,28 +259,28 @@ class LocalWeightForwardGradient(_LocalForwardGradientBase):
                     continue
                 grads[n] += self._layout(m, pname, derivs[k], t) * t
             loss = value if loss is None else loss
-        if self.num_directions > 1:
-            for g in grads.values():
-                g.div_(self.num_directions)
+        self.average(grads)
         _add_head_grads(where, loss_fn, heads, params, grads)
         return loss, grads
 
     def _layout(self, module: nn.Module, pname: str, d: Tensor, t: Tensor) -> Tensor:
-        fn = getattr(module, "param_loss_layout", None)
+        fn = local.layer_method(module, "local_param_loss_layout", "param_loss_layout")
         if self.groups and d.dim() == 3 and fn is not None:
             return fn(pname, d.sum((0, 1))).to(t.dtype)
         return d.sum().to(t.dtype)
 
 
 class LocalBackprop(Estimator):
-    r"""Backprop inside each block on its local losses (L-BP; ``groups=True``: LG-BP).
+    r"""Backprop inside each block on its local losses (``groups=False``: L-BP, ``l-bp``; ``groups=True``:
+    LG-BP, ``lg-bp``).
 
     One ``backward`` of :math:`\text{read-out loss} + \sum_k (\text{head}_k \text{ loss} + \sum_s
     \ell(\text{split}_k[s]))`; the blocks are cut from one another, so every gradient stays inside its block.
     Works with scalar or per-example losses. The reported loss is the read-out's.
     """
 
-    groups: bool = False
+    def __init__(self, *, groups: bool = False) -> None:
+        self.groups = bool(groups)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
@@ -293,57 +302,19 @@ class LocalBackprop(Estimator):
         return value.detach().mean(), grads
 
 
-@register_estimator("l-bp")
-class LBackprop(LocalBackprop):
-    """L-BP: backprop inside each block, one local loss per block. See :class:`LocalBackprop`."""
-
-    groups = False
-
-
-@register_estimator("lg-bp")
-class LGBackprop(LocalBackprop):
-    """LG-BP: backprop inside each block, one local loss per patch and group. See :class:`LocalBackprop`."""
-
-    groups = True
+def _local_recipe(
+    name: str, cls: type[Estimator], groups: bool, base: str, lrs: dict[str, float], claims: tuple[str, ...]
+) -> None:
+    note = f"the {base} default (not swept for {name})"
+    register_estimator(name, cls, preset={"groups": groups}, default_lr=lrs, lr_note=note, claims=claims,
+                       needs="local-heads")
 
 
-@register_estimator("lg-fg-a")
-class LGActivityForwardGradient(LocalActivityForwardGradient):
-    """LG-FG-A: activity perturbation, local losses per patch and group. See
-    :class:`LocalActivityForwardGradient`."""
+_local_recipe("l-bp", LocalBackprop, False, "bp", BP_LR, ("grad", "fused"))
+_local_recipe("lg-bp", LocalBackprop, True, "bp", BP_LR, ("grad", "fused"))
+_local_recipe("l-fg-a", LocalActivityForwardGradient, False, "fg-a", FG_A_LR, ("no-backward", "grad", "fused"))
+_local_recipe("lg-fg-a", LocalActivityForwardGradient, True, "fg-a", FG_A_LR, ("no-backward", "grad", "fused"))
+_local_recipe("l-fg-w", LocalWeightForwardGradient, False, "fg-w", FG_W_LR, ("no-backward", "grad", "fused"))
+_local_recipe("lg-fg-w", LocalWeightForwardGradient, True, "fg-w", FG_W_LR, ("no-backward", "grad", "fused"))
 
-    groups = True
-
-
-@register_estimator("l-fg-a")
-class LActivityForwardGradient(LocalActivityForwardGradient):
-    """L-FG-A: activity perturbation, one local loss per block. See :class:`LocalActivityForwardGradient`."""
-
-    groups = False
-
-
-@register_estimator("lg-fg-w")
-class LGWeightForwardGradient(LocalWeightForwardGradient):
-    """LG-FG-W: weight perturbation, local losses per patch and group. See :class:`LocalWeightForwardGradient`."""
-
-    groups = True
-
-
-@register_estimator("l-fg-w")
-class LWeightForwardGradient(LocalWeightForwardGradient):
-    """L-FG-W: weight perturbation, one local loss per block. See :class:`LocalWeightForwardGradient`."""
-
-    groups = False
-
-
-__all__: list[Any] = [
-    "LActivityForwardGradient",
-    "LBackprop",
-    "LGActivityForwardGradient",
-    "LGBackprop",
-    "LGWeightForwardGradient",
-    "LWeightForwardGradient",
-    "LocalActivityForwardGradient",
-    "LocalBackprop",
-    "LocalWeightForwardGradient",
-]
+__all__: list[Any] = ["LocalActivityForwardGradient", "LocalBackprop", "LocalWeightForwardGradient"]

@@ -16,11 +16,12 @@ Layer by layer (``D`` channels, ``G`` groups of ``c = D/G``; shapes ``[B, P, …
     read-out: mean over patches → LN → Linear(D→classes)   (zero-initialised)
 
 Each "linear then LN" pair is one module (:class:`ChannelLinear`, :class:`GroupLinear`,
-:class:`TokenLinear`) marked ``fwdgrad_activity_unit``: activity perturbation perturbs its normalised output,
+:class:`TokenLinear`) implementing :class:`fwdgrad.derivatives.ActivityLayer`: activity perturbation perturbs its
+normalised output,
 right before the ReLU (so inactive units can be skipped), and gets its weight gradient by the exact local
-rule through the normalisation and the linear map (:meth:`local_grads`). The modules also declare how their
-outputs and parameters map onto the per-group, per-patch local losses (``loss_layout``,
-``param_loss_layout``, see :mod:`fwdgrad.local`).
+rule through the normalisation and the linear map (``activity_weight_grads``). The modules also declare how their
+outputs and parameters map onto the per-group, per-patch local losses (``local_loss_layout``,
+``local_param_loss_layout``, see :mod:`fwdgrad.local`).
 
 Configurations (Table 2 of the paper; parameter counts for 28×28×1 MNIST or 32×32×3 CIFAR-10 inputs):
 
@@ -93,7 +94,6 @@ def _init(weight: Tensor, fan_in: int) -> None:
 class ChannelLinear(nn.Module):
     """``LN(x Wᵀ + b)`` over the last dimension ``[B, P, in] → [B, P, out]``; ``out`` splits into ``groups``."""
 
-    fwdgrad_activity_unit = True
 
     def __init__(self, in_features: int, out_features: int, groups: int) -> None:
         super().__init__()
@@ -105,17 +105,17 @@ class ChannelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _normalise(F.linear(x, self.weight, self.bias))
 
-    def local_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    def activity_weight_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Exact weight and bias gradients of this module alone, given the gradient ``g`` of its output."""
         gz = _normalise_vjp(F.linear(x, self.weight.detach(), self.bias.detach()), g)
         gz2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
         return {"weight": gz2.T @ x2, "bias": gz2.sum(0)}
 
-    def loss_layout(self, d: Tensor) -> Tensor:
+    def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` per-loss derivatives → ``[B, P, out]``: channel chunk ``g`` feeds group ``g``'s loss."""
         return d.repeat_interleave(self.weight.shape[0] // d.shape[-1], dim=-1)
 
-    def param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
+    def local_param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
         rows = dg.repeat_interleave(self.weight.shape[0] // dg.shape[0])
         return rows[:, None] if name == "weight" else rows
 
@@ -123,7 +123,6 @@ class ChannelLinear(nn.Module):
 class GroupLinear(nn.Module):
     """Per-group ``LN(x_g W_g + b_g)``: ``[B, P, G, c_in] → [B, P, G, c_out]``; weight ``[G, c_in, c_out]``."""
 
-    fwdgrad_activity_unit = True
 
     def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -134,24 +133,23 @@ class GroupLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _normalise(torch.einsum("bpgc,gcd->bpgd", x, self.weight) + self.bias)
 
-    def local_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    def activity_weight_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Exact weight and bias gradients of this module alone, given the gradient ``g`` of its output."""
         z = torch.einsum("bpgc,gcd->bpgd", x, self.weight.detach()) + self.bias.detach()
         gz = _normalise_vjp(z, g)
         return {"weight": torch.einsum("bpgc,bpgd->gcd", x, gz), "bias": gz.sum((0, 1))}
 
-    def loss_layout(self, d: Tensor) -> Tensor:
+    def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` → ``[B, P, G, 1]``: group ``g`` feeds its own loss only."""
         return d.unsqueeze(-1)
 
-    def param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
+    def local_param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
         return dg[:, None, None] if name == "weight" else dg[:, None]
 
 
 class TokenLinear(nn.Module):
     """Token mixing ``[B, P, D] → [B, P, D]``: ``z[b, q, :] = Σ_p W[q, p] x[b, p, :] + b[q]``, then LN over D."""
 
-    fwdgrad_activity_unit = True
 
     def __init__(self, num_tokens: int) -> None:
         super().__init__()
@@ -165,16 +163,16 @@ class TokenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _normalise(self._pre(x, self.weight, self.bias))
 
-    def local_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+    def activity_weight_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Exact weight and bias gradients of this module alone, given the gradient ``g`` of its output."""
         gz = _normalise_vjp(self._pre(x, self.weight.detach(), self.bias.detach()), g)
         return {"weight": torch.einsum("bqd,bpd->qp", gz, x), "bias": gz.sum((0, 2))}
 
-    def loss_layout(self, d: Tensor) -> Tensor:
+    def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` → ``[B, P, 1]``: a mixed token feeds every group's loss at its patch."""
         return d.sum(-1, keepdim=True)
 
-    def param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
+    def local_param_loss_layout(self, name: str, dg: Tensor) -> Tensor:
         return dg.sum()
 
 

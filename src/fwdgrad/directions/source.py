@@ -1,0 +1,167 @@
+r"""Direction sources: where the tangents of one step come from, and how they are handed out.
+
+A *source* hands out the tangents of one step, tensor by tensor and direction by direction.
+:class:`TangentSource` draws them from a stateless sampler of :mod:`fwdgrad.directions.samplers`: for the
+per-tensor samplers (``gaussian``, ``rademacher``, ``rank1``) each parameter's ``[K, *shape]`` block comes
+from its own seed, so the source can keep the blocks (the ``.grad`` path), keep only the rank-1 factors
+``u [K, out]``, ``v [K, in]``, or, in ``lean`` mode, keep only the per-tensor seeds and draw a tensor again
+whenever a pass or the update needs it (the MeZO trick). Every path (reference, fast, fused) therefore sees
+the same tangents for the same seed, and the fused update never holds more than one tensor's.
+
+*Stateful* sources (:class:`DirectionState`) make directions depend on the past — momentum of past estimates,
+guesses from local losses, feedback matrices — through the pair ``init(params) -> state`` and
+``update(state, ...) -> state``, in the style of optax's transforms.
+
+Example:
+    >>> import torch
+    >>> from fwdgrad.directions import TangentSource, SAMPLERS
+    >>> w = torch.zeros(3, 2)
+    >>> lean = TangentSource("gaussian", [w], 1, torch.Generator().manual_seed(0), lean=True)
+    >>> ref = SAMPLERS["gaussian"]([w], 1, torch.Generator().manual_seed(0))
+    >>> bool(torch.equal(lean.direction(0, 0), ref[0][0]))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fwdgrad.directions.samplers import SAMPLERS, draw_tensor, rank1_factors, tensor_seeds
+
+Tensor = torch.Tensor
+
+#: Samplers that draw each tensor's tangent on its own (from a per-tensor seed; rank-1: small factors), so
+#: that a tensor's tangent can be drawn again, alone, whenever it is needed.
+PER_TENSOR_SAMPLERS = ("gaussian", "rademacher", "rank1")
+
+Direction = Tensor | tuple[Tensor, Tensor]
+
+
+class TangentSource:
+    r"""The tangents of one step, exactly ``SAMPLERS[name](primals, K, generator)``, handed out tensor by
+    tensor and direction by direction.
+
+    Args:
+        name: a sampler of :data:`fwdgrad.directions.SAMPLERS`. The joint samplers (``sphere``,
+            ``orthogonal``) normalise across tensors, so their blocks are always kept.
+        primals: the parameters (detached), in the estimator's order; index ``i`` is ``primals[i]``.
+        num_directions: K.
+        generator: the step's source of randomness (``None``: torch's global RNG); it is advanced exactly
+            as ``SAMPLERS[name]`` advances it, whatever the mode.
+        lean: keep no tangent. Only the per-tensor seeds are drawn (:func:`fwdgrad.directions.tensor_seeds`,
+            exactly what the sampler draws from the generator), and :meth:`direction` draws a tensor's
+            block from its seed whenever it is needed: a tangent is a function of (generator state at the
+            step, parameter index), never stored for the whole model. ``rank1`` keeps its factors
+            (``K·(out + in)`` numbers per matrix), which are all it ever needs.
+
+    Example:
+        >>> import torch
+        >>> from fwdgrad.directions import SAMPLERS, TangentSource
+        >>> w = torch.zeros(3, 2)
+        >>> lean = TangentSource("gaussian", [w], 1, torch.Generator().manual_seed(0), lean=True)
+        >>> ref = SAMPLERS["gaussian"]([w], 1, torch.Generator().manual_seed(0))
+        >>> bool(torch.equal(lean.direction(0, 0), ref[0][0]))
+        True
+    """
+
+    def __init__(
+        self, name: str, primals: Sequence[Tensor], num_directions: int, generator: torch.Generator | None,
+        *, lean: bool = False,
+    ) -> None:
+        if lean and name not in PER_TENSOR_SAMPLERS:
+            raise ValueError(
+                f"fwdgrad.directions.TangentSource: tangents {name!r} are drawn jointly over all tensors and "
+                f"cannot be drawn again one tensor at a time (lean=True); choose one of {PER_TENSOR_SAMPLERS}"
+            )
+        self.name, self.primals, self.num_directions = name, list(primals), num_directions
+        self._blocks: list[Any] | None = None
+        self._seeds: list[int] | None = None
+        if name == "rank1":
+            self._blocks = list(rank1_factors(self.primals, num_directions, generator))
+        elif lean:
+            self._seeds = tensor_seeds(len(self.primals), generator)
+        else:
+            self._blocks = SAMPLERS[name](self.primals, num_directions, generator)
+
+    @staticmethod
+    def lean_possible(name: str) -> bool:
+        """Whether sampler ``name`` can run ``lean`` (its tensors drawn again one at a time)."""
+        return name in PER_TENSOR_SAMPLERS
+
+    @property
+    def regenerable(self) -> bool:
+        """Whether each tensor's tangent can be drawn again alone (a per-tensor sampler)."""
+        return self.name in PER_TENSOR_SAMPLERS
+
+    @property
+    def stored(self) -> bool:
+        """Whether every tensor's block is held (not ``lean``)."""
+        return self._blocks is not None
+
+    @property
+    def factored(self) -> bool:
+        """Whether matrix-shaped tensors come as rank-1 factors ``(u, v)``."""
+        return self.name == "rank1"
+
+    def _block(self, index: int) -> Any:
+        if self._blocks is not None:
+            return self._blocks[index]
+        return draw_tensor(self.name, self.primals[index], self.num_directions, self._seeds[index])
+
+    def direction(self, index: int, k: int) -> Direction:
+        """Tensor ``index``'s tangent in direction ``k``: ``(u [out], v [in])`` for a rank-1 matrix, else a
+        tensor of the parameter's shape (regenerated in ``lean`` mode)."""
+        block = self._block(index)
+        if isinstance(block, tuple):
+            return block[0][k], block[1][k]
+        return block[k]
+
+    def dense(self, index: int, k: int) -> Tensor:
+        """:meth:`direction`, with rank-1 factors multiplied out to the parameter's shape."""
+        d = self.direction(index, k)
+        if isinstance(d, tuple):
+            return torch.outer(*d).view(self.primals[index].shape)
+        return d
+
+    def mean(self, index: int, dirs: Tensor) -> Tensor:
+        """``(1/K) Σ_k dirs[k] · v_{index,k}``, the mean forward gradient of one tensor. With K = 1 and a
+        stored dense tangent, the tangent's own storage is scaled in place and returned (it is spent)."""
+        block = self._blocks[index] if self._blocks is not None else None
+        if self.num_directions == 1 and isinstance(block, Tensor):
+            return block[0].mul_(dirs[0].to(block.dtype))
+        return self.weighted_sum(index, dirs, alpha=1.0 / self.num_directions)
+
+    def materialise(self) -> list[Tensor]:
+        """Every tangent, ``[K, *p.shape]`` per tensor: equal to ``SAMPLERS[name](primals, K, generator)``."""
+        out = []
+        for i, p in enumerate(self.primals):
+            block = self._block(i)
+            if isinstance(block, tuple):
+                u, v = block
+                block = (u.unsqueeze(2) * v.unsqueeze(1)).reshape(self.num_directions, *p.shape)
+            out.append(block)
+        return out
+
+    def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+        """``out + alpha · Σ_k weights[k] · v_{index,k}`` (``out`` updated in place; ``None``: from zero).
+
+        Rank-1 matrices cost one ``[out, K] @ [K, in]`` product (``addmm_``), no ``u vᵀ`` per direction."""
+        p = self.primals[index]
+        block = self._block(index)
+        if isinstance(block, tuple):
+            u, v = block
+            w = weights.to(u.dtype)
+            if out is None:
+                return ((u * w.unsqueeze(1)).T @ v).mul_(alpha).view(p.shape)
+            if out.is_contiguous():
+                out.view(u.shape[1], v.shape[1]).addmm_((u * w.unsqueeze(1)).T, v, alpha=alpha)
+                return out
+            return out.add_(((u * w.unsqueeze(1)).T @ v).view(p.shape), alpha=alpha)
+        if block.shape[0] == 1:  # one direction: no K-sized contraction, no extra temporary
+            scale = alpha * float(weights[0])
+            return block[0].mul(scale) if out is None else out.add_(block[0], alpha=scale)
+        term = torch.tensordot(weights.to(block.dtype), block, dims=1)
+        return term.mul_(alpha) if out is None else out.add_(term, alpha=alpha)
