@@ -24,6 +24,9 @@ folder (``data_dir/MNIST/raw``, ``data_dir/FashionMNIST/raw``), then ``data_dir/
 ``../shared/data/mnist`` works too). IDX files may be gzipped (official names) or uncompressed (same name
 without ``.gz``). Every official file is checked against its official md5, so a truncated, corrupted or
 mismatched file (say, MNIST files asked for as Fashion-MNIST) is reported with its path and what to do.
+Gzipped files are decompressed as a stream, never past the size their IDX header declares (256 MiB at
+most), so a gzip bomb is refused after a few kilobytes (:mod:`fwdgrad.data.idx`); ``available_datasets``
+(``fwdgrad datasets``) checks the md5 of every file it finds before it calls a dataset available.
 With ``download=True`` missing files are fetched (checksum-verified, atomically) into ``data_dir/<name>/``,
 or into ``data_dir`` when its last component already is ``<name>``.
 
