@@ -414,7 +414,8 @@ def check_fields(where: str, values: Mapping[str, Any]) -> None:
         if tp is None:
             continue
         if not _matches(value, tp):
-            raise ValueError(f"{where}: {key} must be {_describe(tp)}, got {value!r} ({type(value).__name__})")
+            shown = _format_value(value) if isinstance(value, bool) else repr(value)  # TOML spelling of booleans
+            raise ValueError(f"{where}: {key} must be {_describe(tp)}, got {shown} ({type(value).__name__})")
         items = value if isinstance(value, list) else [value]
         bad = [v for v in items if isinstance(v, float) and not math.isfinite(v)]
         if bad:
