@@ -208,3 +208,35 @@ def test_uncompressed_tar_is_read_too(tmp_path):
     (tmp_path / "a.tar").write_bytes(buffer.getvalue())
     safe_extract_tar(tmp_path / "a.tar", tmp_path / "out")
     assert (tmp_path / "out/plain.txt").read_bytes() == b"abc"
+
+
+def test_download_larger_than_the_cap_is_refused_and_leaves_nothing(tmp_path, server):
+    server.files["blob.bin"] = PAYLOAD
+    with pytest.raises(DownloadError, match=r"larger than max_bytes=1000.*announces 76800 bytes"):
+        download_file(server.url + "blob.bin", tmp_path / "blob.bin", md5=None, max_bytes=1000)
+    assert _leftovers(tmp_path) == []
+
+
+def test_download_without_a_length_is_cut_off_at_the_cap(tmp_path, server, monkeypatch):
+    import http.client
+
+    monkeypatch.setattr(http.client.HTTPMessage, "get", lambda self, key, default=None: default)  # no length
+    server.files["blob.bin"] = PAYLOAD
+    with pytest.raises(DownloadError, match=r"larger than max_bytes=70000; refused$"):
+        download_file(server.url + "blob.bin", tmp_path / "blob.bin", md5=None, max_bytes=70_000)
+    assert _leftovers(tmp_path) == []
+    out = download_file(server.url + "blob.bin", tmp_path / "blob.bin", md5=None, max_bytes=len(PAYLOAD))
+    assert out.read_bytes() == PAYLOAD
+
+
+def test_downloaded_files_are_readable_by_all(tmp_path, server):
+    import os
+    import stat
+
+    server.files["blob.bin"] = PAYLOAD
+    old = os.umask(0o022)
+    try:
+        out = download_file(server.url + "blob.bin", tmp_path / "blob.bin", md5=md5_of_bytes(PAYLOAD))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

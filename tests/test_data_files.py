@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,107 @@ def test_real_table_keeps_the_official_checksums():
     assert RESOURCES["mnist"].files[0].md5 == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
     assert RESOURCES["fashion-mnist"].files[0].md5 == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
     assert RESOURCES["cifar10"].files[0].md5 == "c58f30108f718f92721af3b95e74349a"
+
+
+# --- gzip bombs and oversized files are refused while streaming (issue 15) ---------------------------------
+def _gzip_of(parts, *, zeros: int = 0, level: int = 1) -> bytes:
+    """A gzip stream of ``parts`` followed by ``zeros`` zero bytes, built chunk by chunk (small on disk)."""
+    import zlib
+
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)
+    out = [packer.compress(p) for p in parts]
+    block = bytes(1 << 20)
+    for _ in range(zeros >> 20):
+        out.append(packer.compress(block))
+    out.append(packer.flush())
+    return b"".join(out)
+
+
+def _peak_bytes(fn) -> tuple[int, str]:
+    """Peak Python memory (tracemalloc) while ``fn`` runs; it must raise CorruptFileError."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptFileError) as info:
+            fn()
+        return tracemalloc.get_traced_memory()[1], str(info.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_gzip_bomb_behind_a_small_header_is_refused_early(tmp_path):
+    # a valid IDX header for 10 images, then 256 MiB of zeros: 1.2 MB on disk
+    header = encode_idx(np.zeros((10, 28, 28), dtype=np.uint8))[:16]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_gzip_of([header], zeros=256 << 20))
+    assert path.stat().st_size < 2 << 20
+    peak, message = _peak_bytes(lambda: read_idx(path))
+    assert peak < 8 << 20, peak  # the whole content would be 256 MiB
+    assert "more than the 7856 bytes its IDX header declares" in message and "gzip bomb" in message
+
+
+def test_gzip_whose_header_declares_too_much_is_refused_at_once(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = struct.pack(">BBBBIII", 0, 0, 8, 3, 4_000_000_000, 28, 28)  # declares 3.1 TB
+    path.write_bytes(_gzip_of([header], zeros=64 << 20))
+    peak, message = _peak_bytes(lambda: read_idx(path))
+    assert peak < 8 << 20 and f"{1 << 28}-byte cap" in message
+
+
+def test_gzip_of_zeros_without_a_header_is_refused_at_once(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_gzip_of([], zeros=64 << 20))
+    peak, message = _peak_bytes(lambda: read_idx(path))
+    assert peak < 8 << 20 and "not an IDX file" in message
+
+
+def test_cap_applies_to_uncompressed_files_and_gzip_alike(tmp_path):
+    array = np.arange(600, dtype=np.uint8).reshape(6, 10, 10)
+    raw, gz = tmp_path / "a-idx3-ubyte", tmp_path / "a-idx3-ubyte.gz"
+    raw.write_bytes(encode_idx(array))
+    gz.write_bytes(_gzip_of([encode_idx(array)]))
+    for path in (raw, gz):
+        assert read_idx(path, max_bytes=616).tolist() == array.tolist()  # 16-byte header + 600
+        with pytest.raises(CorruptFileError, match="615-byte cap"):
+            read_idx(path, max_bytes=615)
+
+
+def test_two_gzip_members_are_read_like_gzip_does(tmp_path):
+    data = encode_idx(np.arange(50, dtype=np.uint8))
+    path = tmp_path / "b-idx1-ubyte.gz"
+    path.write_bytes(_gzip_of([data[:20]]) + _gzip_of([data[20:]]))
+    assert read_idx(path).tolist() == list(range(50))
+
+
+def test_bomb_in_a_dataset_folder_is_reported(tmp_path, small_mnist):
+    folder = small_mnist.write(tmp_path / "mnist")
+    header = encode_idx(small_mnist.train_images)[:16]
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(_gzip_of([header], zeros=64 << 20))
+    with pytest.raises(CorruptFileError, match="gzip bomb"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_datasets_listing_verifies_the_files(tmp_path, small_mnist, capsys):
+    folder = small_mnist.write(tmp_path / "mnist")
+    assert {i.name: i.available for i in available_datasets(tmp_path)}["mnist"]
+    bad = folder / "t10k-labels-idx1-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-3])  # truncated: present, but not the official file
+    infos = {info.name: info for info in available_datasets(tmp_path)}
+    assert not infos["mnist"].available
+    assert infos["mnist"].location.startswith("corrupt:") and str(bad) in infos["mnist"].location
+    assert {i.name: i.available for i in available_datasets(tmp_path, verify=False)}["mnist"]
+    from fwdgrad import cli
+
+    assert cli.main(["datasets", "--data-dir", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mnist "))
+    assert "NOT available" in line and "corrupt" in line
+
+
+def test_datasets_listing_verifies_cifar(tmp_path, small_cifar):
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    (folder / "cifar-10-python.tar.gz").write_bytes(small_cifar.tarball)
+    assert {i.name: i.available for i in available_datasets(tmp_path)}["cifar10"]
+    (folder / "cifar-10-python.tar.gz").write_bytes(small_cifar.tarball[:-100])
+    assert not {i.name: i.available for i in available_datasets(tmp_path)}["cifar10"]

@@ -11,13 +11,15 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
 Options come from :class:`fwdgrad.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
 option given on the command line wins over the file. Exit status: 0 on success, 1 when the data cannot be
 read or (``train``) the run stopped on a non-finite loss, 2 on a usage error, 130 when interrupted (the
-finished runs are in ``results.json``).
+finished runs are in ``results.json``), 141 when stdout was closed early (``fwdgrad methods | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import shlex
 import sys
 import time
@@ -35,6 +37,7 @@ from fwdgrad.config import (
     parse_method,
     parse_method_list,
     parse_spec,
+    resolve_device,
 )
 
 
@@ -57,8 +60,8 @@ def _positive_float_list(text: str) -> list[float]:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if not values or any(not (0 < v < math.inf) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
     return values
 
 
@@ -128,7 +131,9 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
                    help=f"on a NaN/Inf loss: stop the run, or skip that step (default: {d.on_nonfinite})")
     g.add_argument("--eval-batch-size", type=int, default=S,
                    help=f"batch size of the evaluation passes (default: {d.eval_batch_size})")
-    g.add_argument("--device", default=S, help=f"torch device (default: {d.device})")
+    g.add_argument("--device", default=S,
+                   help=f"torch device: cpu, cuda, cuda:N, ..., or auto (cuda when available, else cpu); "
+                        f"checked before training starts (default: {d.device})")
     g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's choice)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=S, help=f"parent folder of run folders (default: {d.out_dir})")
@@ -165,6 +170,7 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
             raise ValueError(f"{where}: train runs one method, got {[m.display for m in config.methods]}; "
                              "use `fwdgrad compare` for several")
         config.validate(where)
+        config = dataclasses.replace(config, device=resolve_device(where, config.device))
         from fwdgrad.train import check_methods
 
         check_methods(config)
@@ -341,10 +347,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        return COMMANDS[args.command].run(args)
+        status = COMMANDS[args.command].run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except UsageError as exc:
         print(f"fwdgrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _closed_stdout()
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``fwdgrad methods | head``): stop quietly, exit status 141 like a
+    process ended by SIGPIPE. stdout is pointed at /dev/null so that Python's final flush stays silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured in tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,12 +9,18 @@ Methods are estimator-registry names with options, written ``name:key=value,key=
 
 ``lr`` (learning rate for this method) and ``label`` (its name in reports) are reserved keys; every
 other key goes to the estimator's constructor. Values are read as int, float, bool (``true``/``false``),
-``none``, or else str. A list of methods separates methods with ``;`` or ``,``: after a comma, a piece
+``none``, or else str. A list is written with ``|`` between its items, ``fg-a:modules=layers.0|layers.2``
+(quote it in a shell); an option whose constructor annotation is a list or sequence (and not also a
+plain ``str``) always receives a list, so ``fg-a:modules=layers.1`` gives ``modules=['layers.1']``.
+
+A list of methods separates methods with ``;`` or ``,``: after a comma, a piece
 with ``=`` and no ``:`` is another option of the method before it, anything else starts a new method, so
 ``bp,fg-w:num_directions=8,tangents=rademacher,fg-w`` is three methods. ``all`` stands for every
 registered estimator that can train the chosen model.
 
-A TOML file uses the field names of :class:`RunConfig`; an unknown key is an error::
+A TOML file uses the field names of :class:`RunConfig`; an unknown key, or a value whose type does not
+match the field's annotation (``download = "false"``, ``lr = true``), is an error naming the key, and a
+float field must be finite::
 
     dataset = "mnist1d"
     model = "mlp"
@@ -25,9 +31,12 @@ A TOML file uses the field names of :class:`RunConfig`; an unknown key is an err
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,15 +86,23 @@ def _format_value(value: Any) -> str:
         return "true" if value else "false"
     if value is None:
         return "none"
+    if isinstance(value, list | tuple):
+        return "|".join(_format_value(v) for v in value)
     return str(value)
 
 
 def parse_value(text: str) -> Any:
-    """``"8"`` → 8, ``"1e-4"`` → 0.0001, ``"true"`` → True, ``"none"`` → None, else the stripped str.
+    """``"8"`` → 8, ``"1e-4"`` → 0.0001, ``"true"`` → True, ``"none"`` → None, ``"a|b"`` → a list of
+    such values, else the stripped str.
 
-    >>> [parse_value(s) for s in ["8", "-2", "1e-4", "0.5", "True", "none", "gaussian"]]
-    [8, -2, 0.0001, 0.5, True, None, 'gaussian']
+    >>> [parse_value(s) for s in ["8", "-2", "1e-4", "0.5", "True", "none", "gaussian", "layers.0|layers.2"]]
+    [8, -2, 0.0001, 0.5, True, None, 'gaussian', ['layers.0', 'layers.2']]
     """
+    if "|" in text:
+        items = text.split("|")
+        if any(not item.strip() for item in items):
+            raise ValueError(f"parse_value: empty item in the list {text!r}")
+        return [parse_value(item) for item in items]
     text = text.strip()
     low = text.lower()
     if low in ("true", "false"):
@@ -103,10 +120,42 @@ def parse_value(text: str) -> Any:
     return value
 
 
+_SEQUENCE_ORIGINS = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Iterable,
+                     collections.abc.Collection, collections.abc.Set)
+
+
+def list_valued_options(name: str) -> frozenset[str]:
+    """The constructor options of estimator ``name`` annotated as a list/sequence and not also as ``str``
+    (e.g. ``fg-a``'s ``modules``); empty for an unknown name or unreadable annotations.
+
+    >>> sorted(list_valued_options("fg-a"))
+    ['modules']
+    """
+    try:
+        import fwdgrad.estimators  # noqa: F401  (fills the registry)
+        from fwdgrad.estimators.base import estimator_class
+
+        hints = typing.get_type_hints(estimator_class(name).__init__)
+    except Exception:  # unknown name (reported later by check_methods) or an annotation that cannot resolve
+        return frozenset()
+    out = set()
+    for key, tp in hints.items():
+        members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if str not in members and any(typing.get_origin(m) in _SEQUENCE_ORIGINS or m in _SEQUENCE_ORIGINS
+                                      for m in members):
+            out.add(key)
+    return frozenset(out)
+
+
 def _method_from_options(where: str, name: str, options: Mapping[str, Any], source: str) -> MethodSpec:
     if not _NAME.match(name):
         raise ValueError(f"{where}: bad method name {name!r} in {source!r}")
     opts = dict(options)
+    for key in list_valued_options(name) & set(opts):  # one item without '|' is still a list
+        if isinstance(opts[key], str | int | float):
+            opts[key] = [opts[key]]
+        elif isinstance(opts[key], tuple):
+            opts[key] = list(opts[key])
     lr = opts.pop("lr", None)
     label = opts.pop("label", None)
     if lr is not None:
@@ -127,6 +176,8 @@ def _parse_option(where: str, piece: str, source: str) -> tuple[str, Any]:
         raise ValueError(f"{where}: expected key=value, got {piece!r} in {source!r}")
     if not key.isidentifier():
         raise ValueError(f"{where}: option name {key!r} is not an identifier in {source!r}")
+    if any(not item.strip() for item in value.split("|")):
+        raise ValueError(f"{where}: empty item in the list {piece!r} in {source!r}; write key=a|b")
     return key, parse_value(value)
 
 
@@ -235,7 +286,11 @@ class RunConfig:
     quiet: bool = False
 
     def validate(self, where: str = "fwdgrad.RunConfig") -> RunConfig:
-        """Raise ``ValueError`` (message starting with ``where`` and naming the value) on a bad field."""
+        """Raise ``ValueError`` (message starting with ``where`` and naming the value) on a bad field: a value
+        whose type does not match the field's annotation (see :func:`check_fields`) or out of range."""
+        check_fields(where, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if self.device != "auto":
+            check_device_name(where, self.device)
 
         def positive_int(name: str, allow_none: bool = False) -> None:
             v = getattr(self, name)
@@ -297,6 +352,122 @@ class RunConfig:
 
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(RunConfig)
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the annotated type ``tp`` (bool is not an int, an int is a float)."""
+    members = _union_members(tp)
+    if len(members) > 1:
+        return any(_matches(value, m) for m in members)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    """``float | None`` → ``"a number or none"``, for error messages."""
+    members = _union_members(tp)
+    if len(members) > 1:
+        return " or ".join(_describe(m) for m in members)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    if tp in names:
+        return names[tp]
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_fields(where: str, values: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the key unless every value has the type of its :class:`RunConfig`
+    field's annotation (``bool`` for ``download``, ``float | None`` for ``lr``, ...) and every float in it is
+    finite. The checks come from the annotations, so a new field is checked without new code.
+
+    >>> check_fields("example", {"lr": 0.1, "plots": False, "lr_sweep": [1e-3, 1e-2]})
+    >>> check_fields("example", {"download": "false"})
+    Traceback (most recent call last):
+    ...
+    ValueError: example: download must be true or false, got 'false' (str)
+    """
+    for key, value in values.items():
+        tp = _FIELD_TYPES.get(key)
+        if tp is None:
+            continue
+        if not _matches(value, tp):
+            shown = _format_value(value) if isinstance(value, bool) else repr(value)  # TOML spelling of booleans
+            raise ValueError(f"{where}: {key} must be {_describe(tp)}, got {shown} ({type(value).__name__})")
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{where}: {key} must be finite, got {value!r}")
+
+
+def _as_annotated(value: Any, tp: Any) -> Any:
+    """An int given for a float-only field becomes a float (``lr = 1`` → 1.0), in lists too."""
+    members = _union_members(tp)
+    if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
+        return float(value)
+    if isinstance(value, list):
+        inner = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list]
+        if inner:
+            return [_as_annotated(v, inner[0]) for v in value]
+    return value
+
+
+def check_device_name(where: str, device: Any) -> None:
+    """Raise ``ValueError`` unless ``device`` is a device string torch understands (``cpu``, ``cuda:1``)."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{where}: device must be auto, cpu, cuda, cuda:N or another torch device, "
+                         f"got {device!r}") from None
+
+
+def resolve_device(where: str, device: str) -> str:
+    """The device a run uses: ``auto`` → ``cuda`` when CUDA is available, else ``cpu``; any other name is
+    checked (it parses, and a tensor can be made there), so that ``--device cuda`` on a machine without
+    CUDA is a one-line error before training starts.
+
+    >>> resolve_device("example", "cpu")
+    'cpu'
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device_name(where, device)
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{where}: device {device!r} is not available ({why}); use --device cpu or auto")
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # torch raises RuntimeError or AssertionError here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where}: device {device!r} is not usable here ({first})") from None
+    return device
 
 
 def methods_from_value(where: str, value: Any) -> list[MethodSpec]:
@@ -336,20 +507,16 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     if isinstance(updates.get("model"), str) and ":" in updates["model"]:
         name, options = parse_spec(updates["model"], where)
         updates["model"] = name
-        updates["model_options"] = {**dict(updates.get("model_options") or {}), **options}
+        model_options = updates.get("model_options") or {}
+        check_fields(where, {"model_options": model_options})
+        updates["model_options"] = {**model_options, **options}
     if "methods" in updates:
         updates["methods"] = methods_from_value(where, updates["methods"])
-    if "lr_sweep" in updates and updates["lr_sweep"] is not None:
-        updates["lr_sweep"] = [float(v) for v in _as_list(where, "lr_sweep", updates["lr_sweep"])]
-    if "time_budget" in updates and isinstance(updates["time_budget"], int):
-        updates["time_budget"] = float(updates["time_budget"])
+    if isinstance(updates.get("lr_sweep"), tuple):
+        updates["lr_sweep"] = list(updates["lr_sweep"])
+    check_fields(where, updates)
+    updates = {k: _as_annotated(v, _FIELD_TYPES[k]) for k, v in updates.items()}
     return dataclasses.replace(base or RunConfig(), **updates)
-
-
-def _as_list(where: str, name: str, value: Any) -> list[Any]:
-    if isinstance(value, list | tuple):
-        return list(value)
-    raise ValueError(f"{where}: {name} must be a list, got {value!r}")
 
 
 def _toml_loads(text: str) -> dict[str, Any]:

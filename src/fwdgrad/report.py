@@ -48,7 +48,8 @@ TIME_NOTE = (
 
 # --- atomic files ---------------------------------------------------------------------------------------
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``; the file
+    is readable by all (mode 0644, like bench's files; ``mkstemp`` alone would leave 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
@@ -58,6 +59,7 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
             fh.write(raw)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -77,8 +79,9 @@ def _mean(values: list[float | None]) -> float:
 
 
 def _std(values: list[float | None]) -> float:
+    """Sample standard deviation; NaN (``null`` in JSON, "—" in tables) with fewer than two values."""
     vals = _finite(values)
-    return statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan
+    return statistics.stdev(vals) if len(vals) > 1 else math.nan
 
 
 def summarize(exp: Experiment) -> list[dict[str, Any]]:
@@ -162,18 +165,29 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _fmt_loss(x: float) -> str:
+    """Four decimals for ordinary losses, scientific notation for huge or tiny ones.
+
+    >>> [_fmt_loss(v) for v in (0.12345, 2e30, 3e-7, 0.0, float("nan"))]
+    ['0.1235', '2.000e+30', '3.000e-07', '0.0000', 'n/a']
+    """
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return format(x, ".3e") if x != 0 and not 1e-3 <= abs(x) < 1e5 else format(x, ".4f")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison table in GitHub markdown."""
     head = ("| method | lr | test acc (mean ± std) | seeds | final train loss | time / epoch | examples / s "
             "| peak step memory |\n|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        acc = (f"{_fmt(100 * r['test_acc_mean'], '.2f')} ± {_fmt(100 * r['test_acc_std'], '.2f')} %"
-               if math.isfinite(r["test_acc_mean"]) else "n/a")
+        std = _fmt(100 * r["test_acc_std"], ".2f") if math.isfinite(r["test_acc_std"]) else "—"
+        acc = f"{_fmt(100 * r['test_acc_mean'], '.2f')} ± {std} %" if math.isfinite(r["test_acc_mean"]) else "n/a"
         stopped = r["seeds"] - r["completed"]
         seeds = f"{r['seeds']}" + (f" ({stopped} stopped)" if stopped else "")
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {acc} | {seeds} | {_fmt(r['train_loss_mean'], '.4f')} "
+            f"| {r['method']} | {r['lr']:g} | {acc} | {seeds} | {_fmt_loss(r['train_loss_mean'])} "
             f"| {_fmt(r['time_per_epoch_s'], '.3f')} s | {_fmt(r['examples_per_s'], ',.0f')} "
             f"| {_fmt_mem(r['peak_step_memory_bytes'])} |"
         )
@@ -204,7 +218,7 @@ def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
     ]
     notes = [
         "Test accuracy is measured after the last epoch (no epoch is picked on the test set); "
-        "± is the sample standard deviation over seeds.",
+        "± is the sample standard deviation over seeds (— with a single seed).",
         f"Learning rates: {lrs}.",
         f"Fairness: same initial weights for every method of a seed: "
         f"{'yes' if fair['same_initial_weights_per_seed'] else 'NO'}; same batch order: "

@@ -24,6 +24,9 @@ folder (``data_dir/MNIST/raw``, ``data_dir/FashionMNIST/raw``), then ``data_dir/
 ``../shared/data/mnist`` works too). IDX files may be gzipped (official names) or uncompressed (same name
 without ``.gz``). Every official file is checked against its official md5, so a truncated, corrupted or
 mismatched file (say, MNIST files asked for as Fashion-MNIST) is reported with its path and what to do.
+Gzipped files are decompressed as a stream, never past the size their IDX header declares (256 MiB at
+most), so a gzip bomb is refused after a few kilobytes (:mod:`fwdgrad.data.idx`); ``available_datasets``
+(``fwdgrad datasets``) checks the md5 of every file it finds before it calls a dataset available.
 With ``download=True`` missing files are fetched (checksum-verified, atomically) into ``data_dir/<name>/``,
 or into ``data_dir`` when its last component already is ``<name>``.
 
@@ -47,7 +50,7 @@ from fwdgrad.data.cifar import cifar10_folder_complete, read_cifar10_folder
 from fwdgrad.data.download import DownloadError, UnsafeArchiveError, fetch_dataset_files, safe_extract_tar
 from fwdgrad.data.idx import read_idx
 from fwdgrad.data.mnist1d import MNIST1DConfig, make_mnist1d
-from fwdgrad.data.resources import RESOURCES, CorruptFileError, md5_of_file, redownload_hint
+from fwdgrad.data.resources import CIFAR10_FOLDER, RESOURCES, CorruptFileError, md5_of_file, redownload_hint
 
 __all__ = [
     "RESOURCES",
@@ -126,8 +129,9 @@ class DatasetInfo:
         num_classes: number of classes.
         files: the official file names read (empty for generated data).
         urls: where ``download=True`` fetches them from, in order.
-        location: the folder it would be read from now, or what is missing and where it was looked for.
-        available: whether ``load_dataset`` would succeed now without downloading.
+        location: the folder it would be read from now, or what is missing or corrupt and where.
+        available: whether the files are all there and (when verified) match their official md5s, so that
+            ``load_dataset`` would succeed now without downloading.
     """
 
     name: str
@@ -215,6 +219,33 @@ def _locate(name: str, data_dir: Path) -> tuple[Path | None, Path | None]:
         if some and partial is None:
             partial = folder
     return None, partial
+
+
+def _verify_files(name: str, folder: Path) -> str | None:
+    """``None`` when every file of ``name`` in ``folder`` has its official md5, else what is wrong."""
+    resources = RESOURCES[name]
+    if name == "cifar10":
+        if cifar10_folder_complete(folder) and resources.extracted_md5:
+            checks = [(folder / CIFAR10_FOLDER / f, md5) for f, md5 in resources.extracted_md5.items()
+                      if (folder / CIFAR10_FOLDER / f).is_file()]
+        elif cifar10_folder_complete(folder):
+            checks = []
+        else:
+            checks = [(folder / resources.files[0].filename, resources.files[0].md5)]
+    else:
+        checks = []
+        for resource, path in zip(resources.files, _idx_paths(name, folder)):
+            expected = resource.md5 if path is not None and path.name == resource.filename else resource.raw_md5
+            if path is not None and expected is not None:
+                checks.append((path, expected))
+    for path, expected in checks:
+        try:
+            actual = md5_of_file(path)
+        except OSError as exc:
+            return f"{path} cannot be read ({exc.strerror})"
+        if actual != expected:
+            return f"{path} has md5 {actual}, not the official {expected}. {redownload_hint(path)}"
+    return None
 
 
 def _missing_message(name: str, data_dir: Path, partial: Path | None) -> str:
@@ -344,8 +375,11 @@ def load_dataset(
     return _load_idx(name, folder)
 
 
-def available_datasets(data_dir: str | os.PathLike | None = None) -> list[DatasetInfo]:
+def available_datasets(data_dir: str | os.PathLike | None = None, *, verify: bool = True) -> list[DatasetInfo]:
     """Every dataset ``load_dataset`` knows, with where it would be read from under ``data_dir`` now.
+
+    With ``verify`` (the default) every file found is checked against its official md5 (streamed, about
+    0.3 s for CIFAR-10), and a dataset with a corrupt file is listed as not available, with the file.
 
     Example:
         >>> [info.name for info in available_datasets()]
@@ -365,7 +399,10 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[Datase
             continue
         resources = RESOURCES[name]
         folder, partial = _locate(name, root)
-        if folder is not None:
+        problem = _verify_files(name, folder) if verify and folder is not None else None
+        if problem is not None:
+            location = f"corrupt: {problem}"
+        elif folder is not None:
             location = str(folder)
         else:
             looked = ", ".join(str(f) for f in _candidate_folders(name, root))
@@ -379,7 +416,7 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[Datase
                 files=tuple(r.filename for r in resources.files),
                 urls=tuple(resources.base_urls[0].rstrip("/") + "/" + r.filename for r in resources.files),
                 location=location,
-                available=folder is not None,
+                available=folder is not None and problem is None,
             )
         )
     return infos

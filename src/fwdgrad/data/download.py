@@ -1,9 +1,11 @@
 """Checksum-verified, atomic downloads and safe tar extraction.
 
 ``download_file`` streams a URL into a temporary file in the destination folder, checks the byte count
-announced by the server and the md5, flushes it to disk and only then renames it onto the destination
-(``os.replace``, atomic on POSIX and Windows). On any failure the temporary file is removed, so the
-destination either holds a verified file or nothing at all.
+announced by the server and the md5 (computed while the bytes stream in), flushes it to disk and only
+then renames it onto the destination (``os.replace``, atomic on POSIX and Windows), readable by all
+(0644). On any failure the temporary file is removed, so the destination either holds a verified file or
+nothing at all. A download larger than ``max_bytes`` (1 GiB by default; CIFAR-10's tarball, the largest
+official file, is 170,498,071 bytes) is refused as soon as the server announces it or sends that much.
 
 ``safe_extract_tar`` checks every member of an archive before writing anything: only regular files and
 folders whose normalised path stays inside the target folder are accepted (no absolute paths, no ``..``,
@@ -38,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from fwdgrad.data.resources import CorruptFileError, DatasetResources, FileResource
 
 _CHUNK = 1 << 16
+MAX_DOWNLOAD_BYTES = 1 << 30
 
 
 class DownloadError(OSError):
@@ -55,6 +58,7 @@ def download_file(
     md5: str | None,
     timeout: float = 60.0,
     progress: Callable[[int, int | None], None] | None = None,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> Path:
     """Fetch ``url`` into ``destination`` atomically, verifying its size and md5.
 
@@ -64,12 +68,14 @@ def download_file(
         md5: the expected hex md5; ``None`` skips the check (then only the announced size is checked).
         timeout: socket timeout in seconds.
         progress: optional ``progress(bytes_so_far, total_or_None)`` callback.
+        max_bytes: the largest file accepted; a larger one is cut off and refused (nothing is written).
 
     Returns:
         ``destination`` as a ``Path``.
 
     Raises:
-        DownloadError: the URL could not be read, or the connection ended early (nothing is written).
+        DownloadError: the URL could not be read, the connection ended early, or the file is larger than
+            ``max_bytes`` (nothing is written).
         CorruptFileError: the content does not match ``md5`` (nothing is written).
     """
     destination = Path(destination)
@@ -82,9 +88,10 @@ def download_file(
     temp_path = Path(handle.name)
     try:
         with handle:
-            digest, size = _stream_into(url, handle, timeout, progress)
+            digest, size = _stream_into(url, handle, timeout, progress, max_bytes)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp_path, 0o644)  # NamedTemporaryFile creates 0600
         if md5 is not None and digest != md5:
             raise CorruptFileError(
                 f"download_file: {url} has md5 {digest} ({size} bytes) but the official file has md5 {md5}; "
@@ -98,21 +105,28 @@ def download_file(
 
 
 def _stream_into(
-    url: str, handle, timeout: float, progress: Callable[[int, int | None], None] | None
+    url: str, handle, timeout: float, progress: Callable[[int, int | None], None] | None, max_bytes: int
 ) -> tuple[str, int]:
     """Copy ``url`` into the open binary ``handle``; return (md5 hex, byte count)."""
     digest = hashlib.md5(usedforsecurity=False)
     size = 0
+    too_big = f"download_file: {url} is larger than max_bytes={max_bytes}; refused"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             announced = response.headers.get("Content-Length")
             total = int(announced) if announced is not None and announced.isdigit() else None
+            if total is not None and total > max_bytes:
+                raise DownloadError(f"{too_big} (the server announces {total} bytes)")
             while chunk := response.read(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(too_big)
                 handle.write(chunk)
                 digest.update(chunk)
-                size += len(chunk)
                 if progress is not None:
                     progress(size, total)
+    except DownloadError:
+        raise
     except (urllib.error.URLError, OSError, ValueError) as exc:  # http.client.IncompleteRead is a ValueError
         raise DownloadError(f"download_file: could not read {url}: {exc}") from exc
     if total is not None and size != total:
