@@ -133,7 +133,7 @@ def list_valued_options(name: str) -> frozenset[str]:
     """
     try:
         import fwdgrad.estimators  # noqa: F401  (fills the registry)
-        from fwdgrad.estimators.base import estimator_class
+        from fwdgrad.estimators import estimator_class
 
         hints = typing.get_type_hints(estimator_class(name).__init__)
     except Exception:  # unknown name (reported later by check_methods) or an annotation that cannot resolve
