@@ -272,7 +272,7 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 def _run_methods(args: argparse.Namespace) -> int:
     import inspect
 
-    from fwdgrad.estimators.base import available_estimators
+    from fwdgrad.estimators import available_estimators
     from fwdgrad.train import default_lr, estimator_options
 
     for name in available_estimators():
