@@ -1,0 +1,197 @@
+"""The generic estimator tests: every registered recipe gets the checks it claims, by registry name.
+
+A new estimator registered with ``claims=(...)`` (see :mod:`fwdgrad.estimators.registry`) is picked up here
+without a line of test code. Recipes that need a model with local heads (``needs="local-heads"``) run on a
+tiny LocalMixer, the others on the shared problems of ``problems.py``.
+
+Monte-Carlo (claim ``unbiased``): the mean of N estimates is compared with the true gradient entrywise in
+units of its own standard error; with z = 5 and fewer than 100 entries (300 samples; 6,000 heavy) a correct estimator fails with
+probability below 1e-4 (normal tail 5.7e-7 per entry, union bound), while a bias of a few standard errors
+is caught.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fwdgrad
+from fwdgrad.estimators import ImplicitGradient, recipe
+from fwdgrad.models.localmixer import LocalMixer
+from problems import PROBLEMS, NoBackwardNet, autograd_gradient, directional
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds waits on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _claiming(claim: str) -> list[str]:
+    return [n for n in fwdgrad.available_estimators() if claim in recipe(n).claims]
+
+
+def _seeded(name: str, **kw) -> fwdgrad.Estimator:
+    options = recipe(name).options()
+    if options is not None and "seed" in options:
+        kw.setdefault("seed", 7)
+    return fwdgrad.estimator(name, **kw)
+
+
+def _task(name: str, seed: int = 0):
+    """``(model, loss_fn)`` in float64 suited to recipe ``name``."""
+    g = torch.Generator().manual_seed(seed)
+    per_example = fwdgrad.estimator_class(name).per_example_loss
+    reduction = "none" if per_example else "mean"
+    if recipe(name).needs == "local-heads":
+        torch.manual_seed(seed)
+        model = LocalMixer((1, 4, 4), 3, num_blocks=2, num_patches=2, channels=8, groups=2).double()
+        x = torch.randn(6, 1, 4, 4, generator=g, dtype=DT)
+    else:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        x = torch.randn(6, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    return model, lambda m: F.cross_entropy(m(x), y, reduction=reduction)
+
+
+# --- exact ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+@pytest.mark.parametrize("name", _claiming("exact"))
+def test_exact_against_autograd(name: str, problem) -> None:
+    """An implicit gradient's directional derivatives are ⟨∇L, v_k⟩ of autograd's gradient along its own
+    tangents; an explicit one is autograd's gradient itself (float64, 1e-10)."""
+    model = problem.model()
+    true = autograd_gradient(model, problem.loss_fn)
+    est = _seeded(name, **({"num_directions": 3} if "num_directions" in (recipe(name).options() or {}) else {}))
+    params = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    grad = est.step(model, problem.loss_fn, params)
+    if isinstance(grad, ImplicitGradient):
+        for k in range(grad.dirs.shape[0]):
+            v = [grad.source.dense(i, k) for i in range(len(params))]
+            torch.testing.assert_close(grad.dirs[k], directional(true, v), rtol=1e-10, atol=1e-12)
+    else:
+        for i, t in enumerate(true):
+            torch.testing.assert_close(grad.tensor(i), t, rtol=1e-10, atol=1e-12)
+
+
+# --- unbiased -------------------------------------------------------------------------------------------
+
+
+def _unbiased(name: str, samples: int) -> None:
+    model, loss_fn = _task(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        loss = loss_fn(model)
+        true = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss.mean(), params)])
+    est = _seeded(name)
+    draws = []
+    for _ in range(samples):
+        model.zero_grad(set_to_none=True)
+        est(model, loss_fn)
+        draws.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    d = torch.stack(draws)
+    se = d.std(0) / samples**0.5
+    z = (d.mean(0) - true).abs() / se.clamp_min(1e-12)
+    exact = se < 1e-12  # entries estimated exactly (a read-out's exact gradient): must equal the truth
+    assert torch.allclose(d.mean(0)[exact], true[exact], atol=1e-10)
+    assert z[~exact].max() < 5.0, f"{name}: max z {z[~exact].max():.2f}"
+
+
+@pytest.mark.parametrize("name", _claiming("unbiased"))
+def test_unbiased_light(name: str) -> None:
+    _unbiased(name, 300)
+
+
+@pytest.mark.montecarlo
+@pytest.mark.parametrize("name", _claiming("unbiased"))
+def test_unbiased_heavy(name: str) -> None:
+    _unbiased(name, 6000)
+
+
+# --- no backward ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", _claiming("no-backward"))
+def test_no_backward_pass_runs(name: str) -> None:
+    if recipe(name).needs == "local-heads":
+        model, loss_fn = _task(name)
+        from problems import RaisingBackward
+
+        inner = model.blocks[0]
+        inner.register_forward_hook(lambda m, a, o: RaisingBackward.apply(o))
+    else:
+        torch.manual_seed(0)
+        model = NoBackwardNet().double()
+        x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+        reduction = "none" if fwdgrad.estimator_class(name).per_example_loss else "mean"
+        loss_fn = lambda m: F.cross_entropy(m(x), y, reduction=reduction)
+    with pytest.raises(RuntimeError, match="a backward pass happened"):
+        fwdgrad.estimator("bp")(copy.deepcopy(model), lambda m: loss_fn(m).mean())
+    _seeded(name)(model, loss_fn)  # would raise if a backward pass ran
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# --- .grad interop --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", _claiming("grad"))
+def test_two_calls_accumulate_like_two_backward_passes(name: str) -> None:
+    model, loss_fn = _task(name)
+    together, separate = copy.deepcopy(model), copy.deepcopy(model)
+    est = _seeded(name)
+    est(together, loss_fn)
+    est(together, loss_fn)
+    est2, parts = _seeded(name), []
+    for _ in range(2):
+        separate.zero_grad(set_to_none=True)
+        est2(separate, loss_fn)
+        parts.append([p.grad.clone() for p in separate.parameters()])
+    for p, a, b in zip(together.parameters(), *parts):
+        torch.testing.assert_close(p.grad, a + b, rtol=1e-12, atol=1e-12)
+
+
+# --- fused = .grad + SGD --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("name", _claiming("fused"))
+def test_fused_step_equals_grad_and_torch_sgd(name: str, momentum: float) -> None:
+    model, loss_fn = _task(name)
+    fused, ref = copy.deepcopy(model), copy.deepcopy(model)
+    est_fused, est_ref = _seeded(name), _seeded(name)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum, weight_decay=0.01)
+    for _ in range(3):
+        loss_a = est_fused.sgd_step(fused, loss_fn, lr=0.05, weight_decay=0.01, momentum=momentum)
+        opt.zero_grad()
+        loss_b = est_ref(ref, loss_fn)
+        opt.step()
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in fused.parameters())
+
+
+def test_every_recipe_claims_something_and_unknown_claims_are_refused() -> None:
+    assert all(recipe(n).claims for n in fwdgrad.available_estimators())
+    with pytest.raises(ValueError, match="unknown claim 'fast'"):
+        fwdgrad.register_estimator("test-bad-claim", fwdgrad.Backprop, claims=("fast",))
+    assert "test-bad-claim" not in fwdgrad.available_estimators()
+
+
+def test_options_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^fwdgrad.estimator: estimator 'bp' has no option 'seed'"):
+        fwdgrad.estimator("bp", seed=0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"):
+        fwdgrad.estimator("fg-w", seed=2**63)
