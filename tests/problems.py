@@ -6,6 +6,7 @@ descriptions serve every check, identified by ``id``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
+
+#: The device of the exactness and estimator tests (``pytest --device cuda``; see the root conftest.py).
+DEVICE = torch.device(os.environ.get("FWDGRAD_TEST_DEVICE", "cpu"))
 
 
 @dataclass
@@ -26,10 +30,10 @@ class Problem:
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
-        return self.make_model().double()
+        return self.make_model().double().to(DEVICE)
 
     def loss_fn(self, model: nn.Module) -> Tensor:
-        return self.loss(model(self.x), self.y)
+        return self.loss(model(self.x.to(DEVICE)), self.y.to(DEVICE))
 
 
 def _data(shape: tuple[int, ...], classes: int, seed: int) -> tuple[Tensor, Tensor]:

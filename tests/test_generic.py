@@ -4,10 +4,10 @@ A new estimator registered with ``claims=(...)`` (see :mod:`fwdgrad.estimators.r
 without a line of test code. Recipes that need a model with local heads (``needs="local-heads"``) run on a
 tiny LocalMixer, the others on the shared problems of ``problems.py``.
 
-Monte-Carlo (claim ``unbiased``): the mean of N estimates is compared with the true gradient entrywise in
-units of its own standard error; with z = 5 and fewer than 100 entries (300 samples; 6,000 heavy) a correct estimator fails with
-probability below 1e-4 (normal tail 5.7e-7 per entry, union bound), while a bias of a few standard errors
-is caught.
+Monte-Carlo (claim ``unbiased``): the mean of N estimates (300; 6,000 heavy) is compared with the true
+gradient entrywise in units of its own standard error; with z = 5 and fewer than 100 entries a correct
+estimator fails with probability below 1e-4 (normal tail 5.7e-7 per entry, union bound), while a bias of a
+few standard errors is caught.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import nn
 import fwdgrad
 from fwdgrad.estimators import ImplicitGradient, recipe
 from fwdgrad.models.localmixer import LocalMixer
-from problems import PROBLEMS, NoBackwardNet, autograd_gradient, directional
+from problems import DEVICE, PROBLEMS, NoBackwardNet, autograd_gradient, directional
 
 DT = torch.float64
 
@@ -61,6 +61,7 @@ def _task(name: str, seed: int = 0):
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
         x = torch.randn(6, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     return model, lambda m: F.cross_entropy(m(x), y, reduction=reduction)
 
 
@@ -133,8 +134,8 @@ def test_no_backward_pass_runs(name: str) -> None:
         inner.register_forward_hook(lambda m, a, o: RaisingBackward.apply(o))
     else:
         torch.manual_seed(0)
-        model = NoBackwardNet().double()
-        x, y = torch.randn(8, 6, dtype=DT), torch.randint(0, 3, (8,))
+        model = NoBackwardNet().double().to(DEVICE)
+        x, y = torch.randn(8, 6, dtype=DT, device=DEVICE), torch.randint(0, 3, (8,), device=DEVICE)
         reduction = "none" if fwdgrad.estimator_class(name).per_example_loss else "mean"
         loss_fn = lambda m: F.cross_entropy(m(x), y, reduction=reduction)
     with pytest.raises(RuntimeError, match="a backward pass happened"):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fwdgrad
-from problems import autograd_gradient
+from problems import DEVICE, autograd_gradient
 
 DT = torch.float64
 REL = 1e-10
@@ -27,7 +27,8 @@ REL = 1e-10
 
 def _data(seed: int = 0, shape: tuple[int, ...] = (8, 6), classes: int = 3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=DT), torch.randint(0, classes, (shape[0],), generator=g)
+    x, y = torch.randn(shape, generator=g, dtype=DT), torch.randint(0, classes, (shape[0],), generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def _flat(ts) -> torch.Tensor:
@@ -55,12 +56,13 @@ def _assert_rademacher_identity(model: nn.Module, loss_fn, *, fast_paths: bool =
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double().to(DEVICE)
 
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).double()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    return model.double().to(DEVICE)
 
 
 HOOKS = {
@@ -111,7 +113,7 @@ class _Symmetric(nn.Module):
 
 def test_parametrized_weights_are_seen() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double().to(DEVICE)
     parametrize.register_parametrization(model[0], "weight", _Symmetric())
     x, y = _data(shape=(8, 5))
     _assert_rademacher_identity(model, lambda m: F.cross_entropy(m(x), y))
@@ -127,7 +129,7 @@ class ScaledLinear(nn.Linear):
 @pytest.mark.parametrize("k", [1, 3])
 def test_subclasses_and_instance_forwards_are_seen(k: int) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(ScaledLinear(6, 5), nn.Linear(5, 3)).double()
+    model = nn.Sequential(ScaledLinear(6, 5), nn.Linear(5, 3)).double().to(DEVICE)
     model[1].forward = lambda x, _m=model[1]: F.linear(x, _m.weight, _m.bias).sin()
     x, y = _data()
     if k == 1:
@@ -214,7 +216,7 @@ FG_A_CASES = {
 def test_fg_a_never_gives_a_silent_zero(case: str) -> None:
     make, shape, named = FG_A_CASES[case]
     torch.manual_seed(0)
-    model = make().double()
+    model = make().double().to(DEVICE)
     if shape is None:
         x = torch.randint(0, 7, (8, 3))
     else:
@@ -268,7 +270,7 @@ def test_forward_grad_raises_the_documented_error_for_any_k(k: int) -> None:
 
 def _bn_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double().to(DEVICE)
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ def criterion_gradient(where: str, loss_fn: Callable[[nn.Module], Tensor], logit
             value = replay_criterion(loss_fn, fwAD.make_dual(logits, tangent))
             check_per_example(where, value, logits.shape[0])
             t = fwAD.unpack_dual(value).tangent
-            cols.append(torch.zeros(logits.shape[0], dtype=logits.dtype) if t is None else t.detach())
+            cols.append(logits.new_zeros(logits.shape[0]) if t is None else t.detach())
     return torch.stack(cols, 1)
 
 

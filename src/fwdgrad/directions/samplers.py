@@ -169,7 +169,7 @@ def orthogonal(like: Sequence[Tensor], num_directions: int, generator: torch.Gen
     m = torch.randn((n, num_directions), generator=generator, dtype=dtype, device=device)
     q, r = torch.linalg.qr(m)
     # Fix the signs so that q is Haar-distributed (QR alone is not unique).
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones((), dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones((), dtype=dtype, device=device))
     directions = (q.T * math.sqrt(n)).to(ref.device)  # [K, n]
     out, start = [], 0
     for p in like:

@@ -106,7 +106,7 @@ def _split_derivatives(where: str, loss_fn: LossFn, head: local.LocalHead) -> Te
     for j in range(flat.shape[1]):
         value = local.check_per_example(where, local.replay_criterion(loss_fn, flat[:, j]), b)
         t = fwAD.unpack_dual(value).tangent
-        cols.append(torch.zeros(b, dtype=split.dtype) if t is None else t.detach())
+        cols.append(split.new_zeros(b) if t is None else t.detach())
     return (torch.stack(cols, 1) / b).reshape(b, *extra)
 
 

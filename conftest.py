@@ -1,0 +1,26 @@
+"""Test-suite options. ``pytest --device cuda`` (or ``FWDGRAD_TEST_DEVICE=cuda``) runs the exactness and
+estimator tests that build their models through ``tests/problems.py`` (``problems.DEVICE``) on that device;
+CI runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=os.environ.get("FWDGRAD_TEST_DEVICE", "cpu"),
+        help="device for the exactness and estimator tests (default: $FWDGRAD_TEST_DEVICE, else cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    device = torch.device(config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: CUDA is not available on this machine")
+    os.environ["FWDGRAD_TEST_DEVICE"] = str(device)
