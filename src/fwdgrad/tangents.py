@@ -7,19 +7,5 @@ Example:
     True
 """
 
-from fwdgrad.directions.samplers import (  # noqa: F401
-    PARALLEL_DRAW_MIN,
-    SAMPLERS,
-    Sampler,
-    check_sampler_name,
-    draw_tensor,
-    gaussian,
-    orthogonal,
-    rademacher,
-    rank1,
-    rank1_factors,
-    sample_tangents,
-    sphere,
-    tensor_seeds,
-    variance_factor,
-)
+from fwdgrad.directions.samplers import *  # noqa: F403
+from fwdgrad.directions.samplers import __all__  # noqa: F401

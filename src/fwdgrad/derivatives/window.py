@@ -15,14 +15,14 @@ so with ``rank1`` tangents the weight's term costs ``O(B·(in + out))`` and ``u 
 other module gets dual parameters and PyTorch's own forward-AD rules, hooks included.
 
 Example:
-    >>> import torch, torch.nn.functional as F
+    >>> import torch
     >>> from fwdgrad.directions import TangentSource
     >>> from fwdgrad.derivatives.window import WindowedPass
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    >>> params = list(model.parameters())
-    >>> source = TangentSource("rank1", [p.detach() for p in params], 1, torch.Generator().manual_seed(0))
-    >>> loss, d, clean = WindowedPass(model, params, source).run(lambda m: F.cross_entropy(m(x), y), 0, "demo")
+    >>> conv = torch.nn.Conv2d(1, 2, 3)
+    >>> x = torch.randn(4, 1, 5, 5)
+    >>> params = list(conv.parameters())
+    >>> source = TangentSource("gaussian", [p.detach() for p in params], 1, torch.Generator().manual_seed(0))
+    >>> loss, d, clean = WindowedPass(conv, params, source).run(lambda m: m(x).pow(2).mean(), 0, "demo")
     >>> clean, tuple(d.shape)
     (True, ())
 """

@@ -5,40 +5,8 @@ out tensor by tensor (kept, factored, or regenerated from per-tensor seeds), and
 directions depend on the past (:mod:`fwdgrad.directions.stateful`). Imports nothing from the layers above.
 """
 
-from fwdgrad.directions.samplers import (
-    PARALLEL_DRAW_MIN,
-    SAMPLERS,
-    check_sampler_name,
-    draw_tensor,
-    gaussian,
-    orthogonal,
-    rademacher,
-    rank1,
-    rank1_factors,
-    sample_tangents,
-    scratch_generator,
-    sphere,
-    tensor_seeds,
-    variance_factor,
-)
+from fwdgrad.directions import samplers as _samplers
+from fwdgrad.directions.samplers import *  # noqa: F403
 from fwdgrad.directions.source import PER_TENSOR_SAMPLERS, Direction, TangentSource
 
-__all__ = [
-    "PARALLEL_DRAW_MIN",
-    "PER_TENSOR_SAMPLERS",
-    "SAMPLERS",
-    "Direction",
-    "TangentSource",
-    "check_sampler_name",
-    "draw_tensor",
-    "gaussian",
-    "orthogonal",
-    "rademacher",
-    "rank1",
-    "rank1_factors",
-    "sample_tangents",
-    "scratch_generator",
-    "sphere",
-    "tensor_seeds",
-    "variance_factor",
-]
+__all__ = [*_samplers.__all__, "PER_TENSOR_SAMPLERS", "Direction", "TangentSource"]

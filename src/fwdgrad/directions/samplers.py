@@ -261,3 +261,22 @@ def variance_factor(name: str, n: int, num_directions: int = 1) -> float:
     if name == "orthogonal":
         return n / k - 1
     return (n - 1) / k
+
+
+__all__ = [
+    "PARALLEL_DRAW_MIN",
+    "SAMPLERS",
+    "Sampler",
+    "check_sampler_name",
+    "draw_tensor",
+    "gaussian",
+    "orthogonal",
+    "rademacher",
+    "rank1",
+    "rank1_factors",
+    "sample_tangents",
+    "scratch_generator",
+    "sphere",
+    "tensor_seeds",
+    "variance_factor",
+]
