@@ -71,6 +71,10 @@ def _task(name: str, seed: int = 0):
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
 @pytest.mark.parametrize("name", _claiming("exact"))
 def test_exact_against_autograd(name: str, problem) -> None:
+    check_exact(name, problem)
+
+
+def check_exact(name: str, problem=PROBLEMS[0]) -> None:
     """An implicit gradient's directional derivatives are ⟨∇L, v_k⟩ of autograd's gradient along its own
     tangents; an explicit one is autograd's gradient itself (float64, 1e-10)."""
     model = problem.model()
@@ -126,6 +130,10 @@ def test_unbiased_heavy(name: str) -> None:
 
 @pytest.mark.parametrize("name", _claiming("no-backward"))
 def test_no_backward_pass_runs(name: str) -> None:
+    check_no_backward(name)
+
+
+def check_no_backward(name: str) -> None:
     if recipe(name).needs == "local-heads":
         model, loss_fn = _task(name)
         from problems import RaisingBackward
@@ -149,6 +157,10 @@ def test_no_backward_pass_runs(name: str) -> None:
 
 @pytest.mark.parametrize("name", _claiming("grad"))
 def test_two_calls_accumulate_like_two_backward_passes(name: str) -> None:
+    check_grad(name)
+
+
+def check_grad(name: str) -> None:
     model, loss_fn = _task(name)
     together, separate = copy.deepcopy(model), copy.deepcopy(model)
     est = _seeded(name)
@@ -169,6 +181,10 @@ def test_two_calls_accumulate_like_two_backward_passes(name: str) -> None:
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("name", _claiming("fused"))
 def test_fused_step_equals_grad_and_torch_sgd(name: str, momentum: float) -> None:
+    check_fused(name, momentum)
+
+
+def check_fused(name: str, momentum: float = 0.9) -> None:
     model, loss_fn = _task(name)
     fused, ref = copy.deepcopy(model), copy.deepcopy(model)
     est_fused, est_ref = _seeded(name), _seeded(name)
@@ -196,3 +212,33 @@ def test_options_are_checked_by_name() -> None:
         fwdgrad.estimator("bp", seed=0)
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"):
         fwdgrad.estimator("fg-w", seed=2**63)
+
+
+CHECKS = {
+    "exact": check_exact,
+    "unbiased": lambda name: _unbiased(name, 300),
+    "no-backward": check_no_backward,
+    "grad": check_grad,
+    "fused": check_fused,
+}
+
+
+def test_the_worked_example_of_docs_architecture_gets_the_generic_checks() -> None:
+    """Registering a recipe is all it takes: the recipes of docs/architecture.md pass every check they claim."""
+    import re
+    from pathlib import Path
+
+    from fwdgrad.estimators import registry
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    names = ("fg-w-orthogonal-doc", "fg-sign-doc")
+    try:
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            exec(compile(block, "docs/architecture.md", "exec"), {"__name__": "__doc__"})
+        for name in names:
+            assert recipe(name).claims
+            for claim in sorted(recipe(name).claims):
+                CHECKS[claim](name)
+    finally:
+        for name in names:
+            registry._REGISTRY.pop(name, None)

@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of docs/architecture.md run as written."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ARCHITECTURE = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "architecture.md").read_text(), flags=re.S)
 
 
 def test_readme_has_examples() -> None:
@@ -18,3 +20,17 @@ def test_readme_has_examples() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index: int) -> None:
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
+
+
+def test_architecture_examples_run_and_register_generic_recipes() -> None:
+    import fwdgrad
+    from fwdgrad.estimators import registry
+
+    assert len(ARCHITECTURE) == 2
+    try:
+        for i, block in enumerate(ARCHITECTURE):
+            exec(compile(block, f"docs/architecture.md[python block {i}]", "exec"), {"__name__": "__doc__"})
+        assert {"fg-w-orthogonal-doc", "fg-sign-doc"} <= set(fwdgrad.available_estimators())
+    finally:
+        for name in ("fg-w-orthogonal-doc", "fg-sign-doc"):
+            registry._REGISTRY.pop(name, None)
