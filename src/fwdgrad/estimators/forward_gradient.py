@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from fwdgrad.derivatives import module_directions
+from fwdgrad import local
+from fwdgrad.derivatives import local_weight_grads, module_directions
+from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
 from fwdgrad.estimators.base import LossFn, SampledEstimator
-from fwdgrad.estimators.gradient import ImplicitGradient
+from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, PartlyImplicitGradient
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
@@ -39,6 +42,14 @@ class ForwardGradient(SampledEstimator):
         chunk_size: at most this many directions per forward pass (bounds memory).
         fast_paths: use the per-module passes of :mod:`fwdgrad.derivatives`; ``False`` forces the reference
             path. Both draw the same tangents and give the same estimate up to rounding.
+        readout: ``"perturb"`` (Baydin et al.: every parameter is perturbed) or ``"exact"`` (Ren et al.'s
+            official FG-W: the read-out layer is not perturbed and gets its exact local gradient
+            :math:`\hat g_W = \delta^\top x`, :math:`\hat g_b = \sum_b \delta_b`, from
+            :math:`\delta = \partial L/\partial \text{logits}` obtained in forward mode through the
+            criterion alone — no backward through the network). The read-out is ``model.fwdgrad_readout``
+            (a module or its qualified name) when the model names it, else the last ``nn.Linear``; its
+            output must be the model's output, and ``loss_fn`` must call the model once and apply a
+            criterion to its output (see :func:`fwdgrad.local.replay_criterion`).
 
     A step yields an implicit gradient (the loss, the K directional derivatives and the tangent source), so
     :meth:`sgd_step` updates the parameters tensor by tensor from regenerated tangents without forming
@@ -65,11 +76,16 @@ class ForwardGradient(SampledEstimator):
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
         fast_paths: bool = True,
+        readout: str = "perturb",
     ) -> None:
         super().__init__(num_directions, tangents, seed=seed, generator=generator, chunk_size=chunk_size)
         if not isinstance(fast_paths, bool):
             raise TypeError(f"{type(self).__name__}: fast_paths must be a bool, got {fast_paths!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"{type(self).__name__}: readout must be one of {READOUTS}, got {readout!r}")
         self._fast_paths = fast_paths  # private: the repr shows the estimator's hyperparameters only
+        if readout != "perturb":  # the repr of the default estimator stays as it was
+            self.readout = readout
 
     @property
     def fast_paths(self) -> bool:
@@ -78,8 +94,15 @@ class ForwardGradient(SampledEstimator):
 
     def step(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], *, lean: bool = False
-    ) -> ImplicitGradient:
+    ) -> Gradient:
         where = f"{type(self).__name__}.{'sgd_step' if lean else '__call__'}"
+        if getattr(self, "readout", "perturb") == "exact":
+            return self._step_exact_readout(where, model, loss_fn, params, lean)
+        return self._perturbed(where, model, loss_fn, params, lean)
+
+    def _perturbed(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
+    ) -> ImplicitGradient:
         primals = [p.detach() for p in params.values()]
         source = TangentSource(self.tangents, primals, self.num_directions, self._generator,
                                lean=lean and TangentSource.lean_possible(self.tangents))
@@ -87,6 +110,116 @@ class ForwardGradient(SampledEstimator):
             model, loss_fn, params, source, where=where, chunk_size=self.chunk_size, fast=self.fast_paths
         )
         return ImplicitGradient(loss, dirs, source)
+
+    def _step_exact_readout(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
+    ) -> Gradient:
+        head = readout_module(where, model)
+        head_ids = {id(p) for p in head.parameters()}
+        hidden = {n: p for n, p in params.items() if id(p) not in head_ids}
+        if not hidden:
+            raise ValueError(f"{where}: readout='exact' leaves no parameter to perturb; use readout='perturb'")
+        seen = _ReadoutCapture(model, head)
+        with seen:
+            implicit = self._perturbed(where, model, loss_fn, hidden, lean)
+        if seen.logits is None and seen.model_args is not None:
+            # the batched pass ran under vmap: capture with one plain forward, buffers left as the step left them
+            saved = snapshot_buffers(model)
+            with seen, torch.no_grad():
+                model(*seen.model_args)
+            restore_buffers(saved)
+        seen.check(where)
+        delta = readout_delta(where, loss_fn, seen.logits)
+        grads = local_weight_grads(head, (seen.inputs,), delta)
+        index = {id(p): i for i, p in enumerate(params.values())}
+        explicit = {index[id(head.get_parameter(n))]: g for n, g in grads.items() if id(head.get_parameter(n)) in index}
+        order = [i for i, p in enumerate(params.values()) if id(p) not in head_ids]
+        return PartlyImplicitGradient(implicit, order, explicit)
+
+
+READOUTS = ("perturb", "exact")
+
+
+def readout_module(where: str, model: nn.Module) -> nn.Module:
+    """The read-out layer: ``model.fwdgrad_readout`` (a module or a qualified name), else the last
+    ``nn.Linear`` registered in ``model``."""
+    named = getattr(model, "fwdgrad_readout", None)
+    if isinstance(named, nn.Module):
+        return named
+    if isinstance(named, str):
+        return model.get_submodule(named)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{where}: readout='exact' needs a read-out nn.Linear and {type(model).__name__} has none; name "
+            "the read-out module with a model attribute fwdgrad_readout"
+        )
+    return linears[-1]
+
+
+def readout_delta(where: str, loss_fn: LossFn, logits: torch.Tensor) -> torch.Tensor:
+    """``δ = ∂L/∂logits`` ``[B, C]`` of the scalar loss, in forward mode through the criterion alone
+    (``torch.func.jacfwd`` over :func:`fwdgrad.local.replay_criterion`: one batched pass, no backward)."""
+
+    def criterion(z: torch.Tensor) -> torch.Tensor:
+        value = local.replay_criterion(loss_fn, z)
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise ValueError(f"{where}: readout='exact' needs loss_fn to return a scalar loss")
+        return value
+
+    return torch.func.jacfwd(criterion)(logits.detach())
+
+
+class _ReadoutCapture:
+    """Forward hooks recording, for the first forward of a step, the read-out layer's input and output and
+    whether that output is the model's output (primal values; nothing is kept from inside a ``vmap``)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+        self.model, self.head = model, head
+        self.inputs: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.model_args: tuple[Any, ...] | None = None
+        self.is_output = False
+        self._head_out: Any = None
+        self._done = False
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _plain(x: Any) -> torch.Tensor | None:
+        if not isinstance(x, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return None
+        return fwAD.unpack_dual(x).primal.detach()
+
+    def _on_head(self, m: nn.Module, args: Any, out: Any) -> None:
+        if not self._done and self._head_out is None:
+            self._head_out = out
+            x, z = (self._plain(args[0]) if args else None), self._plain(out)
+            if x is not None and z is not None:
+                self.inputs, self.logits = x, z
+
+    def _on_model(self, m: nn.Module, args: Any, out: Any) -> None:
+        if not self._done:
+            self._done = True
+            self.model_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            self.is_output = self._head_out is not None and out is self._head_out
+
+    def __enter__(self) -> _ReadoutCapture:
+        self._done, self._head_out = False, None
+        self._handles = [self.head.register_forward_hook(self._on_head),
+                         self.model.register_forward_hook(self._on_model)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._head_out = None
+
+    def check(self, where: str) -> None:
+        if self.logits is None or not self.is_output or self.logits.dim() != 2:
+            raise ValueError(
+                f"{where}: readout='exact' needs the read-out layer ({type(self.head).__name__}) to produce the "
+                "model's output [B, C]; name the read-out with model.fwdgrad_readout or use readout='perturb'"
+            )
 
 
 register_estimator(

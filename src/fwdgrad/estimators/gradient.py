@@ -164,3 +164,26 @@ class ImplicitGradient(Gradient):
         else:
             for i in range(len(params)):
                 update(i)
+
+
+class PartlyImplicitGradient(Gradient):
+    """Some tensors from an :class:`ImplicitGradient` (the perturbed ones), the others given explicitly
+    (e.g. a read-out layer's exact local gradient).
+
+    Args:
+        implicit: the perturbed tensors' gradient; its tensor ``j`` is overall tensor ``implicit_index[j]``.
+        explicit: overall index → gradient, for the other tensors.
+    """
+
+    def __init__(self, implicit: ImplicitGradient, implicit_index: Sequence[int], explicit: dict[int, Tensor]) -> None:
+        self.loss, self.implicit, self.explicit = implicit.loss, implicit, explicit
+        self._local = {i: j for j, i in enumerate(implicit_index)}
+
+    def tensor(self, index: int) -> Tensor:
+        j = self._local.get(index)
+        return self.explicit[index] if j is None else self.implicit.tensor(j)
+
+    def _non_finite(self) -> list[int]:
+        bad = [i for i, j in self._local.items() if j in self.implicit._non_finite()]
+        order = sorted(self.explicit)
+        return sorted(bad + [order[k] for k in _finite_tensors([self.explicit[i] for i in order])])
