@@ -55,6 +55,8 @@ Tensor = torch.Tensor
 def uses_fast_loop(name: str, num_directions: int) -> bool:
     """Whether the per-module passes apply: one direction, or ``rank1`` tangents (whose batched pass costs
     about ``1 + K`` matmul units against ``1 + 2K`` for the reference ``vmap(jvp)`` with dense tangents)."""
+    if name == "given":  # stored tangents (a guess): one direction runs the windowed pass
+        return num_directions == 1
     return name in PER_TENSOR_SAMPLERS and (num_directions == 1 or name == "rank1")
 
 

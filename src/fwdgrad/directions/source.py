@@ -86,6 +86,38 @@ class TangentSource:
         else:
             self._blocks = SAMPLERS[name](self.primals, num_directions, generator)
 
+    @classmethod
+    def given(cls, primals: Sequence[Tensor], blocks: Sequence[Tensor]) -> TangentSource:
+        """A source handing out given tangents ``blocks`` (``[K, *p.shape]`` per tensor of ``primals``: a
+        guess, a feedback signal): stored, not regenerable. Its name is ``"given"``."""
+        self = cls.__new__(cls)
+        self.name, self.num_directions = "given", blocks[0].shape[0]
+        self.primals = list(primals)
+        self._blocks, self._seeds = list(blocks), None
+        return self
+
+    def gram(self) -> Tensor:
+        """``BᵀB``, ``[K, K]``: the inner products of the K directions over all tensors (float64)."""
+        k = self.num_directions
+        g = torch.zeros(k, k, dtype=torch.float64, device=self.primals[0].device)
+        for i in range(len(self.primals)):
+            block = self.materialise_one(i).reshape(k, -1).to(torch.float64)
+            g += block @ block.T
+        return g
+
+    def inner(self, index: int, other: Tensor) -> Tensor:
+        """``⟨v_{index,k}, other⟩`` for every direction k, ``[K]``."""
+        block = self.materialise_one(index).reshape(self.num_directions, -1)
+        return block @ other.reshape(-1).to(block.dtype)
+
+    def materialise_one(self, index: int) -> Tensor:
+        """Tensor ``index``'s tangents ``[K, *shape]`` (rank-1 factors multiplied out)."""
+        block = self._block(index)
+        if isinstance(block, tuple):
+            u, v = block
+            return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(self.num_directions, *self.primals[index].shape)
+        return block
+
     @staticmethod
     def lean_possible(name: str) -> bool:
         """Whether sampler ``name`` can run ``lean`` (its tensors drawn again one at a time)."""
@@ -136,14 +168,7 @@ class TangentSource:
 
     def materialise(self) -> list[Tensor]:
         """Every tangent, ``[K, *p.shape]`` per tensor: equal to ``SAMPLERS[name](primals, K, generator)``."""
-        out = []
-        for i, p in enumerate(self.primals):
-            block = self._block(i)
-            if isinstance(block, tuple):
-                u, v = block
-                block = (u.unsqueeze(2) * v.unsqueeze(1)).reshape(self.num_directions, *p.shape)
-            out.append(block)
-        return out
+        return [self.materialise_one(i) for i in range(len(self.primals))]
 
     def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """``out + alpha · Σ_k weights[k] · v_{index,k}`` (``out`` updated in place; ``None``: from zero).

@@ -9,11 +9,12 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
-from fwdgrad.derivatives import local_weight_grads, module_directions
+from fwdgrad.derivatives import local_weight_grads, module_directions, once_per_step
 from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
+from fwdgrad.directions.stateful import MomentumDirections, MomentumState
 from fwdgrad.estimators.base import LossFn, SampledEstimator
-from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, PartlyImplicitGradient
+from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient, PartlyImplicitGradient
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
@@ -50,6 +51,16 @@ class ForwardGradient(SampledEstimator):
             (a module or its qualified name) when the model names it, else the last ``nn.Linear``; its
             output must be the model's output, and ``loss_fn`` must call the model once and apply a
             criterion to its output (see :func:`fwdgrad.local.replay_criterion`).
+        directions: ``"sampled"`` (fresh tangents every step) or ``"momentum"`` (Silver et al. 2022: the unit
+            direction ``u`` of a running average of past estimates, decay ``direction_beta``, is a guess;
+            the step adds the exact derivative along ``u`` to K fresh directions projected off it,
+            ``ĝ = ⟨∇L,u⟩u + (I − uuᵀ)(1/K)Σ⟨∇L,v_k⟩v_k``: unbiased, exact along ``u``, K + 1 derivatives;
+            :mod:`fwdgrad.directions.stateful`).
+        direction_beta: the decay of the running average for ``directions="momentum"``.
+        aggregation: ``"mean"`` (the mean over the K directions) or ``"projection"`` (Flügel et al. 2025:
+            the orthogonal projection of ``∇L`` onto the span of the K directions, scaled to be unbiased,
+            ``ĝ = (n/K)·B(BᵀB)⁻¹Bᵀ∇L`` with ``B = [v_1 … v_K]``; needs a rotation-invariant sampler,
+            ``gaussian`` or ``sphere``, for which ``E[B(BᵀB)⁻¹Bᵀ] = (K/n)·I``).
 
     A step yields an implicit gradient (the loss, the K directional derivatives and the tangent source), so
     :meth:`sgd_step` updates the parameters tensor by tensor from regenerated tangents without forming
@@ -77,15 +88,38 @@ class ForwardGradient(SampledEstimator):
         chunk_size: int | None = None,
         fast_paths: bool = True,
         readout: str = "perturb",
+        directions: str = "sampled",
+        direction_beta: float = 0.9,
+        aggregation: str = "mean",
     ) -> None:
         super().__init__(num_directions, tangents, seed=seed, generator=generator, chunk_size=chunk_size)
         if not isinstance(fast_paths, bool):
             raise TypeError(f"{type(self).__name__}: fast_paths must be a bool, got {fast_paths!r}")
         if readout not in READOUTS:
             raise ValueError(f"{type(self).__name__}: readout must be one of {READOUTS}, got {readout!r}")
+        if directions not in DIRECTIONS:
+            raise ValueError(f"{type(self).__name__}: directions must be one of {DIRECTIONS}, got {directions!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"{type(self).__name__}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if aggregation == "projection" and tangents not in ("gaussian", "sphere"):
+            raise ValueError(
+                f"{type(self).__name__}: aggregation='projection' is unbiased only for rotation-invariant "
+                f"directions; use tangents='gaussian' or 'sphere', got {tangents!r}"
+            )
+        if directions == "momentum" and (readout != "perturb" or aggregation != "mean"):
+            raise ValueError(f"{type(self).__name__}: directions='momentum' goes with readout='perturb' and "
+                             "aggregation='mean'")
         self._fast_paths = fast_paths  # private: the repr shows the estimator's hyperparameters only
-        if readout != "perturb":  # the repr of the default estimator stays as it was
-            self.readout = readout
+        # non-default choices only, so the repr of the default estimator stays as it was
+        for key, value, default in (("readout", readout, "perturb"), ("directions", directions, "sampled"),
+                                    ("aggregation", aggregation, "mean")):
+            if value != default:
+                setattr(self, key, value)
+        self._momentum: MomentumDirections | None = None
+        self._momentum_state: tuple[list[int], MomentumState] | None = None
+        if directions == "momentum":
+            self._momentum = MomentumDirections(direction_beta)
+            self.direction_beta = float(direction_beta)
 
     @property
     def fast_paths(self) -> bool:
@@ -98,7 +132,37 @@ class ForwardGradient(SampledEstimator):
         where = f"{type(self).__name__}.{'sgd_step' if lean else '__call__'}"
         if getattr(self, "readout", "perturb") == "exact":
             return self._step_exact_readout(where, model, loss_fn, params, lean)
-        return self._perturbed(where, model, loss_fn, params, lean)
+        if self._momentum is not None:
+            return self._step_momentum(where, model, loss_fn, params)
+        grad = self._perturbed(where, model, loss_fn, params, lean)
+        if getattr(self, "aggregation", "mean") == "projection":
+            grad = _projected(grad)
+        return grad
+
+    def _step_momentum(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> Gradient:
+        assert self._momentum is not None
+        ids = [id(p) for p in params.values()]
+        if self._momentum_state is None or self._momentum_state[0] != ids:
+            self._momentum_state = (ids, self._momentum.init([p.detach() for p in params.values()]))
+        state = self._momentum_state[1]
+        step_loss = once_per_step(model, loss_fn)  # buffers move once over both passes
+        fresh = self._perturbed(where, model, step_loss, params, False)
+        u = self._momentum.guess(state)
+        if u is None:
+            grads = fresh.materialise()
+        else:
+            along = TangentSource.given(fresh.source.primals, [t.unsqueeze(0) for t in u])
+            _, du = module_directions(model, step_loss, params, along, where=where, fast=self.fast_paths)
+            k = fresh.dirs.shape[0]
+            c = sum(fresh.source.inner(i, t) for i, t in enumerate(u))  # ⟨v_k, u⟩, [K]
+            alpha = du[0] - (fresh.dirs.to(c.dtype) * c).sum() / k
+            grads = [g.add_(t, alpha=float(alpha)) for g, t in zip(fresh.materialise(), u)]
+        out = ExplicitGradient(fresh.loss, grads)
+        if torch.isfinite(fresh.dirs).all() and all(bool(torch.isfinite(g).all()) for g in grads):
+            self._momentum.update(state, grads)  # a non-finite step leaves the state as it was
+        return out
 
     def _perturbed(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
@@ -138,6 +202,16 @@ class ForwardGradient(SampledEstimator):
 
 
 READOUTS = ("perturb", "exact")
+DIRECTIONS = ("sampled", "momentum")
+AGGREGATIONS = ("mean", "projection")
+
+
+def _projected(grad: ImplicitGradient) -> ImplicitGradient:
+    """``(n/K)·B(BᵀB)⁻¹Bᵀ∇L`` as an implicit gradient: coefficients ``n·(BᵀB)⁻¹d`` (the mean then divides by K)."""
+    n = sum(p.numel() for p in grad.source.primals)
+    gram = grad.source.gram()
+    coef = n * torch.linalg.solve(gram, grad.dirs.to(torch.float64))
+    return ImplicitGradient(grad.loss, coef.to(grad.dirs.dtype), grad.source)
 
 
 def readout_module(where: str, model: nn.Module) -> nn.Module:

@@ -1,0 +1,145 @@
+"""Momentum directions (Silver et al. 2022, unbiased variant) and the projection aggregation (Flügel et al.
+2025): exact pieces against autograd in float64, Monte-Carlo unbiasedness (z-test, see test_generic.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fwdgrad
+from fwdgrad.directions import TangentSource
+from problems import DEVICE
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _task(seed: int = 0, bn: bool = False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)]
+    if bn:
+        layers.insert(1, nn.BatchNorm1d(3))
+    model = nn.Sequential(*layers).double().to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 4, generator=g, dtype=DT).to(DEVICE)
+    y = torch.randint(0, 2, (8,), generator=g).to(DEVICE)
+    return model, lambda m: F.cross_entropy(m(x), y)
+
+
+def _flat(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _true(model, loss_fn) -> torch.Tensor:
+    return _flat(torch.autograd.grad(loss_fn(model), list(model.parameters())))
+
+
+def test_momentum_estimate_is_exact_along_the_guess() -> None:
+    """⟨ĝ, u⟩ = ⟨∇L, u⟩ exactly: the random part is projected off the guess u."""
+    model, loss_fn = _task()
+    est = fwdgrad.estimator("fg-w", directions="momentum", num_directions=2, seed=0)
+    est(model, loss_fn)  # first step: no guess yet, a plain forward gradient that starts the average
+    u = _flat(est._momentum.guess(est._momentum_state[1]))
+    model.zero_grad()
+    est(model, loss_fn)
+    ghat, true = _flat(p.grad for p in model.parameters()), _true(model, loss_fn)
+    torch.testing.assert_close(ghat @ u, true @ u, rtol=1e-10, atol=1e-14)
+    assert abs(float(u.norm()) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("samples", [400])
+def test_momentum_estimate_is_unbiased_for_a_fixed_guess(samples: int) -> None:
+    model, loss_fn = _task(1)
+    true = _true(model, loss_fn)
+    est = fwdgrad.estimator("fg-w", directions="momentum", seed=2)
+    est(model, loss_fn)
+    state = copy.deepcopy(est._momentum_state)
+    draws = []
+    for _ in range(samples):
+        est._momentum_state = copy.deepcopy(state)  # the same guess for every draw
+        model.zero_grad(set_to_none=True)
+        est(model, loss_fn)
+        draws.append(_flat(p.grad for p in model.parameters()))
+    d = torch.stack(draws)
+    z = (d.mean(0) - true).abs() / (d.std(0) / samples**0.5).clamp_min(1e-12)
+    assert z.max() < 5.0
+
+
+def test_momentum_statistics_and_fused_step() -> None:
+    model, loss_fn = _task(bn=True)
+    reference = copy.deepcopy(model)
+    loss_fn(reference)  # one forward: what one step does to BatchNorm's statistics
+    est = fwdgrad.estimator("fg-w", directions="momentum", num_directions=3, seed=0)
+    est(model, loss_fn)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    a, b = _task()[0], _task()[0]
+    _, lf = _task()
+    ea = fwdgrad.estimator("fg-w", directions="momentum", seed=4)
+    eb = fwdgrad.estimator("fg-w", directions="momentum", seed=4)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    for _ in range(3):
+        ea.sgd_step(a, lf, lr=0.1)
+        opt.zero_grad()
+        eb(b, lf)
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_projection_equals_the_scaled_orthogonal_projection() -> None:
+    """ĝ = (n/K)·B(BᵀB)⁻¹Bᵀ∇L with the step's own tangents (float64, against autograd)."""
+    model, loss_fn = _task()
+    true = _true(model, loss_fn)
+    est = fwdgrad.estimator("fg-w", aggregation="projection", num_directions=3, seed=5)
+    params = dict(model.named_parameters())
+    grad = est.step(model, loss_fn, params)
+    basis = torch.stack([_flat(grad.source.dense(i, k) for i in range(len(params))) for k in range(3)], 1)
+    n = basis.shape[0]
+    want = (n / 3) * basis @ torch.linalg.solve(basis.T @ basis, basis.T @ true)
+    got = _flat(grad.tensor(i) for i in range(len(params)))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_projection_is_unbiased() -> None:
+    model, loss_fn = _task(3)
+    true = _true(model, loss_fn)
+    est = fwdgrad.estimator("fg-w", aggregation="projection", num_directions=4, seed=6)
+    draws = []
+    for _ in range(600):
+        model.zero_grad(set_to_none=True)
+        est(model, loss_fn)
+        draws.append(_flat(p.grad for p in model.parameters()))
+    d = torch.stack(draws)
+    z = (d.mean(0) - true).abs() / (d.std(0) / 600**0.5)
+    assert z.max() < 5.0
+
+
+def test_bad_direction_options() -> None:
+    with pytest.raises(ValueError, match="directions must be one of"):
+        fwdgrad.estimator("fg-w", directions="adam")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        fwdgrad.estimator("fg-w", aggregation="median")
+    with pytest.raises(ValueError, match="use tangents='gaussian' or 'sphere', got 'rademacher'"):
+        fwdgrad.estimator("fg-w", aggregation="projection", tangents="rademacher")
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\), got 1.5"):
+        fwdgrad.estimator("fg-w", directions="momentum", direction_beta=1.5)
+
+
+def test_given_source_hands_out_its_blocks() -> None:
+    blocks = [torch.randn(1, 3, 2), torch.randn(1, 2)]
+    src = TangentSource.given([b[0] * 0 for b in blocks], blocks)
+    assert src.name == "given" and not src.regenerable
+    assert torch.equal(src.dense(0, 0), blocks[0][0])
+    torch.testing.assert_close(src.gram(), sum(b.reshape(1, -1).double() @ b.reshape(1, -1).double().T for b in blocks))
