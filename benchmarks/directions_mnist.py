@@ -30,6 +30,8 @@ METHODS = {
     "fg-w K=4 projection": {"num_directions": 4, "aggregation": "projection"},
     "fg-w momentum K=1 (2 derivatives)": {"num_directions": 1, "directions": "momentum"},
     "fg-w momentum K=3 (4 derivatives)": {"num_directions": 3, "directions": "momentum"},
+    "fg-w momentum β=0.99 K=1 (2 derivatives)": {"num_directions": 1, "directions": "momentum", "direction_beta": 0.99},
+    "fg-w momentum β=0.99 K=3 (4 derivatives)": {"num_directions": 3, "directions": "momentum", "direction_beta": 0.99},
 }
 THRESHOLDS = (1.5, 1.0, 0.7, 0.5)
 
