@@ -239,7 +239,7 @@ def test_dataset_checks_its_tensors():
 def test_available_datasets_reports_where(tmp_path, small_mnist):
     small_mnist.write(tmp_path / "mnist")
     infos = {info.name: info for info in available_datasets(tmp_path)}
-    assert list(infos) == ["mnist1d", "mnist", "fashion-mnist", "cifar10"]
+    assert list(infos) == ["mnist1d", "mnist", "fashion-mnist", "cifar10", "seqmnist", "pixelmnist"]
     assert infos["mnist1d"].available and infos["mnist1d"].input_shape == (40,)
     assert infos["mnist"].available and infos["mnist"].location == str(tmp_path / "mnist")
     assert infos["mnist"].files == tuple(f"{stem}.gz" for stem in IDX_NAMES)

@@ -9,6 +9,8 @@ mnist1d        ``[40]``              10      generated from the canonical recipe
 mnist          ``[1, 28, 28]``       10      official IDX files (``train-images-idx3-ubyte.gz`` ...)
 fashion-mnist  ``[1, 28, 28]``       10      official IDX files, same names as MNIST
 cifar10        ``[3, 32, 32]``       10      official ``cifar-10-python.tar.gz`` (or its extracted folder)
+seqmnist       ``[28, 28]``          10      the MNIST files: 28 steps of one 28-pixel row
+pixelmnist     ``[784, 1]``          10      the MNIST files: 784 steps of one pixel (raster order)
 ============== ===================== ======= ========================================================
 
 Normalisation (inputs are float32, labels int64):
@@ -51,6 +53,7 @@ from fwdgrad.data.download import DownloadError, UnsafeArchiveError, fetch_datas
 from fwdgrad.data.idx import read_idx
 from fwdgrad.data.mnist1d import MNIST1DConfig, make_mnist1d
 from fwdgrad.data.resources import CIFAR10_FOLDER, RESOURCES, CorruptFileError, md5_of_file, redownload_hint
+from fwdgrad.data.sequence import SEQUENCE_BASE, SEQUENCE_VIEWS
 
 __all__ = [
     "RESOURCES",
@@ -161,6 +164,8 @@ _SPECS: dict[str, _Spec] = {
         aliases=("FashionMNIST/raw", "fashion_mnist"),
     ),
     "cifar10": _Spec("CIFAR-10 colour images, 50000 train / 10000 test", (3, 32, 32), aliases=("cifar-10",)),
+    "seqmnist": _Spec("sequential MNIST: 28 steps of one 28-pixel row (the MNIST files)", (28, 28)),
+    "pixelmnist": _Spec("pixel-by-pixel MNIST: 784 steps of one pixel (the MNIST files)", (784, 1)),
 }
 
 
@@ -358,6 +363,12 @@ def load_dataset(
         torch.Size([4000, 40])
     """
     _check_name("load_dataset", name)
+    if name in SEQUENCE_VIEWS:
+        base = load_dataset(SEQUENCE_BASE[name], data_dir, download=download, mirror=mirror)
+        view = SEQUENCE_VIEWS[name]
+        return Dataset(
+            name, view(base.x_train), base.y_train, view(base.x_test), base.y_test, base.num_classes, base.source
+        )
     if name == "mnist1d":
         cfg = MNIST1DConfig()
         x_train, y_train, x_test, y_test = make_mnist1d(cfg)
@@ -383,7 +394,7 @@ def available_datasets(data_dir: str | os.PathLike | None = None, *, verify: boo
 
     Example:
         >>> [info.name for info in available_datasets()]
-        ['mnist1d', 'mnist', 'fashion-mnist', 'cifar10']
+        ['mnist1d', 'mnist', 'fashion-mnist', 'cifar10', 'seqmnist', 'pixelmnist']
     """
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     infos = []
@@ -394,6 +405,15 @@ def available_datasets(data_dir: str | os.PathLike | None = None, *, verify: boo
                     name, spec.description, spec.input_shape, spec.num_classes,
                     location=f"generated offline (canonical generator, seed {MNIST1DConfig().seed}; no files)",
                     available=True,
+                )
+            )  # fmt: skip
+            continue
+        if name in SEQUENCE_VIEWS:
+            base = next(i for i in infos if i.name == SEQUENCE_BASE[name])
+            infos.append(
+                DatasetInfo(
+                    name, spec.description, spec.input_shape, spec.num_classes, base.files, base.urls,
+                    base.location, base.available,
                 )
             )  # fmt: skip
             continue

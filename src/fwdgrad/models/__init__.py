@@ -122,3 +122,4 @@ __all__ = [
     "num_parameters",
     "register_model",
 ]
+from fwdgrad.models import recurrent as _recurrent  # noqa: E402,F401  (gru, lstm, lif; online-fg, forward-exact, bp-tbptt)

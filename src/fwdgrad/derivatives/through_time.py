@@ -1,0 +1,632 @@
+"""Forward mode through time: derivatives of sequence losses computed forward, with memory independent of T.
+
+Two backends for recurrent models, both carrying derivative information *with* the state instead of storing the
+sequence for a backward pass (BPTT):
+
+1. **Online forward mode** (Silver et al. 2022, "Learning by directional gradient descent", ICLR). A direction
+   ``v`` in parameter space is held over a window of ``window`` steps; the state's tangent
+   ``ṡ_t = ∂u/∂s·ṡ_{t−1} + ∂u/∂θ·v`` rides along with the state ``s_t = u(s_{t−1}, x_t; θ)`` under
+   ``torch.autograd.forward_ad``; the window's loss ``Σ_t ℓ_t`` and its directional derivative
+   ``d_k = Σ_t ℓ̇_t = ⟨∇_θ Σ_t ℓ_t, v⟩`` are accumulated online, and ``d_k·v`` is the window's forward gradient.
+   At each window boundary the state keeps its value but drops its tangent (the past states were computed
+   with the parameters of the past windows), so with ``window = T`` and one direction ``d = ⟨∇L, v⟩`` exactly,
+   and with a shorter window ``d`` is the directional derivative of the loss truncated at the boundary,
+   like truncated BPTT. Memory: the state, its tangent and the parameters' tangents, whatever ``T``.
+   :func:`online_forward_gradient` runs it with per-step losses and an optional update after every window;
+   :class:`WindowedSequence` runs a model whose loss is read at the end (classification).
+
+2. **Exact forward-propagated gradient for diagonal recurrences** (the e-prop / HYPR setting: Bellec et al.
+   2020; Baronig et al. 2025, "A scalable hybrid training approach for recurrent spiking neural networks").
+   For a layer ``pre_t = W x_t + b``, ``v_t = f(pre_t, v_{t−1}; a)`` element-wise in ``(pre, v, a)``,
+   ``s_t = g(v_t)`` element-wise, ``o_t = β o_{t−1} + c s_t`` and logits ``= R(o_T)``, the Jacobian
+   ``∂v_t/∂v_{t−1} = diag(A_t)`` is diagonal, so the sensitivity of neuron ``i`` to ``W_ij`` is a trace of the
+   size of ``W`` per example:
+
+   ``E_t[b,i,j] = A_t[b,i]·E_{t−1}[b,i,j] + P_t[b,i]·x_t[b,j]``  (``P_t = ∂f/∂pre``),
+   ``O_t[b,i,j] = β·O_{t−1}[b,i,j] + c·G_t[b,i]·E_t[b,i,j]``   (``G_t = g'(v_t)``),
+   ``∂L/∂W_ij = Σ_b (∂L/∂o_T)[b,i]·O_T[b,i,j]``,
+
+   and likewise for ``b`` (trace ``[B, H]``) and each per-neuron parameter ``a`` (trace ``[B, H]``). The
+   diagonals ``A_t, P_t, ∂f/∂a, G_t`` are JVPs with all-ones tangents (exact for element-wise maps). This is
+   the exact gradient (RTRL restricted to a diagonal recurrence), O(parameters) per example and step, memory
+   independent of ``T``. ``∂L/∂o_T`` and the readout's gradient come from a *local* backward through ``R``
+   and the loss only, never through time.
+
+   The **subsequence-parallel variant** (``chunk=C``, HYPR's hybrid scheme): the cheap state recursion runs
+   step by step over a subsequence of ``C`` steps storing the diagonals ``[C, B, H]``; two backward
+   recursions over those diagonals give the weights ``q_s = Π_{r>s} A_r`` and
+   ``w_s = β^{C−1−s}G_s + A_{s+1}w_{s+1}``, and the whole subsequence's contribution to the traces is one
+   batched matrix product over time, ``Σ_s (w_s P_s) ⊗ x_s``:
+   ``E_out = (A_0 q_0) E_in + Σ_s (q_s P_s) ⊗ x_s``, ``O_out = β^C O_in + c[(A_0 w_0) E_in + Σ_s (w_s P_s) ⊗ x_s]``.
+   Same gradient to rounding; memory grows with ``C``, not ``T``.
+
+The sequence protocol (:class:`SequenceModel`): a model exposing ``cell`` (an ``nn.Module`` mapping
+``(x_t [B, F], state) -> state``, e.g. ``nn.GRUCell``, ``nn.LSTMCell``, ``nn.RNNCell`` or a user's cell),
+``init_state(batch, like)``, ``readout(state) -> logits`` and ``to_sequence(x) -> [B, T, F]``. Its forward
+should be ``run_sequence(self, x)``. Diagonal models (:class:`DiagonalCell`) add the element-wise pieces.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Tiny(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.cell, self.fc = nn.GRUCell(2, 3), nn.Linear(3, 2)
+    ...     def to_sequence(self, x): return x
+    ...     def init_state(self, batch, like): return like.new_zeros(batch, 3)
+    ...     def readout(self, state): return self.fc(state)
+    ...     def forward(self, x): return run_sequence(self, x)
+    >>> model = Tiny()
+    >>> x = torch.randn(4, 5, 2)
+    >>> res = online_forward_gradient(model, x, lambda t, s: model.readout(s).pow(2).mean() if t == 4 else None,
+    ...                               generator=torch.Generator().manual_seed(0))
+    >>> sorted(res.estimate) == sorted(n for n, _ in model.named_parameters())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union, runtime_checkable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import functional_call
+
+from fwdgrad.tangents import check_sampler_name, sample_tangents
+
+Tensor = torch.Tensor
+State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 (a runtime alias)
+DirectionSource = Callable[[list[Tensor], Union[torch.Generator, None]], list[Tensor]]  # noqa: UP007
+
+__all__ = [
+    "DiagonalCell",
+    "MomentumDirections",
+    "OnlineResult",
+    "SequenceModel",
+    "WindowedSequence",
+    "check_diagonal_model",
+    "check_sequence_model",
+    "check_window",
+    "forward_exact_gradient",
+    "last_window_start",
+    "online_forward_gradient",
+    "run_sequence",
+]
+
+
+# --- the sequence protocol ----------------------------------------------------------------------------------
+@runtime_checkable
+class SequenceModel(Protocol):
+    """A recurrent model that fwdgrad can run step by step.
+
+    Attributes / methods:
+        cell: ``nn.Module`` called as ``cell(x_t, state) -> state`` with ``x_t`` of shape ``[B, F]``
+            (``nn.RNNCell``, ``nn.GRUCell``, ``nn.LSTMCell`` with state ``(h, c)``, or a user's cell).
+        init_state(batch, like): the state before the first step (``like`` gives dtype and device).
+        readout(state): logits ``[B, C]`` (or any output the loss reads) from the final state.
+        to_sequence(x): the model's input ``[B, *input_shape]`` as a sequence ``[B, T, F]``.
+    """
+
+    cell: nn.Module
+
+    def init_state(self, batch: int, like: Tensor) -> State: ...
+
+    def readout(self, state: State) -> Tensor: ...
+
+    def to_sequence(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class DiagonalCell(Protocol):
+    """A cell with element-wise (diagonal) recurrence, state ``(v, o)``, for the exact forward gradient.
+
+    ``cell(x_t, (v, o))`` must equal ``(v', β·o + c·neuron_output(v'))`` with
+    ``v' = neuron_step(input_layer(x_t), v, neuron_parameters())``, where ``neuron_step`` is element-wise in
+    ``pre``, ``v`` and each per-neuron parameter (shape ``[H]``), and ``neuron_output`` is element-wise.
+    Attributes: ``input_layer`` (``nn.Linear``), ``output_decay`` (β), ``output_scale`` (c). Every trainable
+    parameter of the cell must be ``input_layer``'s or listed by ``neuron_parameters()``. The model's
+    ``readout(state)`` must read ``o`` only.
+    """
+
+    input_layer: nn.Linear
+    output_decay: float
+    output_scale: float
+
+    def neuron_parameters(self) -> dict[str, Tensor]: ...
+
+    def neuron_step(self, pre: Tensor, v: Tensor, params: dict[str, Tensor]) -> Tensor: ...
+
+    def neuron_output(self, v: Tensor) -> Tensor: ...
+
+
+def check_sequence_model(where: str, model: object) -> None:
+    """Raise ``TypeError`` naming what ``model`` lacks of :class:`SequenceModel`."""
+    missing = [a for a in ("cell", "init_state", "readout", "to_sequence") if not hasattr(model, a)]
+    if missing or not isinstance(getattr(model, "cell"), nn.Module):
+        what = f"lacks {missing}" if missing else "has a cell that is not an nn.Module"
+        raise TypeError(
+            f"{where}: model {type(model).__name__} {what}; a sequence model exposes cell (an nn.Module called "
+            "as cell(x_t, state)), init_state(batch, like), readout(state) and to_sequence(x) "
+            "(see fwdgrad.derivatives.through_time.SequenceModel)"
+        )
+
+
+def check_diagonal_model(where: str, model: object) -> None:
+    """Raise ``TypeError`` unless ``model`` is a :class:`SequenceModel` whose cell is a :class:`DiagonalCell`."""
+    check_sequence_model(where, model)
+    cell = model.cell  # type: ignore[attr-defined]
+    missing = [
+        a
+        for a in ("input_layer", "output_decay", "output_scale", "neuron_parameters", "neuron_step", "neuron_output")
+        if not hasattr(cell, a)
+    ]
+    if missing or not isinstance(getattr(cell, "input_layer", None), nn.Linear):
+        raise TypeError(
+            f"{where}: model {type(model).__name__} has no diagonal recurrence (its cell "
+            f"{type(cell).__name__} lacks {missing or ['an nn.Linear input_layer']}); forward-exact needs a cell "
+            "with element-wise recurrence (see fwdgrad.derivatives.through_time.DiagonalCell), e.g. model 'lif'"
+        )
+
+
+def check_window(where: str, window: object, name: str = "window") -> int | None:
+    """``window`` as an int >= 1, or ``None`` (the whole sequence); anything else raises ``ValueError``."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{where}: {name} must be an int >= 1 or None (whole sequence), got {window!r}")
+    return window
+
+
+def last_window_start(steps: int, window: int | None) -> int:
+    """The first step of the last window when windows start at ``0, window, 2·window, ...``.
+
+    Example:
+        >>> last_window_start(28, 10), last_window_start(28, None), last_window_start(30, 10)
+        (20, 0, 20)
+    """
+    return 0 if window is None or window >= steps else window * ((steps - 1) // window)
+
+
+def _map_state(fn: Callable[[Tensor], Tensor], state: State) -> State:
+    return tuple(fn(s) for s in state) if isinstance(state, tuple) else fn(state)
+
+
+def _primal(t: Tensor) -> Tensor:
+    return fwAD.unpack_dual(t).primal
+
+
+def _as_sequence(where: str, model: Any, x: Tensor) -> Tensor:
+    seq = model.to_sequence(x)
+    if not isinstance(seq, Tensor) or seq.dim() != 3 or seq.shape[1] < 1:
+        shape = tuple(seq.shape) if isinstance(seq, Tensor) else type(seq).__name__
+        raise ValueError(f"{where}: {type(model).__name__}.to_sequence must return [B, T, F] with T >= 1, got {shape}")
+    return seq
+
+
+def run_sequence(model: Any, x: Tensor, *, window: int | None = None, truncate: bool = False) -> Tensor:
+    """``model.readout`` of the final state after running ``model.cell`` over ``model.to_sequence(x)``.
+
+    Args:
+        model: a :class:`SequenceModel`.
+        x: the model's input; ``to_sequence`` turns it into ``[B, T, F]``.
+        window: windows start at steps ``0, window, 2·window, ...``; at each start the state drops its
+            forward-mode tangent (see the module docstring). ``None``: one window.
+        truncate: run the steps before the last window without recording autograd history, so that a
+            backward from the output is truncated BPTT over the last window (memory ∝ ``window``).
+
+    Returns:
+        ``model.readout(state_T)``.
+    """
+    where = "fwdgrad.derivatives.through_time.run_sequence"
+    check_window(where, window)
+    seq = _as_sequence(where, model, x)
+    batch, steps, _ = seq.shape
+    state = model.init_state(batch, seq)
+    start = last_window_start(steps, window) if truncate else 0
+    for t in range(steps):
+        if window is not None and t > 0 and t % window == 0:
+            state = _map_state(_primal, state)
+        if t < start:
+            with torch.no_grad():
+                state = model.cell(seq[:, t], state)
+        else:
+            if t == start and start > 0:
+                state = _map_state(torch.Tensor.detach, state)
+            state = model.cell(seq[:, t], state)
+    return model.readout(state)
+
+
+class WindowedSequence(nn.Module):
+    """``model`` run through :func:`run_sequence` with a window: ``WindowedSequence(m, 7)(x)``.
+
+    Wraps a :class:`SequenceModel` so that an ordinary loss ``loss_fn(m) = F.cross_entropy(m(x), y)`` sees the
+    windowed run: under forward AD the output's tangent is the derivative through the last window (online
+    forward mode, loss at the end); with ``truncate=True`` a backward is truncated BPTT.
+    """
+
+    def __init__(self, model: nn.Module, window: int | None = None, *, truncate: bool = False) -> None:
+        super().__init__()
+        check_sequence_model("fwdgrad.derivatives.through_time.WindowedSequence", model)
+        self.model = model
+        self.window = check_window("fwdgrad.derivatives.through_time.WindowedSequence", window)
+        self.truncate = bool(truncate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_sequence(self.model, x, window=self.window, truncate=self.truncate)
+
+
+# --- online forward mode ------------------------------------------------------------------------------------
+class MomentumDirections:
+    """A stateful direction source: Gaussian noise plus a running mean of past estimates (Silver et al. 2022's
+    momentum candidate direction).
+
+    ``v = ε + scale·m̂`` where ``ε ~ N(0, I)``, ``m ← β·m + (1 − β)·ĝ`` after each window (``ĝ`` the window's
+    estimate) and ``m̂ = m·√n/‖m‖`` (the norm of a typical Gaussian direction in ``n`` dimensions); before the
+    first update ``v = ε``. The estimate ``⟨∇L, v⟩ v`` is then biased towards the momentum: a descent
+    direction, not an unbiased gradient.
+    """
+
+    def __init__(self, beta: float = 0.9, scale: float = 1.0) -> None:
+        where = "fwdgrad.derivatives.through_time.MomentumDirections"
+        if not (isinstance(beta, int | float) and 0.0 <= beta < 1.0):
+            raise ValueError(f"{where}: beta must lie in [0, 1), got {beta!r}")
+        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"{where}: scale must be a finite number >= 0, got {scale!r}")
+        self.beta, self.scale = float(beta), float(scale)
+        self.momentum: list[Tensor] | None = None
+
+    def __call__(self, like: list[Tensor], generator: torch.Generator | None) -> list[Tensor]:
+        noise = [t[0] for t in sample_tangents("gaussian", like, 1, generator)]
+        if self.momentum is None or self.scale == 0.0:
+            return noise
+        norm = torch.sqrt(sum((m * m).sum() for m in self.momentum)).clamp_min(1e-30)
+        n = sum(m.numel() for m in self.momentum)
+        return [e + self.scale * math.sqrt(n) * m / norm for e, m in zip(noise, self.momentum)]
+
+    def update(self, estimate: list[Tensor]) -> None:
+        if self.momentum is None:
+            self.momentum = [torch.zeros_like(g) for g in estimate]
+        for m, g in zip(self.momentum, estimate):
+            m.mul_(self.beta).add_(g, alpha=1.0 - self.beta)
+
+
+@dataclass
+class OnlineResult:
+    """What :func:`online_forward_gradient` returns.
+
+    Attributes:
+        loss: the sum of all step losses (detached scalar).
+        estimate: ``{name: Σ_k d_k·v_k}`` over the windows (with updates between windows, the sum of what
+            was handed to ``on_window``).
+        window_losses: ``[K]`` each window's summed loss.
+        derivatives: ``[K]`` each window's directional derivative ``d_k``.
+    """
+
+    loss: Tensor
+    estimate: dict[str, Tensor]
+    window_losses: Tensor
+    derivatives: Tensor
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _WindowRunner(nn.Module):
+    def __init__(self, model: nn.Module, step_loss: Callable[[int, State], Tensor | None]) -> None:
+        super().__init__()
+        self.model = model
+        self.step_loss = step_loss
+
+    def forward(self, seq: Tensor, state: State, start: int, stop: int) -> tuple[State, Tensor | None]:
+        total: Tensor | None = None
+        for t in range(start, stop):
+            state = self.model.cell(seq[:, t], state)
+            loss = self.step_loss(t, state)
+            if loss is not None:
+                total = loss if total is None else total + loss
+        return state, total
+
+
+def _directions(
+    where: str, source: str | DirectionSource, like: list[Tensor], generator: torch.Generator | None
+) -> list[Tensor]:
+    if isinstance(source, str):
+        return [t[0] for t in sample_tangents(source, like, 1, generator)]
+    out = list(source(like, generator))
+    if len(out) != len(like) or any(v.shape != p.shape for v, p in zip(out, like)):
+        raise ValueError(f"{where}: the direction source returned tensors that do not match the parameters' shapes")
+    return out
+
+
+def online_forward_gradient(
+    model: nn.Module,
+    x: Tensor,
+    step_loss: Callable[[int, State], Tensor | None],
+    *,
+    window: int | None = None,
+    directions: str | DirectionSource = "gaussian",
+    generator: torch.Generator | None = None,
+    on_window: Callable[[int, Tensor, dict[str, Tensor]], None] | None = None,
+) -> OnlineResult:
+    """Online forward mode through time (Silver et al. 2022): one direction per window, tangents with the state.
+
+    For windows ``[0, w), [w, 2w), ...`` (``w = window``, ``None``: the whole sequence), draws ``v_k`` from
+    ``directions``, runs the window's steps with every trainable parameter a dual tensor ``(θ, v_k)`` (under
+    ``torch.autograd.forward_ad``, no autograd graph), sums ``ℓ_t = step_loss(t, state_t)`` and its tangent
+    ``d_k = ⟨∇ Σ_t ℓ_t, v_k⟩`` (through the states of this window; the state enters the window without
+    tangent), and hands ``d_k·v_k`` to ``on_window``. Memory does not depend on ``T``.
+
+    Args:
+        model: a :class:`SequenceModel`.
+        x: its input (``model.to_sequence(x)`` is ``[B, T, F]``).
+        step_loss: ``step_loss(t, state_t)`` → scalar loss at step ``t`` or ``None`` (no loss at that step).
+        window: steps per window (int >= 1) or ``None``.
+        directions: a sampler name (``"gaussian"``, ``"rademacher"``, ...; see ``fwdgrad.tangents.SAMPLERS``),
+            or a callable ``source(params: list[Tensor], generator) -> list[Tensor]``; a source with an
+            ``update(estimate: list[Tensor])`` method (e.g. :class:`MomentumDirections`) sees each window's estimate.
+        generator: the randomness of the directions.
+        on_window: ``on_window(k, window_loss, {name: d_k·v_k})`` after each window, e.g. to write ``.grad``
+            and step an optimizer: the next window then uses the updated parameters (online learning).
+
+    Returns:
+        :class:`OnlineResult`.
+    """
+    where = "fwdgrad.derivatives.through_time.online_forward_gradient"
+    check_sequence_model(where, model)
+    window = check_window(where, window)
+    if isinstance(directions, str):
+        check_sampler_name(where, directions)
+    elif not callable(directions):
+        raise TypeError(f"{where}: directions must be a sampler name or a callable, got {type(directions).__name__}")
+    if not callable(step_loss):
+        raise TypeError(f"{where}: step_loss must be callable, got {type(step_loss).__name__}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"{where}: model {type(model).__name__} has no parameter with requires_grad=True")
+    runner = _WindowRunner(model, step_loss)
+    with torch.no_grad():
+        seq = _as_sequence(where, model, x)
+        batch, steps, _ = seq.shape
+        state = _map_state(torch.Tensor.detach, model.init_state(batch, seq))
+        width = steps if window is None else window
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        losses, derivs, bounds = [], [], []
+        for k, start in enumerate(range(0, steps, width)):
+            stop = min(start + width, steps)
+            primals = [p.detach() for p in params.values()]
+            vs = _directions(where, directions, primals, generator)
+            with fwAD.dual_level():
+                duals = {"model." + n: fwAD.make_dual(p, v) for n, p, v in zip(params, primals, vs)}
+                state, loss = functional_call(runner, duals, (seq, state, start, stop))
+                state = _map_state(lambda s: _primal(s).clone(), state)
+                if loss is None:
+                    loss_p, deriv = seq.new_zeros(()), seq.new_zeros(())
+                else:
+                    unpacked = fwAD.unpack_dual(loss)
+                    loss_p = unpacked.primal.clone()
+                    deriv = unpacked.tangent if unpacked.tangent is not None else torch.zeros_like(loss_p)
+                    deriv = deriv.clone()
+            estimate = {n: deriv * v for n, v in zip(params, vs)}
+            for n in params:
+                total[n].add_(estimate[n])
+            if hasattr(directions, "update"):
+                directions.update(list(estimate.values()))  # type: ignore[union-attr]
+            losses.append(loss_p)
+            derivs.append(deriv)
+            bounds.append((start, stop))
+            if on_window is not None:
+                on_window(k, loss_p, estimate)
+    window_losses = torch.stack(losses)
+    return OnlineResult(window_losses.sum(), total, window_losses, torch.stack(derivs), bounds)
+
+
+# --- exact forward-propagated gradient for diagonal recurrences ---------------------------------------------
+def _diag(fn: Callable[[Tensor], Tensor], at: Tensor) -> tuple[Tensor, Tensor]:
+    """``(fn(at), diag ∂fn/∂at)`` for an element-wise ``fn`` (one JVP with an all-ones tangent)."""
+    return torch.func.jvp(fn, (at,), (torch.ones_like(at),))
+
+
+@dataclass
+class _Traces:
+    weight: Tensor  # O-trace [B, H, F]
+    bias: Tensor  # [B, H]
+    neuron: dict[str, Tensor]  # name -> [B, H]
+    e_weight: Tensor  # E-trace [B, H, F]
+    e_bias: Tensor
+    e_neuron: dict[str, Tensor]
+
+
+def _cell_pieces(where: str, cell: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor], float, float]:
+    lin = cell.input_layer
+    neuron = dict(cell.neuron_parameters())
+    hidden = lin.weight.shape[0]
+    for n, a in neuron.items():
+        if a.shape != (hidden,):
+            raise ValueError(f"{where}: neuron parameter {n!r} must have shape [{hidden}], got {tuple(a.shape)}")
+    return lin.weight, lin.bias, neuron, float(cell.output_decay), float(cell.output_scale)
+
+
+def _step_diagonals(
+    cell: Any, pre: Tensor, v: Tensor, neuron: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor, Tensor]:
+    """One step: ``(v', A, P, {name: ∂f/∂a}, s, G)``."""
+    v_new, a_diag = _diag(lambda v_: cell.neuron_step(pre, v_, neuron), v)
+    _, p_diag = _diag(lambda p_: cell.neuron_step(p_, v, neuron), pre)
+    q_diag = {}
+    for n, a in neuron.items():
+        _, q = torch.func.jvp(
+            lambda a_, n=n: cell.neuron_step(pre, v, {**neuron, n: a_}), (a.detach(),), (torch.ones_like(a),)
+        )
+        q_diag[n] = q
+    s, g_diag = _diag(cell.neuron_output, v_new)
+    return v_new, a_diag, p_diag, q_diag, s, g_diag
+
+
+def _traces_sequential(cell: Any, seq: Tensor, v: Tensor, o: Tensor) -> tuple[Tensor, Tensor, _Traces]:
+    weight, bias, neuron, beta, c = _cell_pieces("forward_exact_gradient", cell)
+    batch, hidden, feats = seq.shape[0], weight.shape[0], seq.shape[2]
+    tr = _Traces(
+        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+        {n: seq.new_zeros(batch, hidden) for n in neuron},
+        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+        {n: seq.new_zeros(batch, hidden) for n in neuron},
+    )  # fmt: skip
+    for t in range(seq.shape[1]):
+        x_t = seq[:, t]
+        pre = torch.nn.functional.linear(x_t, weight, bias)
+        v, a_d, p_d, q_d, s, g_d = _step_diagonals(cell, pre, v, neuron)
+        tr.e_weight.mul_(a_d[..., None]).add_(p_d[..., None] * x_t[:, None, :])
+        tr.e_bias.mul_(a_d).add_(p_d)
+        for n in neuron:
+            tr.e_neuron[n].mul_(a_d).add_(q_d[n])
+        gc = c * g_d
+        tr.weight.mul_(beta).add_(gc[..., None] * tr.e_weight)
+        tr.bias.mul_(beta).add_(gc * tr.e_bias)
+        for n in neuron:
+            tr.neuron[n].mul_(beta).add_(gc * tr.e_neuron[n])
+        o = beta * o + c * s
+    return v, o, tr
+
+
+def _traces_chunked(cell: Any, seq: Tensor, v: Tensor, o: Tensor, chunk: int) -> tuple[Tensor, Tensor, _Traces]:
+    weight, bias, neuron, beta, c = _cell_pieces("forward_exact_gradient", cell)
+    batch, hidden, feats = seq.shape[0], weight.shape[0], seq.shape[2]
+    tr = _Traces(
+        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+        {n: seq.new_zeros(batch, hidden) for n in neuron},
+        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+        {n: seq.new_zeros(batch, hidden) for n in neuron},
+    )  # fmt: skip
+    for start in range(0, seq.shape[1], chunk):
+        xs = seq[:, start : start + chunk].transpose(0, 1)  # [C, B, F]
+        length = xs.shape[0]
+        a_s, p_s, g_s, q_s = [], [], [], {n: [] for n in neuron}
+        for t in range(length):  # the cheap state recursion, O(B·H) per step
+            pre = torch.nn.functional.linear(xs[t], weight, bias)
+            v, a_d, p_d, q_d, s, g_d = _step_diagonals(cell, pre, v, neuron)
+            a_s.append(a_d)
+            p_s.append(p_d)
+            g_s.append(g_d)
+            for n in neuron:
+                q_s[n].append(q_d[n])
+            o = beta * o + c * s
+        # backward recursions over the stored diagonals: q_s = Π_{r>s} A_r, w_s = β^{C-1-s} G_s + A_{s+1} w_{s+1}
+        q = [torch.ones_like(a_s[0])] * length
+        w = [g_s[-1]] * length
+        for s in range(length - 2, -1, -1):
+            q[s] = a_s[s + 1] * q[s + 1]
+            w[s] = beta ** (length - 1 - s) * g_s[s] + a_s[s + 1] * w[s + 1]
+        qq, ww, pp = torch.stack(q), torch.stack(w), torch.stack(p_s)  # [C, B, H]
+        carry_e, carry_o = a_s[0] * qq[0], c * a_s[0] * ww[0]  # coefficients of the incoming E-trace
+        decay = beta**length
+        # the parallel part: one batched product over the subsequence's time steps
+        tr.weight = decay * tr.weight + carry_o[..., None] * tr.e_weight + c * torch.einsum("sbi,sbj->bij", ww * pp, xs)
+        tr.e_weight = carry_e[..., None] * tr.e_weight + torch.einsum("sbi,sbj->bij", qq * pp, xs)
+        tr.bias = decay * tr.bias + carry_o * tr.e_bias + c * (ww * pp).sum(0)
+        tr.e_bias = carry_e * tr.e_bias + (qq * pp).sum(0)
+        for n in neuron:
+            qn = torch.stack(q_s[n])
+            tr.neuron[n] = decay * tr.neuron[n] + carry_o * tr.e_neuron[n] + c * (ww * qn).sum(0)
+            tr.e_neuron[n] = carry_e * tr.e_neuron[n] + (qq * qn).sum(0)
+    return v, o, tr
+
+
+class _ExactRun(nn.Module):
+    """Stands in for the model inside ``loss_fn``: computes the traces, returns ``readout((v_T, o_leaf))``."""
+
+    def __init__(self, model: nn.Module, chunk: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+        self.result: tuple[Tensor, Tensor, _Traces] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        where = "fwdgrad.derivatives.through_time.forward_exact_gradient"
+        if self.result is not None:
+            raise ValueError(f"{where}: loss_fn called the model more than once; it must call it once")
+        model = self.model
+        with torch.no_grad():
+            seq = _as_sequence(where, model, x)
+            state = model.init_state(seq.shape[0], seq)
+            if not (isinstance(state, tuple) and len(state) == 2):
+                raise ValueError(f"{where}: a diagonal model's state must be (v, o), got {type(state).__name__}")
+            v, o = (s.detach() for s in state)
+            if self.chunk is None:
+                v, o, tr = _traces_sequential(model.cell, seq, v, o)
+            else:
+                v, o, tr = _traces_chunked(model.cell, seq, v, o, self.chunk)
+        v_leaf, o_leaf = v.requires_grad_(), o.requires_grad_()
+        self.result = (v_leaf, o_leaf, tr)
+        return model.readout((v_leaf, o_leaf))
+
+
+def forward_exact_gradient(
+    model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], *, chunk: int | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The exact gradient of ``loss_fn(model)`` for a model with diagonal recurrence, propagated forward in time.
+
+    Math, shapes and the subsequence-parallel variant in the module docstring (HYPR, Baronig et al. 2025).
+    ``loss_fn(m)`` must call ``m(x)`` once (e.g. ``F.cross_entropy(m(x), y)``); it is run on a stand-in that
+    computes the traces forward and returns the readout. The only backward is local: through ``readout`` and
+    the loss, to get ``∂L/∂o_T`` and the readout's gradient.
+
+    Args:
+        model: a :class:`SequenceModel` whose ``cell`` is a :class:`DiagonalCell`.
+        loss_fn: ``loss_fn(model) -> scalar``.
+        chunk: ``None`` for the step-by-step trace update; an int ``C >= 1`` for the subsequence-parallel
+            variant over subsequences of ``C`` steps.
+
+    Returns:
+        ``(loss, {name: gradient})`` for every trainable parameter.
+    """
+    where = "fwdgrad.derivatives.through_time.forward_exact_gradient"
+    check_diagonal_model(where, model)
+    chunk = check_window(where, chunk, "chunk")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    cell = model.cell  # type: ignore[attr-defined]
+    lin = cell.input_layer
+    neuron = dict(cell.neuron_parameters())
+    cell_ids = {id(p) for p in cell.parameters()}
+    role: dict[int, tuple[str, str]] = {id(lin.weight): ("weight", "")}
+    if lin.bias is not None:
+        role[id(lin.bias)] = ("bias", "")
+    for n, a in neuron.items():
+        role[id(a)] = ("neuron", n)
+    stray = [n for n, p in params.items() if id(p) in cell_ids and id(p) not in role]
+    if stray:
+        raise ValueError(
+            f"{where}: parameters {stray} of the cell are neither input_layer's nor listed by neuron_parameters()"
+        )
+    run = _ExactRun(model, chunk)
+    with torch.enable_grad():
+        loss = loss_fn(run)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(f"{where}: loss_fn must return a scalar tensor")
+        if run.result is None:
+            raise ValueError(f"{where}: loss_fn never called the model")
+        v_leaf, o_leaf, tr = run.result
+        readout = [n for n, p in params.items() if id(p) not in cell_ids]
+        grads = torch.autograd.grad(
+            loss, [o_leaf, v_leaf, *(params[n] for n in readout)], allow_unused=True
+        )
+    g_o, g_v = grads[0], grads[1]
+    if g_v is not None and bool((g_v != 0).any()):
+        raise ValueError(f"{where}: {type(model).__name__}.readout reads v; a diagonal model's readout reads o only")
+    if g_o is None:
+        g_o = torch.zeros_like(o_leaf)
+    out: dict[str, Tensor] = {}
+    for n, g in zip(readout, grads[2:]):
+        out[n] = torch.zeros_like(params[n]) if g is None else g
+    for n, p in params.items():
+        if n in out:
+            continue
+        kind, sub = role[id(p)]
+        if kind == "weight":
+            out[n] = torch.einsum("bi,bij->ij", g_o, tr.weight).to(p.dtype)
+        elif kind == "bias":
+            out[n] = (g_o * tr.bias).sum(0).to(p.dtype)
+        else:
+            out[n] = (g_o * tr.neuron[sub]).sum(0).to(p.dtype)
+    return loss.detach(), out

@@ -1,0 +1,155 @@
+"""Estimators for recurrent models (the sequence protocol of :mod:`fwdgrad.derivatives.through_time`).
+
+=================== ========================================================================================
+name                what
+=================== ========================================================================================
+``online-fg``       online forward mode through time (Silver et al. 2022): one direction, the state's tangent
+                    carried with the state; ``window=K`` keeps the derivative through the last ``K`` steps
+                    (windows start at 0, K, 2K, ...; the state drops its tangent at each start). No backward.
+``forward-exact``   the exact gradient propagated forward in time for models with diagonal recurrence
+                    (``lif``; HYPR, Baronig et al. 2025); ``chunk=C`` for the subsequence-parallel variant.
+``bp-tbptt``        backprop through time; ``window=K`` gives truncated BPTT over the last ``K`` steps (steps
+                    before run without autograd history: memory ∝ ``K``); ``window=None`` is full BPTT.
+=================== ========================================================================================
+
+The training loop's loss reads the model's output at the end (``F.cross_entropy(m(x), y)``), so each
+estimator hands ``loss_fn`` a stand-in for the model that runs the sequence its way. With a loss at the end,
+an update every ``K`` steps of online forward mode has a non-zero derivative in the last window only, so one
+update per sequence with the last window's derivative is the same thing; per-step losses with updates after
+every window are :func:`fwdgrad.derivatives.through_time.online_forward_gradient`'s job.
+
+Example:
+    >>> import torch, fwdgrad
+    >>> import torch.nn.functional as F
+    >>> from fwdgrad.models import build_model
+    >>> model = build_model("gru", (6, 3), 4, hidden=5)
+    >>> x, y = torch.randn(2, 6, 3), torch.tensor([0, 3])
+    >>> est = fwdgrad.estimator("online-fg", window=3, seed=0)
+    >>> loss = est(model, lambda m: F.cross_entropy(m(x), y))
+    >>> model.cell.weight_ih.grad.shape
+    torch.Size([15, 3])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from fwdgrad._validation import check_positive_int, check_real_scalar, make_generator
+from fwdgrad.derivatives.through_time import (
+    WindowedSequence,
+    check_diagonal_model,
+    check_sequence_model,
+    check_window,
+    forward_exact_gradient,
+)
+from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters, register_estimator
+from fwdgrad.tangents import check_sampler_name, sample_tangents
+
+Tensor = torch.Tensor
+
+__all__ = ["ForwardExactGradient", "OnlineForwardGradient", "TruncatedBackprop"]
+
+
+@register_estimator("online-fg")
+class OnlineForwardGradient(Estimator):
+    """Online forward mode through time: ``ĝ = (1/K) Σ_k ⟨∇L_window, v_k⟩ v_k`` with the tangents carried forward.
+
+    Args:
+        window: steps per window (int >= 1) or ``None`` (the whole sequence: ``⟨∇L, v⟩ v``, the forward
+            gradient of the sequence loss).
+        num_directions: ``K`` directions, one forward pass each.
+        tangents: sampler name (``gaussian``, ``rademacher``, ...).
+        seed, generator: the randomness of the directions (at most one).
+
+    Memory: the state and its tangent, not the sequence (no autograd graph is recorded).
+    """
+
+    default_lr = {"sgd": 1e-4, "adam": 1e-3}
+
+    def __init__(
+        self,
+        window: int | None = None,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        where = "OnlineForwardGradient"
+        self.window = check_window(where, window)
+        check_positive_int(where, "num_directions", num_directions)
+        self.num_directions = num_directions
+        self.tangents = check_sampler_name(where, tangents)
+        self._generator = make_generator(where, seed, generator)
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        check_sequence_model(where, model)
+        primals = [p.detach() for p in params.values()]
+        grads = {n: torch.zeros_like(p) for n, p in zip(params, primals)}
+        loss_out: Tensor | None = None
+        for _ in range(self.num_directions):
+            vs = [t[0] for t in sample_tangents(self.tangents, primals, 1, self._generator)]
+            with torch.no_grad(), fwAD.dual_level():
+                duals = {n: fwAD.make_dual(p, v) for n, p, v in zip(params, primals, vs)}
+                loss = call_with_parameters(model, lambda m: loss_fn(WindowedSequence(m, self.window)), duals)
+                check_real_scalar(where, loss)
+                primal, tangent = fwAD.unpack_dual(loss)
+                deriv = torch.zeros_like(primal) if tangent is None else tangent.clone()
+                if loss_out is None:
+                    loss_out = primal.clone()
+            for n, v in zip(params, vs):
+                grads[n].add_(deriv * v, alpha=1.0 / self.num_directions)
+        assert loss_out is not None
+        return loss_out, grads
+
+
+@register_estimator("forward-exact")
+class ForwardExactGradient(Estimator):
+    """The exact gradient, propagated forward in time, for a model with diagonal recurrence (e.g. ``lif``).
+
+    Args:
+        chunk: ``None``: traces updated step by step; ``C``: the subsequence-parallel variant (HYPR) over
+            subsequences of ``C`` steps. Both give the BPTT gradient (with the same surrogate) to rounding.
+
+    See :func:`fwdgrad.derivatives.through_time.forward_exact_gradient`.
+    """
+
+    default_lr = {"sgd": 0.1, "adam": 3e-3}
+
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = check_window("ForwardExactGradient", chunk, "chunk")
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        check_diagonal_model(f"{type(self).__name__}.__call__", model)
+        return forward_exact_gradient(model, loss_fn, chunk=self.chunk)
+
+
+@register_estimator("bp-tbptt")
+class TruncatedBackprop(Estimator):
+    """Backprop through time, truncated to the last ``window`` steps (``None``: full BPTT).
+
+    The steps before the last window run without autograd history, so memory grows with ``window``, not with
+    the sequence length.
+    """
+
+    default_lr = {"sgd": 0.1, "adam": 3e-3}
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = check_window("TruncatedBackprop", window)
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        check_sequence_model(where, model)
+        with torch.enable_grad():
+            loss = check_real_scalar(where, loss_fn(WindowedSequence(model, self.window, truncate=True)))
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        out = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+        return loss.detach(), out
