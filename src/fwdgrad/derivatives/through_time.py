@@ -146,7 +146,7 @@ class DiagonalCell(Protocol):
 def check_sequence_model(where: str, model: object) -> None:
     """Raise ``TypeError`` naming what ``model`` lacks of :class:`SequenceModel`."""
     missing = [a for a in ("cell", "init_state", "readout", "to_sequence") if not hasattr(model, a)]
-    if missing or not isinstance(getattr(model, "cell"), nn.Module):
+    if missing or not isinstance(model.cell, nn.Module):  # type: ignore[attr-defined]
         what = f"lacks {missing}" if missing else "has a cell that is not an nn.Module"
         raise TypeError(
             f"{where}: model {type(model).__name__} {what}; a sequence model exposes cell (an nn.Module called "
@@ -608,9 +608,7 @@ def forward_exact_gradient(
             raise ValueError(f"{where}: loss_fn never called the model")
         v_leaf, o_leaf, tr = run.result
         readout = [n for n, p in params.items() if id(p) not in cell_ids]
-        grads = torch.autograd.grad(
-            loss, [o_leaf, v_leaf, *(params[n] for n in readout)], allow_unused=True
-        )
+        grads = torch.autograd.grad(loss, [o_leaf, v_leaf, *(params[n] for n in readout)], allow_unused=True)
     g_o, g_v = grads[0], grads[1]
     if g_v is not None and bool((g_v != 0).any()):
         raise ValueError(f"{where}: {type(model).__name__}.readout reads v; a diagonal model's readout reads o only")

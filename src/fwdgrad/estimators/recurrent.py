@@ -32,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
@@ -66,7 +68,7 @@ class OnlineForwardGradient(Estimator):
     Memory: the state and its tangent, not the sequence (no autograd graph is recorded).
     """
 
-    default_lr = {"sgd": 1e-4, "adam": 1e-3}
+    default_lr: ClassVar[dict[str, float]] = {"sgd": 1e-4, "adam": 1e-3}
 
     def __init__(
         self,
@@ -118,7 +120,7 @@ class ForwardExactGradient(Estimator):
     See :func:`fwdgrad.derivatives.through_time.forward_exact_gradient`.
     """
 
-    default_lr = {"sgd": 0.1, "adam": 3e-3}
+    default_lr: ClassVar[dict[str, float]] = {"sgd": 0.1, "adam": 3e-3}
 
     def __init__(self, chunk: int | None = None) -> None:
         self.chunk = check_window("ForwardExactGradient", chunk, "chunk")
@@ -138,7 +140,7 @@ class TruncatedBackprop(Estimator):
     the sequence length.
     """
 
-    default_lr = {"sgd": 0.1, "adam": 3e-3}
+    default_lr: ClassVar[dict[str, float]] = {"sgd": 0.1, "adam": 3e-3}
 
     def __init__(self, window: int | None = None) -> None:
         self.window = check_window("TruncatedBackprop", window)
