@@ -27,7 +27,8 @@ sequence for a backward pass (BPTT):
    ``∂L/∂W_ij = Σ_b (∂L/∂o_T)[b,i]·O_T[b,i,j]``,
 
    and likewise for ``b`` (trace ``[B, H]``) and each per-neuron parameter ``a`` (trace ``[B, H]``). The
-   diagonals ``A_t, P_t, ∂f/∂a, G_t`` are JVPs with all-ones tangents (exact for element-wise maps). This is
+   diagonals ``A_t, P_t, ∂f/∂a, G_t`` come from a local reverse pass through one step's element-wise maps
+   (the gradient of ``Σ f`` of an element-wise ``f`` is its Jacobian's diagonal); nothing spans two steps. This is
    the exact gradient (RTRL restricted to a diagonal recurrence), O(parameters) per example and step, memory
    independent of ``T``. ``∂L/∂o_T`` and the readout's gradient come from a *local* backward through ``R``
    and the loss only, never through time.
@@ -423,11 +424,6 @@ def online_forward_gradient(
 
 
 # --- exact forward-propagated gradient for diagonal recurrences ---------------------------------------------
-def _diag(fn: Callable[[Tensor], Tensor], at: Tensor) -> tuple[Tensor, Tensor]:
-    """``(fn(at), diag ∂fn/∂at)`` for an element-wise ``fn`` (one JVP with an all-ones tangent)."""
-    return torch.func.jvp(fn, (at,), (torch.ones_like(at),))
-
-
 @dataclass
 class _Traces:
     weight: Tensor  # O-trace [B, H, F]
@@ -451,17 +447,26 @@ def _cell_pieces(where: str, cell: Any) -> tuple[Tensor, Tensor | None, dict[str
 def _step_diagonals(
     cell: Any, pre: Tensor, v: Tensor, neuron: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], Tensor, Tensor]:
-    """One step: ``(v', A, P, {name: ∂f/∂a}, s, G)``."""
-    v_new, a_diag = _diag(lambda v_: cell.neuron_step(pre, v_, neuron), v)
-    _, p_diag = _diag(lambda p_: cell.neuron_step(p_, v, neuron), pre)
-    q_diag = {}
-    for n, a in neuron.items():
-        _, q = torch.func.jvp(
-            lambda a_, n=n: cell.neuron_step(pre, v, {**neuron, n: a_}), (a.detach(),), (torch.ones_like(a),)
-        )
-        q_diag[n] = q
-    s, g_diag = _diag(cell.neuron_output, v_new)
-    return v_new, a_diag, p_diag, q_diag, s, g_diag
+    """One step: ``(v', A, P, {name: ∂f/∂a}, s, G)``.
+
+    The diagonals come from a local reverse pass through this step's element-wise maps only: for an
+    element-wise ``f`` the gradient of ``Σ f`` is the diagonal of its Jacobian (per-neuron parameters are
+    broadcast to ``[B, H]`` first, so that their diagonal is per example). A reverse pass costs less here than
+    forward-mode JVPs, whose mixed dual/non-dual element-wise ops are slow on CPU in torch 2.13.
+    """
+    batch = pre.shape[0]
+    with torch.enable_grad():
+        v_in, pre_in = v.detach().requires_grad_(), pre.detach().requires_grad_()
+        a_in = {n: a.detach().expand(batch, -1).clone().requires_grad_() for n, a in neuron.items()}
+        v_new = cell.neuron_step(pre_in, v_in, a_in)
+        wrt = [v_in, pre_in, *a_in.values()]
+        diags = torch.autograd.grad(v_new.sum(), wrt, allow_unused=True)
+        a_d, p_d, *q_list = (torch.zeros_like(t) if d is None else d for t, d in zip(wrt, diags))
+        v_out = v_new.detach().requires_grad_()
+        s = cell.neuron_output(v_out)
+        (g_d,) = torch.autograd.grad(s.sum(), v_out, allow_unused=True)
+    g_d = torch.zeros_like(v_out) if g_d is None else g_d
+    return v_new.detach(), a_d, p_d, dict(zip(a_in, q_list)), s.detach(), g_d
 
 
 def _traces_sequential(cell: Any, seq: Tensor, v: Tensor, o: Tensor) -> tuple[Tensor, Tensor, _Traces]:
