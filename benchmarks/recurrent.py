@@ -8,8 +8,8 @@ Two parts, each writing ``benchmarks/results/recurrent/<part>.{json,md}`` (and `
 
 ``memory``: MNIST images read as T steps of 784/T pixels (T = 28 … 784; T = 784 is pixel-by-pixel MNIST),
 one batch, every (model, method, T) in a fresh process: the increase of the process's resident memory over
-two training steps above the resident memory before them (``VmHWM`` after resetting it, Linux), and the
-time per step. ``train``: sequential MNIST with a GRU (online forward mode, full BPTT, truncated BPTT) and an
+two training steps above the resident memory before them (``VmHWM`` after resetting it, Linux), after a
+warm-up step on one example (lazy initialisations), and the time per step. ``train``: sequential MNIST with a GRU (online forward mode, full BPTT, truncated BPTT) and an
 LIF network on MNIST and Fashion-MNIST (exact forward-propagated gradient, forward gradient, BPTT with the
 same surrogate), on a training subset for a few epochs; test accuracy on the full test set.
 
@@ -79,7 +79,8 @@ def measure_one(args: argparse.Namespace) -> dict:
     def loss_fn(m: torch.nn.Module) -> torch.Tensor:
         return F.cross_entropy(m(x), y)
 
-    est(model, loss_fn)  # warm-up: lazy allocations, thread pools
+    # warm-up on one example: lazy initialisations run, while what the heap keeps of it stays 1/B of a step
+    est(model, lambda m: F.cross_entropy(m(x[:1]), y[:1]))
     model.zero_grad()
     before = _kib("VmRSS")
     _reset_peak()
@@ -104,7 +105,10 @@ def run_memory(args: argparse.Namespace) -> None:
                 cmd = [sys.executable, __file__, "_one", "--model", model, "--method", str(method), "--steps", str(t),
                        "--batch", str(args.batch), "--hidden", str(args.hidden)]  # fmt: skip
                 cmd += ["--quick"] if args.quick else ["--data-dir", str(args.data_dir)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ)
+                # a fixed mmap threshold makes glibc return freed large blocks at once, so that the RSS before the
+                # measured steps holds what is live, not what the warm-up step freed
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"{row['model']:4s} {row['method']:24s} T={t:4d}  step {row['step_s']:.3f} s  "
@@ -134,6 +138,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model, method in dict.fromkeys((r["model"], r["method"]) for r in rows):
@@ -141,9 +146,12 @@ def _plot(rows: list[dict], path: Path) -> None:
         ts = [r["T"] for r in sel]
         axes[0].plot(ts, [max(r["peak_increase_mib"], 0.1) for r in sel], "o-", label=f"{model}: {method}")
         axes[1].plot(ts, [r["step_s"] for r in sel], "o-", label=f"{model}: {method}")
+    all_t = sorted({r["T"] for r in rows})
     for ax, label in zip(axes, ("peak memory increase over a step (MiB)", "time per step (s)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(all_t, [str(t) for t in all_t])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("sequence length T (784/T pixels per step)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

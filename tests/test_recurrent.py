@@ -183,7 +183,7 @@ def test_forward_exact_is_the_bptt_gradient(neuron, chunk, learn_decay):
         for t in range(T):
             seq_state = model.cell(x[:, t], seq_state)
             rates.append(seq_state[1])
-        assert 0 < float(rates[-1].mean()) < 1.0 / 1.0
+        assert 0 < float(rates[-1].detach().mean()) < 1.0  # some neurons fire, not all at every step
     grads = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], _bptt(model, loss_fn)))
     loss, exact = forward_exact_gradient(model, loss_fn, chunk=chunk)
     assert abs(float(loss) - float(loss_fn(model))) < TOL
