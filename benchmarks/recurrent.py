@@ -9,9 +9,10 @@ Two parts, each writing ``benchmarks/results/recurrent/<part>.{json,md}`` (and `
 ``memory``: MNIST images read as T steps of 784/T pixels (T = 28 … 784; T = 784 is pixel-by-pixel MNIST),
 one batch, every (model, method, T) in a fresh process: the increase of the process's resident memory over
 two training steps above the resident memory before them (``VmHWM`` after resetting it, Linux), after a
-warm-up step on one example (lazy initialisations), and the time per step. ``train``: sequential MNIST with a GRU (online forward mode, full BPTT, truncated BPTT) and an
-LIF network on MNIST and Fashion-MNIST (exact forward-propagated gradient, forward gradient, BPTT with the
-same surrogate), on a training subset for a few epochs; test accuracy on the full test set.
+warm-up step on one example (lazy initialisations), and the time per step. ``train``: sequential MNIST with
+a GRU (online forward mode, full BPTT, truncated BPTT) and an LIF network on MNIST and Fashion-MNIST (exact
+forward-propagated gradient, forward gradient, BPTT with the same surrogate), on a training subset for a few
+epochs; test accuracy on the full test set.
 
 Only the public API: ``fwdgrad.estimator``, ``fwdgrad.models.build_model``, ``fwdgrad.data.load_dataset``.
 """
@@ -111,8 +112,11 @@ def run_memory(args: argparse.Namespace) -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"{row['model']:4s} {row['method']:24s} T={t:4d}  step {row['step_s']:.3f} s  "
-                      f"peak +{row['peak_increase_mib']:.1f} MiB (RSS {row['peak_rss_mib']:.0f} MiB)", flush=True)  # fmt: skip
+                print(
+                    f"{row['model']:4s} {row['method']:24s} T={t:4d}  step {row['step_s']:.3f} s  "
+                    f"peak +{row['peak_increase_mib']:.1f} MiB (RSS {row['peak_rss_mib']:.0f} MiB)",
+                    flush=True,
+                )
     _write(args, "memory", rows, _memory_table(rows))
     _plot(rows, OUT / ("memory_quick.png" if args.quick else "memory.png"))
 
@@ -124,7 +128,8 @@ def _memory_table(rows: list[dict]) -> str:
         "|---|---|" + "---|" * (len(ts) + 1),
     ]
     keys = list(dict.fromkeys((r["model"], r["method"]) for r in rows))
-    for what, field, fmt in (("peak increase (MiB)", "peak_increase_mib", "{:.1f}"), ("time/step (s)", "step_s", "{:.3f}")):
+    parts = (("peak increase (MiB)", "peak_increase_mib", "{:.1f}"), ("time/step (s)", "step_s", "{:.3f}"))
+    for what, field, fmt in parts:
         lines.append(f"| **{what}** |" + " |" * (len(ts) + 2))
         for model, method in keys:
             by_t = {r["T"]: r[field] for r in rows if r["model"] == model and r["method"] == method}
