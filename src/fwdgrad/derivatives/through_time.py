@@ -77,7 +77,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
-from fwdgrad.tangents import check_sampler_name, sample_tangents
+from fwdgrad.directions import check_sampler_name, sample_tangents
 
 Tensor = torch.Tensor
 State = Union[Tensor, tuple[Tensor, ...]]  # noqa: UP007 (a runtime alias)
@@ -364,7 +364,7 @@ def online_forward_gradient(
         x: its input (``model.to_sequence(x)`` is ``[B, T, F]``).
         step_loss: ``step_loss(t, state_t)`` → scalar loss at step ``t`` or ``None`` (no loss at that step).
         window: steps per window (int >= 1) or ``None``.
-        directions: a sampler name (``"gaussian"``, ``"rademacher"``, ...; see ``fwdgrad.tangents.SAMPLERS``),
+        directions: a sampler name (``"gaussian"``, ``"rademacher"``, ...; see ``fwdgrad.directions.SAMPLERS``),
             or a callable ``source(params: list[Tensor], generator) -> list[Tensor]``; a source with an
             ``update(estimate: list[Tensor])`` method (e.g. :class:`MomentumDirections`) sees each window's estimate.
         generator: the randomness of the directions.

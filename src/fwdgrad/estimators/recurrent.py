@@ -32,8 +32,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
@@ -46,15 +44,15 @@ from fwdgrad.derivatives.through_time import (
     check_window,
     forward_exact_gradient,
 )
-from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters, register_estimator
-from fwdgrad.tangents import check_sampler_name, sample_tangents
+from fwdgrad.directions import check_sampler_name, sample_tangents
+from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters
+from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 
 __all__ = ["ForwardExactGradient", "OnlineForwardGradient", "TruncatedBackprop"]
 
 
-@register_estimator("online-fg")
 class OnlineForwardGradient(Estimator):
     """Online forward mode through time: ``ĝ = (1/K) Σ_k ⟨∇L_window, v_k⟩ v_k`` with the tangents carried forward.
 
@@ -67,8 +65,6 @@ class OnlineForwardGradient(Estimator):
 
     Memory: the state and its tangent, not the sequence (no autograd graph is recorded).
     """
-
-    default_lr: ClassVar[dict[str, float]] = {"sgd": 1e-4, "adam": 1e-3}
 
     def __init__(
         self,
@@ -109,7 +105,6 @@ class OnlineForwardGradient(Estimator):
         return loss_out, grads
 
 
-@register_estimator("forward-exact")
 class ForwardExactGradient(Estimator):
     """The exact gradient, propagated forward in time, for a model with diagonal recurrence (e.g. ``lif``).
 
@@ -119,8 +114,6 @@ class ForwardExactGradient(Estimator):
 
     See :func:`fwdgrad.derivatives.through_time.forward_exact_gradient`.
     """
-
-    default_lr: ClassVar[dict[str, float]] = {"sgd": 0.1, "adam": 3e-3}
 
     def __init__(self, chunk: int | None = None) -> None:
         self.chunk = check_window("ForwardExactGradient", chunk, "chunk")
@@ -132,15 +125,12 @@ class ForwardExactGradient(Estimator):
         return forward_exact_gradient(model, loss_fn, chunk=self.chunk)
 
 
-@register_estimator("bp-tbptt")
 class TruncatedBackprop(Estimator):
     """Backprop through time, truncated to the last ``window`` steps (``None``: full BPTT).
 
     The steps before the last window run without autograd history, so memory grows with ``window``, not with
     the sequence length.
     """
-
-    default_lr: ClassVar[dict[str, float]] = {"sgd": 0.1, "adam": 3e-3}
 
     def __init__(self, window: int | None = None) -> None:
         self.window = check_window("TruncatedBackprop", window)
@@ -155,3 +145,16 @@ class TruncatedBackprop(Estimator):
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         out = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
         return loss.detach(), out
+
+
+# Default learning rates: online-fg borrows fg-w's (a forward gradient), the exact methods bp's; not swept on
+# these models.
+_FG_LR, _BP_LR = {"sgd": 1e-4, "adam": 1e-3}, {"sgd": 0.1, "adam": 3e-3}
+_NOTE = "not swept for recurrent models: the {} default"
+register_estimator(
+    "online-fg", OnlineForwardGradient, default_lr=_FG_LR, lr_note=_NOTE.format("fg-w"), needs="sequence-model"
+)
+register_estimator(
+    "forward-exact", ForwardExactGradient, default_lr=_BP_LR, lr_note=_NOTE.format("bp"), needs="diagonal-recurrence"
+)
+register_estimator("bp-tbptt", TruncatedBackprop, default_lr=_BP_LR, lr_note=_NOTE.format("bp"), needs="sequence-model")
