@@ -299,3 +299,19 @@ def test_sequence_datasets_and_training_cli(tmp_path, monkeypatch):
         "--out-dir", str(tmp_path / "runs"), "--threads", "1",
     ])  # fmt: skip
     assert rc == 0
+
+
+def test_online_fg_averages_its_directions():
+    model = _model("gru")
+    x, y = _data(5)
+    grads = _bptt(model, lambda m: F.cross_entropy(m(x), y))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fwdgrad.estimator("online-fg", num_directions=2, tangents="rademacher", seed=3)(
+        model, lambda m: F.cross_entropy(m(x), y)
+    )
+    g = torch.Generator().manual_seed(3)
+    draws = [[t[0] for t in sample_tangents("rademacher", [p.detach() for p in params], 1, g)] for _ in range(2)]
+    ds = [sum((a * v).sum() for a, v in zip(grads, vs)) for vs in draws]
+    for i, p in enumerate(params):
+        expected = (ds[0] * draws[0][i] + ds[1] * draws[1][i]) / 2
+        torch.testing.assert_close(p.grad, expected, rtol=TOL, atol=TOL)
