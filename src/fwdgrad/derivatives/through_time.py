@@ -482,12 +482,14 @@ def _traces_sequential(cell: Any, seq: Tensor, v: Tensor, o: Tensor) -> tuple[Te
         x_t = seq[:, t]
         pre = torch.nn.functional.linear(x_t, weight, bias)
         v, a_d, p_d, q_d, s, g_d = _step_diagonals(cell, pre, v, neuron)
-        tr.e_weight.mul_(a_d[..., None]).add_(p_d[..., None] * x_t[:, None, :])
+        tr.e_weight.mul_(a_d[..., None]).addcmul_(p_d[..., None], x_t[:, None, :])  # in place: no [B, H, F] temporaries
         tr.e_bias.mul_(a_d).add_(p_d)
         for n in neuron:
             tr.e_neuron[n].mul_(a_d).add_(q_d[n])
         gc = c * g_d
-        tr.weight.mul_(beta).add_(gc[..., None] * tr.e_weight)
+        if beta != 1.0:
+            tr.weight.mul_(beta)
+        tr.weight.addcmul_(gc[..., None], tr.e_weight)
         tr.bias.mul_(beta).add_(gc * tr.e_bias)
         for n in neuron:
             tr.neuron[n].mul_(beta).add_(gc * tr.e_neuron[n])
