@@ -39,7 +39,7 @@ OUT = Path(__file__).resolve().parent / "results" / "recurrent"
 STEPS = (28, 56, 112, 196, 392, 784)
 MEMORY_METHODS = {
     "gru": [("bp (full BPTT)", "bp-tbptt", {}), ("bp-tbptt window=28", "bp-tbptt", {"window": 28}),
-            ("online-fg", "online-fg", {})],
+            ("online-fg", "online-fg", {}), ("bp-tbptt window=4", "bp-tbptt", {"window": 4})],
     "lif": [("bp (BPTT + surrogate)", "bp-tbptt", {}), ("forward-exact", "forward-exact", {}),
             ("forward-exact chunk=28", "forward-exact", {"chunk": 28}), ("online-fg", "online-fg", {})],
 }  # fmt: skip
@@ -98,10 +98,15 @@ def measure_one(args: argparse.Namespace) -> dict:
 
 
 def run_memory(args: argparse.Namespace) -> None:
-    steps = (28, 112) if args.quick else STEPS
+    steps = (28, 112) if args.quick else tuple(int(t) for t in args.ts.split(",")) if args.ts else STEPS
     rows = []
     for model in MEMORY_METHODS:
+        if args.models and model not in args.models.split(","):
+            continue
         for method in range(len(MEMORY_METHODS[model])):
+            label = MEMORY_METHODS[model][method][0]
+            if args.methods and label not in args.methods.split(","):
+                continue
             for t in steps:
                 cmd = [sys.executable, __file__, "_one", "--model", model, "--method", str(method), "--steps", str(t),
                        "--batch", str(args.batch), "--hidden", str(args.hidden)]  # fmt: skip
@@ -117,8 +122,9 @@ def run_memory(args: argparse.Namespace) -> None:
                     f"peak +{row['peak_increase_mib']:.1f} MiB (RSS {row['peak_rss_mib']:.0f} MiB)",
                     flush=True,
                 )
-    _write(args, "memory", rows, _memory_table(rows))
-    _plot(rows, OUT / ("memory_quick.png" if args.quick else "memory.png"))
+    _write(args, "memory" + (f"_{args.name}" if args.name else ""), rows, _memory_table(rows))
+    if not args.name:
+        _plot(rows, OUT / ("memory_quick.png" if args.quick else "memory.png"))
 
 
 def _memory_table(rows: list[dict]) -> str:
@@ -273,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--quick", action="store_true", help="random data, few sizes: a smoke test")
         s.add_argument("--batch", type=int, default=64)
         s.add_argument("--hidden", type=int, default=128)
+    mem = sub.choices["memory"]
+    mem.add_argument("--ts", default="", help="comma-separated sequence lengths (default: 28,56,...,784)")
+    mem.add_argument("--models", default="", help="comma-separated subset of: gru,lif")
+    mem.add_argument("--methods", default="", help="comma-separated method labels to keep")
+    mem.add_argument("--name", default="", help="suffix of the result files (and no plot)")
     one = sub.choices["_one"]
     one.add_argument("--model", choices=list(MEMORY_METHODS))
     one.add_argument("--method", type=int)
