@@ -21,6 +21,7 @@ from torch import nn
 
 import fwdgrad
 from fwdgrad.estimators import ImplicitGradient, recipe
+from fwdgrad.models import build_model
 from fwdgrad.models.localmixer import LocalMixer
 from problems import DEVICE, PROBLEMS, NoBackwardNet, autograd_gradient, directional
 
@@ -56,6 +57,11 @@ def _task(name: str, seed: int = 0):
         torch.manual_seed(seed)
         model = LocalMixer((1, 4, 4), 3, num_blocks=2, num_patches=2, channels=8, groups=2).double()
         x = torch.randn(6, 1, 4, 4, generator=g, dtype=DT)
+    elif recipe(name).needs in ("sequence-model", "diagonal-recurrence"):  # fwdgrad.derivatives.through_time
+        torch.manual_seed(seed)
+        kind = "gru" if recipe(name).needs == "sequence-model" else "lif"
+        model = build_model(kind, (5, 3), 3, hidden=4).double()
+        x = 3 * torch.randn(6, 5, 3, generator=g, dtype=DT)
     else:
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()

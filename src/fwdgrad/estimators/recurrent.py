@@ -151,10 +151,17 @@ class TruncatedBackprop(Estimator):
 # these models.
 _FG_LR, _BP_LR = {"sgd": 1e-4, "adam": 1e-3}, {"sgd": 0.1, "adam": 3e-3}
 _NOTE = "not swept for recurrent models: the {} default"
+# Claims checked by tests/test_generic.py on a tiny gru (needs="sequence-model") or lif ("diagonal-recurrence");
+# exactness against BPTT and the absence of a backward pass are tested in tests/test_recurrent.py.
 register_estimator(
-    "online-fg", OnlineForwardGradient, default_lr=_FG_LR, lr_note=_NOTE.format("fg-w"), needs="sequence-model"
-)
+    "online-fg", OnlineForwardGradient, default_lr=_FG_LR, lr_note=_NOTE.format("fg-w"),
+    claims=("unbiased", "grad", "fused"), needs="sequence-model",
+)  # fmt: skip
 register_estimator(
-    "forward-exact", ForwardExactGradient, default_lr=_BP_LR, lr_note=_NOTE.format("bp"), needs="diagonal-recurrence"
-)
-register_estimator("bp-tbptt", TruncatedBackprop, default_lr=_BP_LR, lr_note=_NOTE.format("bp"), needs="sequence-model")
+    "forward-exact", ForwardExactGradient, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),
+    claims=("grad", "fused"), needs="diagonal-recurrence",
+)  # fmt: skip
+register_estimator(
+    "bp-tbptt", TruncatedBackprop, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),
+    claims=("grad", "fused"), needs="sequence-model",
+)  # fmt: skip
