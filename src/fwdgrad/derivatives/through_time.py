@@ -85,7 +85,6 @@ DirectionSource = Callable[[list[Tensor], Union[torch.Generator, None]], list[Te
 
 __all__ = [
     "DiagonalCell",
-    "MomentumDirections",
     "OnlineResult",
     "SequenceModel",
     "WindowedSequence",
@@ -261,40 +260,6 @@ class WindowedSequence(nn.Module):
 
 
 # --- online forward mode ------------------------------------------------------------------------------------
-class MomentumDirections:
-    """A stateful direction source: Gaussian noise plus a running mean of past estimates (Silver et al. 2022's
-    momentum candidate direction).
-
-    ``v = ε + scale·m̂`` where ``ε ~ N(0, I)``, ``m ← β·m + (1 − β)·ĝ`` after each window (``ĝ`` the window's
-    estimate) and ``m̂ = m·√n/‖m‖`` (the norm of a typical Gaussian direction in ``n`` dimensions); before the
-    first update ``v = ε``. The estimate ``⟨∇L, v⟩ v`` is then biased towards the momentum: a descent
-    direction, not an unbiased gradient.
-    """
-
-    def __init__(self, beta: float = 0.9, scale: float = 1.0) -> None:
-        where = "fwdgrad.derivatives.through_time.MomentumDirections"
-        if not (isinstance(beta, int | float) and 0.0 <= beta < 1.0):
-            raise ValueError(f"{where}: beta must lie in [0, 1), got {beta!r}")
-        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"{where}: scale must be a finite number >= 0, got {scale!r}")
-        self.beta, self.scale = float(beta), float(scale)
-        self.momentum: list[Tensor] | None = None
-
-    def __call__(self, like: list[Tensor], generator: torch.Generator | None) -> list[Tensor]:
-        noise = [t[0] for t in sample_tangents("gaussian", like, 1, generator)]
-        if self.momentum is None or self.scale == 0.0:
-            return noise
-        norm = torch.sqrt(sum((m * m).sum() for m in self.momentum)).clamp_min(1e-30)
-        n = sum(m.numel() for m in self.momentum)
-        return [e + self.scale * math.sqrt(n) * m / norm for e, m in zip(noise, self.momentum)]
-
-    def update(self, estimate: list[Tensor]) -> None:
-        if self.momentum is None:
-            self.momentum = [torch.zeros_like(g) for g in estimate]
-        for m, g in zip(self.momentum, estimate):
-            m.mul_(self.beta).add_(g, alpha=1.0 - self.beta)
-
-
 @dataclass
 class OnlineResult:
     """What :func:`online_forward_gradient` returns.
@@ -328,6 +293,30 @@ class _WindowRunner(nn.Module):
             if loss is not None:
                 total = loss if total is None else total + loss
         return state, total
+
+
+class _Stateful:
+    """A stateful source of :mod:`fwdgrad.directions` (``init``/``update``/``guess``, e.g.
+    ``fwdgrad.directions.stateful.MomentumDirections``) as a window's direction: ``v = ε + √n·u`` with
+    ``ε ~ N(0, I)`` and ``u`` the source's unit guess (``v = ε`` while it has none), so that the guess weighs
+    like a typical Gaussian direction; the source sees each window's estimate. Silver et al. 2022's momentum
+    candidate. ``⟨∇L, v⟩ v`` is then a descent direction biased towards the guess, not an unbiased gradient."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.state = source, None
+
+    def __call__(self, like: list[Tensor], generator: torch.Generator | None) -> list[Tensor]:
+        if self.state is None:
+            self.state = self.source.init(like)
+        noise = [t[0] for t in sample_tangents("gaussian", like, 1, generator)]
+        guess = self.source.guess(self.state)
+        if guess is None:
+            return noise
+        n = math.sqrt(sum(p.numel() for p in like))
+        return [e + n * u for e, u in zip(noise, guess)]
+
+    def update(self, estimate: list[Tensor]) -> None:
+        self.state = self.source.update(self.state, estimate)
 
 
 def _directions(
@@ -365,8 +354,11 @@ def online_forward_gradient(
         step_loss: ``step_loss(t, state_t)`` → scalar loss at step ``t`` or ``None`` (no loss at that step).
         window: steps per window (int >= 1) or ``None``.
         directions: a sampler name (``"gaussian"``, ``"rademacher"``, ...; see ``fwdgrad.directions.SAMPLERS``),
-            or a callable ``source(params: list[Tensor], generator) -> list[Tensor]``; a source with an
-            ``update(estimate: list[Tensor])`` method (e.g. :class:`MomentumDirections`) sees each window's estimate.
+            a callable ``source(params: list[Tensor], generator) -> list[Tensor]`` (one with an
+            ``update(estimate: list[Tensor])`` method sees each window's estimate), or a stateful source of
+            :mod:`fwdgrad.directions` with ``init``/``update``/``guess`` such as
+            ``fwdgrad.directions.stateful.MomentumDirections``: the window's direction is then Gaussian noise
+            plus ``√n`` times its unit guess (see :class:`_Stateful`).
         generator: the randomness of the directions.
         on_window: ``on_window(k, window_loss, {name: d_k·v_k})`` after each window, e.g. to write ``.grad``
             and step an optimizer: the next window then uses the updated parameters (online learning).
@@ -379,6 +371,8 @@ def online_forward_gradient(
     window = check_window(where, window)
     if isinstance(directions, str):
         check_sampler_name(where, directions)
+    elif all(hasattr(directions, a) for a in ("init", "update", "guess")):
+        directions = _Stateful(directions)
     elif not callable(directions):
         raise TypeError(f"{where}: directions must be a sampler name or a callable, got {type(directions).__name__}")
     if not callable(step_loss):
