@@ -39,8 +39,10 @@ def _model(name: str, **kw) -> nn.Module:
         from fwdgrad.models.recurrent import RecurrentClassifier
 
         return RecurrentClassifier((T, F_IN), CLASSES, cell="rnn", hidden=6).double()
-    if name in ("lif", "leaky"):
+    if name in ("lif", "leaky", "lif-recurrent"):
         # input weights scaled up so that the LIF neurons cross threshold on random inputs
+        if name == "lif-recurrent":
+            name, kw = "lif", {**kw, "recurrent": True}
         m = build_model("lif", (T, F_IN), CLASSES, hidden=6, neuron=name, **kw).double()
         with torch.no_grad():
             m.cell.input_layer.weight.mul_(3.0)
@@ -57,9 +59,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("name", ["rnn", "gru", "lstm", "lif", "leaky"])
+@pytest.mark.parametrize("name", ["rnn", "gru", "lstm", "lif", "leaky", "lif-recurrent"])
 def test_online_fg_whole_window_is_the_bptt_directional_derivative(name):
-    model = _model(name, learn_decay=True) if name in ("lif", "leaky") else _model(name)
+    model = _model(name, learn_decay=True) if name.startswith(("lif", "leaky")) else _model(name)
     x, y = _data()
     grads = _bptt(model, lambda m: F.cross_entropy(m(x), y))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -202,6 +204,8 @@ def test_forward_exact_refuses_models_without_diagonal_recurrence():
     x, y = _data()
     with pytest.raises(TypeError, match="diagonal recurrence"):
         fwdgrad.estimator("forward-exact")(_model("gru"), lambda m: F.cross_entropy(m(x), y))
+    with pytest.raises(ValueError, match=r"cell\.recurrent\.weight"):
+        fwdgrad.estimator("forward-exact")(_model("lif-recurrent"), lambda m: F.cross_entropy(m(x), y))
 
 
 @pytest.mark.parametrize("name", SURROGATES)

@@ -10,7 +10,9 @@ One layer of ``H`` LIF neurons with element-wise (diagonal) recurrence through t
 (``v_t = β v_{t−1} + pre_t``, output ``tanh(v_t)``): a diagonal linear recurrent unit with a nonlinear output.
 With ``learn_decay=True`` each neuron learns its own ``β_i = sigmoid(a_i)``. The cell implements
 :class:`fwdgrad.derivatives.through_time.DiagonalCell`, so ``forward-exact`` computes the exact gradient
-forward in time.
+forward in time. ``recurrent=True`` adds lateral weights, ``pre_t = W x_t + b + R s(v_{t−1})``: a full
+recurrence, trained by BPTT or ``online-fg``; ``forward-exact`` refuses it (its traces would no longer be
+O(parameters)).
 
 Inputs: a sequence ``(T, F)`` (``seqmnist``) is fed as input current; an image or vector is flattened to
 ``F`` features and encoded over ``steps`` steps: ``"current"`` (the standardised values at every step),
@@ -104,6 +106,7 @@ class LIFCell(nn.Module):
         surrogate: str = "fast-sigmoid",
         slope: float | None = None,
         learn_decay: bool = False,
+        recurrent: bool = False,
     ) -> None:
         super().__init__()
         where = "fwdgrad.models.spiking.LIFCell"
@@ -116,6 +119,8 @@ class LIFCell(nn.Module):
         self.surrogate, self.slope = check_surrogate(where, surrogate, slope)
         self.neuron, self.threshold = neuron, float(threshold)
         self.input_layer = nn.Linear(in_features, hidden)
+        # lateral weights R s_{t-1}: a full (non-diagonal) recurrence, which forward-exact refuses
+        self.recurrent = nn.Linear(hidden, hidden, bias=False) if recurrent else None
         logit = torch.full((hidden,), math.log(decay / (1.0 - decay)))
         if learn_decay:
             self.decay_logit = nn.Parameter(logit)
@@ -141,7 +146,10 @@ class LIFCell(nn.Module):
 
     def forward(self, x_t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         v, o = state
-        v = self.neuron_step(self.input_layer(x_t), v, self.neuron_parameters())
+        pre = self.input_layer(x_t)
+        if self.recurrent is not None:
+            pre = pre + self.recurrent(self.neuron_output(v))
+        v = self.neuron_step(pre, v, self.neuron_parameters())
         return v, self.output_decay * o + self.output_scale * self.neuron_output(v)
 
 
@@ -162,6 +170,7 @@ class SpikingClassifier(nn.Module):
         decay: float = 0.9,
         threshold: float = 1.0,
         learn_decay: bool = False,
+        recurrent: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -185,7 +194,7 @@ class SpikingClassifier(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.cell = LIFCell(
             features, hidden, steps=self.steps, neuron=neuron, decay=decay, threshold=threshold,
-            surrogate=surrogate, slope=slope, learn_decay=learn_decay,
+            surrogate=surrogate, slope=slope, learn_decay=learn_decay, recurrent=recurrent,
         )  # fmt: skip
         self.fc = nn.Linear(hidden, num_classes)
 
@@ -223,10 +232,11 @@ def lif(
     threshold: float = 1.0,
     learn_decay: bool = False,
     neuron: str = "lif",
+    recurrent: bool = False,
     seed: int = 0,
 ) -> nn.Module:
     """A layer of LIF neurons with surrogate spikes and a linear readout of their rates (module docstring)."""
     return SpikingClassifier(
         input_shape, num_classes, hidden, neuron=neuron, steps=steps, encoding=encoding, surrogate=surrogate,
-        slope=slope, decay=decay, threshold=threshold, learn_decay=learn_decay, seed=seed,
+        slope=slope, decay=decay, threshold=threshold, learn_decay=learn_decay, recurrent=recurrent, seed=seed,
     )  # fmt: skip
