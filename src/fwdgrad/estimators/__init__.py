@@ -6,6 +6,7 @@ preset options and default learning rates (:mod:`fwdgrad.estimators.registry`). 
 consumers: accumulate into ``.grad``, or a fused in-place ``sgd_step``.
 """
 
+from fwdgrad.estimators import recurrent as _recurrent  # noqa: F401  (registers online-fg, forward-exact, bp-tbptt)
 from fwdgrad.estimators.activity import ActivityForwardGradient
 from fwdgrad.estimators.backprop import Backprop
 from fwdgrad.estimators.base import Estimator, SampledEstimator

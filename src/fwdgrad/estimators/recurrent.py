@@ -8,8 +8,9 @@ name                what
                     (windows start at 0, K, 2K, ...; the state drops its tangent at each start). No backward.
 ``forward-exact``   the exact gradient propagated forward in time for models with diagonal recurrence
                     (``lif``; HYPR, Baronig et al. 2025); ``chunk=C`` for the subsequence-parallel variant.
-``bp-tbptt``        backprop through time; ``window=K`` gives truncated BPTT over the last ``K`` steps (steps
-                    before run without autograd history: memory ∝ ``K``); ``window=None`` is full BPTT.
+``bp-tbptt``        the ``bp`` estimator under a sequence-model recipe: backprop through time; ``window=K``
+                    (also ``bp:window=K``) gives truncated BPTT over the last ``K`` steps (steps before run
+                    without autograd history: memory ∝ ``K``); ``window=None`` is full BPTT.
 =================== ========================================================================================
 
 The training loop's loss reads the model's output at the end (``F.cross_entropy(m(x), y)``), so each
@@ -36,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from fwdgrad._validation import check_positive_int, check_real_scalar, make_generator
+from fwdgrad._validation import check_real_scalar
 from fwdgrad.derivatives.through_time import (
     WindowedSequence,
     check_diagonal_model,
@@ -44,16 +45,18 @@ from fwdgrad.derivatives.through_time import (
     check_window,
     forward_exact_gradient,
 )
-from fwdgrad.directions import check_sampler_name, sample_tangents
-from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters
+from fwdgrad.directions import sample_tangents
+from fwdgrad.estimators.backprop import BP_LR, Backprop
+from fwdgrad.estimators.base import Estimator, LossFn, SampledEstimator, call_with_parameters
+from fwdgrad.estimators.forward_gradient import FG_W_LR
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 
-__all__ = ["ForwardExactGradient", "OnlineForwardGradient", "TruncatedBackprop"]
+__all__ = ["ForwardExactGradient", "OnlineForwardGradient"]
 
 
-class OnlineForwardGradient(Estimator):
+class OnlineForwardGradient(SampledEstimator):
     """Online forward mode through time: ``ĝ = (1/K) Σ_k ⟨∇L_window, v_k⟩ v_k`` with the tangents carried forward.
 
     Args:
@@ -74,12 +77,8 @@ class OnlineForwardGradient(Estimator):
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        where = "OnlineForwardGradient"
-        self.window = check_window(where, window)
-        check_positive_int(where, "num_directions", num_directions)
-        self.num_directions = num_directions
-        self.tangents = check_sampler_name(where, tangents)
-        self._generator = make_generator(where, seed, generator)
+        super().__init__(num_directions, tangents, seed=seed, generator=generator)
+        self.window = check_window("OnlineForwardGradient", window)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
@@ -125,31 +124,9 @@ class ForwardExactGradient(Estimator):
         return forward_exact_gradient(model, loss_fn, chunk=self.chunk)
 
 
-class TruncatedBackprop(Estimator):
-    """Backprop through time, truncated to the last ``window`` steps (``None``: full BPTT).
-
-    The steps before the last window run without autograd history, so memory grows with ``window``, not with
-    the sequence length.
-    """
-
-    def __init__(self, window: int | None = None) -> None:
-        self.window = check_window("TruncatedBackprop", window)
-
-    def estimate(
-        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        where = f"{type(self).__name__}.__call__"
-        check_sequence_model(where, model)
-        with torch.enable_grad():
-            loss = check_real_scalar(where, loss_fn(WindowedSequence(model, self.window, truncate=True)))
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        out = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
-        return loss.detach(), out
-
-
 # Default learning rates: online-fg borrows fg-w's (a forward gradient), the exact methods bp's; not swept on
 # these models.
-_FG_LR, _BP_LR = {"sgd": 1e-4, "adam": 1e-3}, {"sgd": 0.1, "adam": 3e-3}
+_FG_LR, _BP_LR = FG_W_LR, BP_LR
 _NOTE = "not swept for recurrent models: the {} default"
 # Claims checked by tests/test_generic.py on a tiny gru (needs="sequence-model") or lif ("diagonal-recurrence");
 # exactness against BPTT and the absence of a backward pass are tested in tests/test_recurrent.py.
@@ -161,7 +138,7 @@ register_estimator(
     "forward-exact", ForwardExactGradient, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),
     claims=("grad", "fused"), needs="diagonal-recurrence",
 )  # fmt: skip
-register_estimator(
-    "bp-tbptt", TruncatedBackprop, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),
+register_estimator(  # bp's own class: bp:window=K is the same estimator
+    "bp-tbptt", Backprop, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),
     claims=("grad", "fused"), needs="sequence-model",
 )  # fmt: skip
