@@ -7,9 +7,9 @@ Run: ``.venv/bin/python examples/compare.py`` (about 10 s on 2 CPU cores). The c
 
 from pathlib import Path
 
-from fwdgrad.config import RunConfig, parse_method_list
-from fwdgrad.report import markdown_table, summarize, write_report
-from fwdgrad.train import run_experiment
+from fwdgrad.training import run_experiment
+from fwdgrad.training.config import RunConfig, parse_method_list
+from fwdgrad.training.report import markdown_table, summarize, write_report
 
 config = RunConfig(
     dataset="mnist1d",  # generated offline, no download

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwdgrad import cli, train
-from fwdgrad.config import load_config, parse_method, parse_method_list, parse_value
+from fwdgrad import cli
 from fwdgrad.data import Dataset
+from fwdgrad.training import experiment
+from fwdgrad.training.config import load_config, parse_method, parse_method_list, parse_value
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +32,7 @@ def tiny_dataset() -> Dataset:
 @pytest.fixture(autouse=True)
 def tiny_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every CLI run in this file reads the tiny dataset instead of fwdgrad.data."""
-    monkeypatch.setattr(train, "load_data", lambda config: tiny_dataset())
+    monkeypatch.setattr(experiment, "load_data", lambda config: tiny_dataset())
 
 
 def run_cli(tmp_path: Path, *args: str) -> int:
@@ -156,7 +157,7 @@ def test_nonfinite_train_exits_1_with_a_message(tmp_path: Path, monkeypatch: pyt
     data = tiny_dataset()
     x = data.x_train.clone()
     x[:] = float("nan")
-    monkeypatch.setattr(train, "load_data", lambda config: Dataset("nan", x, data.y_train, data.x_test,
+    monkeypatch.setattr(experiment, "load_data", lambda config: Dataset("nan", x, data.y_train, data.x_test,
                                                                    data.y_test, 3, "all NaN"))
     assert run_cli(tmp_path, "train", "--method", "bp", "--epochs", "1", "--name", "n", "--no-plots") == 1
     assert "stopped: non-finite loss at epoch 1, step 1" in capsys.readouterr().err
@@ -193,7 +194,7 @@ def test_missing_data_exits_1_with_the_loaders_message(tmp_path: Path, monkeypat
     def missing(config: object) -> Dataset:
         raise FileNotFoundError("load_dataset: the mnist files were not found in /nowhere")
 
-    monkeypatch.setattr(train, "load_data", missing)
+    monkeypatch.setattr(experiment, "load_data", missing)
     assert run_cli(tmp_path, "train", "--dataset", "mnist") == 1
     assert "fwdgrad train: error: load_dataset: the mnist files were not found" in capsys.readouterr().err
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fwdgrad.config import RunConfig, check_fields, load_config, parse_method, parse_method_list, resolve_device
 
 from fwdgrad import cli, report, train
-from fwdgrad.config import RunConfig, check_fields, load_config, parse_method, parse_method_list, resolve_device
 from fwdgrad.data import Dataset
 
 

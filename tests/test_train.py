@@ -1,4 +1,4 @@
-"""fwdgrad.train: fairness (same initial weights and batch order for every method of a seed),
+"""fwdgrad.training: fairness (same initial weights and batch order for every method of a seed),
 reproducibility, learning-rate choice on the validation split only, and non-finite handling."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from fwdgrad.config import MethodSpec, RunConfig, parse_method
 from fwdgrad.data import Dataset
 from fwdgrad.estimators.base import Estimator
 from fwdgrad.estimators.registry import _REGISTRY, recipe, register_estimator
-from fwdgrad.train import (
+from fwdgrad.training import (
     choose_lr,
     default_lr,
     epoch_order,
@@ -25,6 +24,7 @@ from fwdgrad.train import (
     train_run,
     weights_digest,
 )
+from fwdgrad.training.config import MethodSpec, RunConfig, parse_method
 
 
 def blobs(n_train: int = 96, n_test: int = 48, dim: int = 6, classes: int = 3, seed: int = 0) -> Dataset:
@@ -201,7 +201,8 @@ def test_nan_loss_stops_the_run_and_weights_stay_finite(method: str) -> None:
 
 
 def test_nan_loss_skip_mode_skips_only_the_bad_steps() -> None:
-    config = tiny_config(val_fraction=0.0, epochs=3, on_nonfinite="skip")
+    # 3 of 18 steps hold the NaN example: 17 %, within a skip allowance of 20 % (the default is 10 %)
+    config = tiny_config(val_fraction=0.0, epochs=3, on_nonfinite="skip", max_skip_fraction=0.2)
     splits = split_dataset(_with_nan_example(), 0.0, None, 0)
     model = initial_model(config, splits, 0)
     run = train_run(config, MethodSpec("bp"), 0.05, splits, 0, model=model)
@@ -209,6 +210,23 @@ def test_nan_loss_skip_mode_skips_only_the_bad_steps() -> None:
     assert run.skipped_steps == 3  # the batch holding the NaN example, once per epoch
     assert run.steps == 3 * 6 - 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skipping_more_than_the_allowed_share_fails_the_run() -> None:
+    """The same data with the default allowance (10 %): the run fails at the 2nd skip (2 > 1.8 = 10 % of 18),
+    and the report shows it as stopped with the skipped count."""
+    config = tiny_config(val_fraction=0.0, epochs=3, on_nonfinite="skip", methods=[MethodSpec("bp")])
+    exp = run_experiment(config, "train", dataset=_with_nan_example())
+    (run,) = exp.runs
+    assert run.status == "failed (too many skipped steps)" and run.failed
+    assert run.skipped_steps == 2 and run.epochs_completed == 1
+    assert "more than 10% of the 18 planned steps" in run.message
+    from fwdgrad.training import report
+
+    (row,) = report.summarize(exp)
+    assert row["completed"] == 0 and row["skipped_steps"] == 2
+    md = report.results_markdown(exp, "x", "cmd")
+    assert "1 (1 stopped), 2 steps skipped" in md and "skipped 2 of its" in md
 
 
 def test_weights_that_overflow_are_restored_and_the_run_stops() -> None:
@@ -269,7 +287,6 @@ def test_demo_task_learns() -> None:
 
 
 def test_local_variants_borrow_the_default_lr_of_their_global_counterpart() -> None:
-    from fwdgrad.train import default_lr
 
     for local, base in [("l-bp", "bp"), ("lg-bp", "bp"), ("lg-fg-a", "fg-a"), ("lg-fg-w", "fg-w")]:
         lr, source = default_lr(local, "sgd")

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
 import json
 import math
 import os
@@ -58,7 +59,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fwdgrad._io import write_atomic
 from fwdgrad._procmem import reset_peak_rss, status_kib
 
 #: Model name → (builder, batch size). The MLPs are ``depth × Linear(width, width) + ReLU`` and a head of 10.
@@ -381,15 +382,6 @@ def k_scaling_lines(results: Sequence[Result]) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(text)
-        tmp = fh.name
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def plot(results: Sequence[Result], path: Path) -> bool:
     """Bars of time / BP and memory / BP per configuration, one panel row per model (PNG, Agg)."""
     try:
@@ -421,11 +413,10 @@ def plot(results: Sequence[Result], path: Path) -> bool:
             ax.set_xticks(range(len(rows)), labels, rotation=75, fontsize=6)
             ax.set_title(f"{model}: {title}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
     return True
 
 
@@ -451,10 +442,10 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
     if scaling:
         tail = ["", "K scaling, `step(K) / (K × step(K=1))`:", "", "| model | tangents | K | wall | CPU |",
                 "|---|---|---:|---:|---:|", *scaling, ""]
-    _atomic_write(out_dir / "speed_memory.md", "\n".join(head) + "\n" + markdown_table(results) + "\n".join(tail))
+    write_atomic(out_dir / "speed_memory.md", "\n".join(head) + "\n" + markdown_table(results) + "\n".join(tail))
     payload = {"command": command, "earlier_commands": list(earlier), "torch": torch.__version__,
                "results": [asdict(r) for r in results]}
-    _atomic_write(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
+    write_atomic(out_dir / "speed_memory.json", json.dumps(payload, indent=1))
     plot(results, out_dir / "speed_memory.png")
     return out_dir / "speed_memory.md"
 

@@ -8,10 +8,11 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
     fwdgrad methods | fwdgrad models
     fwdgrad bench    [--quick] [--models mlp8,mlp32,cnn] [--ks 1,4,16]
 
-Options come from :class:`fwdgrad.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
+Options come from :class:`fwdgrad.training.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
 option given on the command line wins over the file. Exit status: 0 on success, 1 when the data cannot be
-read or (``train``) the run stopped on a non-finite loss, 2 on a usage error, 130 when interrupted (the
-finished runs are in ``results.json``), 141 when stdout was closed early (``fwdgrad methods | head``).
+read or (``train``) the run failed (non-finite loss, too many skipped steps), 2 on a usage error, 130 on
+SIGINT and 143 on SIGTERM (the partial report is written and ``--resume RUN_DIR`` continues the run), 141 when
+stdout was closed early (``fwdgrad methods | head``).
 """
 
 from __future__ import annotations
@@ -22,21 +23,20 @@ import math
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from fwdgrad.config import (
+from fwdgrad.training.config import (
     CONFIG_FIELDS,
     ON_NONFINITE,
     OPTIMIZERS,
+    SCHEDULES,
     RunConfig,
     config_from_mapping,
     load_config,
     parse_method,
     parse_method_list,
-    parse_spec,
+    parse_model_spec,
     resolve_device,
 )
 
@@ -74,14 +74,16 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
                    help="read options from a TOML file (keys: RunConfig field names; unknown keys are errors); "
                         "options given here win over the file")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=S, help=f"dataset name, see `fwdgrad datasets` (default: {d.dataset})")
+    g.add_argument("--dataset", default=S, help=f"dataset name, see `fwdgrad datasets`, or your own factory "
+                                                 f"module.path:function, see docs/cli.md (default: {d.dataset})")
     g.add_argument("--data-dir", default=S, metavar="DIR",
                    help="folder with the dataset files (default: $FWDGRAD_DATA_DIR, else ./data)")
     g.add_argument("--download", action="store_true", default=S,
                    help="download missing dataset files into --data-dir, checksum-verified (default: off)")
     g.add_argument("--model", default=S, metavar="NAME[:KEY=VALUE,...]",
                    help=f"model and its options, e.g. mlp:width=512,depth=3 or mlp:widths=1024x1024 or "
-                        f"cnn:channels=32; see `fwdgrad models` (default: {d.model})")
+                        f"cnn:channels=32; see `fwdgrad models`; or your own factory module.path:function"
+                        f"[:KEY=VALUE,...], see docs/cli.md (default: {d.model})")
     g = p.add_argument_group("methods")
     default_methods = ",".join(m.to_text() for m in d.methods)
     g.add_argument("--method", action="append", default=S, metavar="SPEC",
@@ -120,6 +122,15 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--lr-sweep", type=_positive_float_list, default=S, metavar="LR,LR,...",
                    help="pick each method's lr among these by validation accuracy after --sweep-epochs "
                         "(first seed; the validation split comes from the training set) (default: off)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=S,
+                   help=f"learning-rate schedule, per step: constant, cosine decay to 0, linear warm-up then cosine, "
+                        f"or ×--step-gamma every --step-epochs (default: {d.schedule})")
+    g.add_argument("--warmup-epochs", type=float, default=S, metavar="EPOCHS",
+                   help="linear warm-up length in epochs, for any schedule (default: 1 for warmup-cosine, else 0)")
+    g.add_argument("--step-epochs", type=int, default=S, metavar="EPOCHS",
+                   help="step schedule: epochs between decays (default: a third of --epochs)")
+    g.add_argument("--step-gamma", type=float, default=S,
+                   help=f"step schedule: factor of each decay (default: {d.step_gamma:g})")
     g.add_argument("--sweep-epochs", type=int, default=S, help=f"epochs of each sweep trial "
                                                                 f"(default: {d.sweep_epochs})")
     g.add_argument("--val-fraction", type=float, default=S,
@@ -129,6 +140,9 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--seeds", type=int, default=S, help=f"number of seeds: seed, seed+1, ... (default: {d.seeds})")
     g.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,
                    help=f"on a NaN/Inf loss: stop the run, or skip that step (default: {d.on_nonfinite})")
+    g.add_argument("--max-skip-fraction", type=float, default=S, metavar="SHARE",
+                   help=f"with --on-nonfinite skip, a run that skips more than this share of its steps stops as "
+                        f"failed (default: {d.max_skip_fraction:g})")
     g.add_argument("--eval-batch-size", type=int, default=S,
                    help=f"batch size of the evaluation passes (default: {d.eval_batch_size})")
     g.add_argument("--device", default=S,
@@ -138,8 +152,20 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=S, help=f"parent folder of run folders (default: {d.out_dir})")
     g.add_argument("--name", default=S,
-                   help="run folder name (default: <command>-<dataset>-<model>-<UTC time>); an existing "
-                        "folder's report files are replaced")
+                   help="run folder name (default: <command>-<dataset>-<model>-<UTC time>[-k], always a new "
+                        "folder); a folder holding another run's files needs --overwrite or --resume")
+    g.add_argument(
+        "--overwrite", action="store_true", default=S,
+        help="replace the files of an earlier run in the --name folder (default: refuse)")
+    g.add_argument("--resume", default=S, metavar="RUN_DIR",
+                   help="continue the killed or interrupted run in RUN_DIR from its last checkpoint (end of its "
+                        "last complete epoch), with its own settings; the result equals an uninterrupted run (default: a new run)")
+    g.add_argument("--save-model", action="store_true", default=S,
+                   help="write each run's trained weights to RUN_DIR/models/<method>_seed<k>.pt, for "
+                        "`fwdgrad evaluate` (default: off)")
+    g.add_argument("--tensorboard", action="store_true", default=S,
+                   help="also write TensorBoard scalars to RUN_DIR/tensorboard (needs: pip install "
+                        "'fwdgrad[tensorboard]') (default: off)")
     g.add_argument("--no-plots", dest="plots", action="store_false", default=S,
                    help="skip the PNG plots (default: plots on)")
     g.add_argument("--quiet", "-q", action="store_true", default=S,
@@ -155,7 +181,7 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
             config = load_config(args.config, config)
         given = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and k != "methods"}
         if "model" in given:
-            name, options = parse_spec(given["model"], f"{where}: --model")
+            name, options = parse_model_spec(given["model"], f"{where}: --model")
             given["model"] = name
             given["model_options"] = options  # --model replaces the file's model and its options
         methods = []
@@ -171,7 +197,7 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
                              "use `fwdgrad compare` for several")
         config.validate(where)
         config = dataclasses.replace(config, device=resolve_device(where, config.device))
-        from fwdgrad.train import check_methods
+        from fwdgrad.training.experiment import check_methods
 
         check_methods(config)
         return config
@@ -179,36 +205,57 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
         raise UsageError(str(exc)) from None
 
 
-def _run_name(command: str, config: RunConfig) -> str:
-    return config.name or f"{command}-{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-
-
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> int:
-    from fwdgrad import report
-    from fwdgrad.errors import ForwardADNotSupportedError
-    from fwdgrad.train import run_experiment
+# Options that may accompany --resume (they change nothing the run computes).
+_RESUME_COMPATIBLE = {"command", "argv", "resume", "quiet"}
 
-    config = _config_from_args(args, defaults)
-    name = _run_name(args.command, config)
-    out = Path(config.out_dir) / name
-    argv = ["fwdgrad", *args.argv]
-    command_line = shlex.join(argv)
-    partial: dict[str, Any] = {}
 
-    def save_partial(exp: Any) -> None:
-        partial["exp"] = exp
-        report.write_results_json(exp, out, name, argv)
+def _resume_config(args: argparse.Namespace) -> RunConfig:
+    from fwdgrad.training.session import config_of, load_resume
+
+    where = f"fwdgrad {args.command}"
+    extra = sorted(k for k in vars(args) if k not in _RESUME_COMPATIBLE)
+    if extra:
+        raise UsageError(f"--resume continues a run with its own settings; drop --{extra[0].replace('_', '-')}")
+    try:
+        state = load_resume(args.resume)
+        if state.get("command") != args.command:
+            raise ValueError(f"--resume: {args.resume} holds a `fwdgrad {state.get('command')}` run, not "
+                             f"`fwdgrad {args.command}`")
+        config = config_of(state)
+    except ValueError as exc:
+        raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
+    if getattr(args, "quiet", False):
+        config = dataclasses.replace(config, quiet=True)
+    from fwdgrad.training.experiment import check_methods
 
     try:
-        exp = run_experiment(config, args.command, log=_log, on_run_done=save_partial)
-    except KeyboardInterrupt:
-        if "exp" in partial:
-            _log(f"interrupted; the finished runs are in {out / 'results.json'}")
-        return 130
+        check_methods(config)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return config
+
+
+def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> int:
+    from fwdgrad.errors import ForwardADNotSupportedError
+    from fwdgrad.training import report
+    from fwdgrad.training.rundir import RunFolderError
+    from fwdgrad.training.session import Interrupted, execute
+
+    resume = getattr(args, "resume", None)
+    config = _resume_config(args) if resume is not None else _config_from_args(args, defaults)
+    argv = ["fwdgrad", *args.argv]
+    try:
+        outcome = execute(config, args.command, argv, log=_log, overwrite=bool(getattr(args, "overwrite", False)),
+                          resume_dir=resume)
+    except Interrupted as exc:
+        _log(f"fwdgrad {args.command}: {exc}")
+        return exc.exit_code
+    except RunFolderError as exc:
+        raise UsageError(str(exc)) from None
     except (FileNotFoundError, ForwardADNotSupportedError, OSError) as exc:
         _log(f"fwdgrad {args.command}: error: {exc}")
         return 1
@@ -217,15 +264,15 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
             _log(f"fwdgrad {args.command}: error: {exc}")
             return 1
         raise UsageError(str(exc)) from None
-    report.write_report(exp, out, name, command_line, plots=config.plots, argv=argv)
+    exp, out = outcome.exp, outcome.folder
     print(report.markdown_table(report.summarize(exp)), end="")
     for s in exp.skipped_methods:
         print(f"skipped {s['method']}: {s['reason']}")
     print(f"report: {out / 'results.md'}")
-    stopped = [r for r in exp.runs if r.status == "stopped (non-finite)"]
-    for r in stopped:
+    failed = [r for r in exp.runs if r.failed]
+    for r in failed:
         _log(f"fwdgrad {args.command}: {r.method} seed {r.seed} stopped: {r.message}")
-    return 1 if args.command == "train" and stopped else 0
+    return 1 if args.command == "train" and failed else 0
 
 
 TRAIN_DEFAULTS = RunConfig()
@@ -272,8 +319,8 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 def _run_methods(args: argparse.Namespace) -> int:
     import inspect
 
-    from fwdgrad.estimators import available_estimators
-    from fwdgrad.train import default_lr, estimator_options
+    from fwdgrad.estimators import available_estimators, estimator_options
+    from fwdgrad.training.lr import default_lr
 
     for name in available_estimators():
         opts = estimator_options(name)
@@ -282,6 +329,47 @@ def _run_methods(args: argparse.Namespace) -> int:
         )
         lrs = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
         print(f"{name:<10} options: {shown or '-'}; default lr: {lrs}")
+    return 0
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_file", metavar="MODEL", help="weights saved by --save-model (RUN_DIR/models/*.pt)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name or module.path:function (default: the one the model was trained on)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the dataset files")
+    p.add_argument("--download", action="store_true", help="download missing dataset files")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to score")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    p.add_argument("--device", default="cpu", help="torch device")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from fwdgrad.training.checkpoint import MODEL_FORMAT, load
+    from fwdgrad.training.factories import build_model_for, load_dataset_for
+    from fwdgrad.training.loop import evaluate
+
+    try:
+        saved = load(args.model_file, MODEL_FORMAT)
+        dataset = args.dataset or saved["dataset"]
+        model = build_model_for(saved["model"], saved["input_shape"], saved["num_classes"], saved["model_options"])
+        model.load_state_dict(saved["state_dict"])
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
+    try:
+        data = load_dataset_for(dataset, args.data_dir, download=args.download)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        _log(f"fwdgrad evaluate: error: {exc}")
+        return 1
+    x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
+    if list(x.shape[1:]) != list(saved["input_shape"]) or data.num_classes != saved["num_classes"]:
+        raise UsageError(f"{dataset!r} has inputs {list(x.shape[1:])} and {data.num_classes} classes; the model "
+                         f"expects {saved['input_shape']} and {saved['num_classes']}")
+    model.to(args.device)
+    loss, acc = evaluate(model, x, y, args.batch_size, args.device)
+    print(f"{args.model_file}: {saved['method']} seed {saved['seed']} on {dataset} {args.split} "
+          f"({len(y)} examples): accuracy {100 * acc:.2f} %, loss {loss:.4f}")
     return 0
 
 
@@ -317,6 +405,7 @@ COMMANDS: dict[str, Command] = {
     "methods": Command("list the registered estimators, their options and default learning rates",
                        _add_nothing, _run_methods),
     "models": Command("list the registered models and their options", _add_nothing, _run_models),
+    "evaluate": Command("score weights saved with --save-model on a dataset split", _add_evaluate, _run_evaluate),
     "bench": Command("step time and extra step memory of forward gradients vs backprop (fresh process each)",
                      _add_bench, _run_bench),
 }

@@ -37,7 +37,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 RESERVED_METHOD_KEYS = ("lr", "label")
 OPTIMIZERS = ("sgd", "adam")
 ON_NONFINITE = ("stop", "skip")
+SCHEDULES = ("constant", "cosine", "warmup-cosine", "step")
+_FACTORY = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?::|$)")
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,20 @@ def parse_spec(text: str, where: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def parse_model_spec(text: str, where: str) -> tuple[str, dict[str, Any]]:
+    """Like :func:`parse_spec`, and also ``module.path:function[:key=value,...]`` (a user's model factory,
+    see ``fwdgrad.training.factories``), whose name keeps the ``module:function``.
+
+    >>> parse_model_spec("mypkg.nets:make:width=3", "example")
+    ('mypkg.nets:make', {'width': 3})
+    """
+    if isinstance(text, str) and _FACTORY.match(text.strip()):
+        module, function, *rest = text.strip().split(":", 2)
+        _, options = parse_spec("factory:" + rest[0], where) if rest else ("", {})
+        return f"{module}:{function}", options
+    return parse_spec(text, where)
+
+
 def parse_method(text: str, where: str = "fwdgrad: --method") -> MethodSpec:
     """Parse one method spec ``name[:key=value[,key=value...]]``; ``lr`` and ``label`` are reserved keys."""
     name, options = parse_spec(text, where)
@@ -269,6 +285,10 @@ class RunConfig:
     clip_grad_norm: float | None = None  # rescale each step's gradient (estimate) to at most this 2-norm
     lr: float | None = None  # one lr for every method without its own; None: per-method defaults
     lr_sweep: list[float] | None = None  # candidate lrs: choose the best on the validation split
+    schedule: str = "constant"  # lr schedule per step: constant, cosine, warmup-cosine, step
+    warmup_epochs: float | None = None  # linear warm-up; None: 1 epoch for warmup-cosine, else 0
+    step_epochs: int | None = None  # "step" schedule: multiply by step_gamma every this many epochs (None: epochs/3)
+    step_gamma: float = 0.1  # "step" schedule factor
     sweep_epochs: int = 2  # epochs of each sweep trial (first seed)
     val_fraction: float = 0.1  # share of the training set held out for validation (never the test set)
     # repetitions and reproducibility
@@ -276,6 +296,7 @@ class RunConfig:
     seeds: int = 1  # number of seeds: seed, seed+1, ...
     # behaviour
     on_nonfinite: str = "stop"  # stop: end the run on a NaN/Inf loss; skip: skip that step and go on
+    max_skip_fraction: float = 0.1  # with skip: a run that skips more than this share of its steps fails
     eval_batch_size: int = 1000
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
@@ -284,6 +305,8 @@ class RunConfig:
     name: str | None = None  # run folder name; default <command>-<dataset>-<model>-<UTC time>
     plots: bool = True
     quiet: bool = False
+    save_model: bool = False  # write the trained weights of every run (models/<method>_seed<k>.pt)
+    tensorboard: bool = False  # also write TensorBoard scalars under <run>/tensorboard (needs tensorboard)
 
     def validate(self, where: str = "fwdgrad.RunConfig") -> RunConfig:
         """Raise ``ValueError`` (message starting with ``where`` and naming the value) on a bad field: a value
@@ -332,6 +355,18 @@ class RunConfig:
                 raise ValueError(f"{where}: lr_sweep must be a non-empty list of positive lrs, got {self.lr_sweep!r}")
             if self.val_fraction <= 0:
                 raise ValueError(f"{where}: lr_sweep needs a validation split, got val_fraction={self.val_fraction}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{where}: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        w = self.warmup_epochs
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= self.epochs):
+            raise ValueError(f"{where}: warmup_epochs must be a number in [0, epochs={self.epochs}], got {w!r}")
+        positive_int("step_epochs", allow_none=True)
+        g = self.step_gamma
+        if isinstance(g, bool) or not isinstance(g, int | float) or not 0 < g <= 1:
+            raise ValueError(f"{where}: step_gamma must be in (0, 1], got {g!r}")
+        f = self.max_skip_fraction
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f <= 1:
+            raise ValueError(f"{where}: max_skip_fraction must be in [0, 1], got {f!r}")
         if not self.methods:
             raise ValueError(f"{where}: methods is empty")
         labels = [m.display for m in self.methods]
@@ -505,7 +540,7 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
         raise ValueError(f"{where}: unknown config key {unknown[0]!r}; valid keys: {', '.join(CONFIG_FIELDS)}")
     updates = dict(values)
     if isinstance(updates.get("model"), str) and ":" in updates["model"]:
-        name, options = parse_spec(updates["model"], where)
+        name, options = parse_model_spec(updates["model"], where)
         updates["model"] = name
         model_options = updates.get("model_options") or {}
         check_fields(where, {"model_options": model_options})
@@ -547,7 +582,3 @@ def load_config(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ValueError(f"{where}: not valid TOML: {exc}") from None
     return config_from_mapping(values, base, where)
 
-
-def merge_method_lists(groups: Iterable[list[MethodSpec]]) -> list[MethodSpec]:
-    """Concatenate method lists (from repeated ``--method``/``--methods`` options)."""
-    return [m for g in groups for m in g]

@@ -14,7 +14,6 @@ matplotlib (extra ``plots``) is imported only when plots are drawn, with the Agg
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -24,14 +23,15 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import fwdgrad
-from fwdgrad.train import Experiment, RunResult
+from fwdgrad._io import write_atomic
+from fwdgrad.training.experiment import Experiment
+from fwdgrad.training.loop import RunResult
 
 RESULTS_FORMAT = "fwdgrad-results/1"
 MEMORY_NOTE = (
@@ -44,28 +44,6 @@ TIME_NOTE = (
     "time: training only (batches, estimates, optimizer steps), evaluation excluded; examples/s = training "
     "examples processed / that time."
 )
-
-
-# --- atomic files ---------------------------------------------------------------------------------------
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``; the file
-    is readable by all (mode 0644, like bench's files; ``mkstemp`` alone would leave 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --- figures --------------------------------------------------------------------------------------------
@@ -89,14 +67,15 @@ def summarize(exp: Experiment) -> list[dict[str, Any]]:
     best epoch), final train loss, time per epoch, examples/s, peak step memory (max over seeds)."""
     rows = []
     for m in exp.methods:
-        runs = [r for r in exp.runs if r.method == m["method"]]
+        runs = [r for r in exp.all_runs if r.method == m["method"]]
         if not runs:
             continue
         figs = [r.figures() for r in runs]
         mems = [f["peak_step_memory_bytes"] for f in figs if f["peak_step_memory_bytes"] is not None]
         rows.append({
             "method": m["method"], "estimator": m["estimator"], "lr": m["lr"], "lr_source": m["lr_source"],
-            "seeds": len(runs), "completed": sum(r.status != "stopped (non-finite)" for r in runs),
+            "seeds": len(runs), "completed": sum(not r.failed for r in runs),
+            "skipped_steps": sum(r.skipped_steps for r in runs),
             "test_acc_mean": _mean([f["test_acc"] for f in figs]), "test_acc_std": _std([f["test_acc"] for f in figs]),
             "train_loss_mean": _mean([f["train_loss"] for f in figs]),
             "time_per_epoch_s": _mean([f["time_per_epoch_s"] for f in figs]),
@@ -152,7 +131,8 @@ def results_dict(exp: Experiment, name: str, argv: list[str] | None = None) -> d
         "dataset": exp.splits_info, "model": exp.model_info, "methods": exp.methods,
         "skipped_methods": exp.skipped_methods, "fairness": fairness(exp), "summary": summarize(exp),
         "notes": {"memory": MEMORY_NOTE, "time": TIME_NOTE},
-        "runs": [r.to_dict() for r in exp.runs],
+        "complete": exp.current is None and bool(exp.finished_at),
+        "runs": [r.to_dict() for r in exp.all_runs],
     })
 
 
@@ -186,6 +166,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         acc = f"{_fmt(100 * r['test_acc_mean'], '.2f')} ± {std} %" if math.isfinite(r["test_acc_mean"]) else "n/a"
         stopped = r["seeds"] - r["completed"]
         seeds = f"{r['seeds']}" + (f" ({stopped} stopped)" if stopped else "")
+        if r.get("skipped_steps"):
+            seeds += f", {r['skipped_steps']} steps skipped"
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {acc} | {seeds} | {_fmt_loss(r['train_loss_mean'])} "
             f"| {_fmt(r['time_per_epoch_s'], '.3f')} s | {_fmt(r['examples_per_s'], ',.0f')} "
@@ -227,7 +209,11 @@ def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
         MEMORY_NOTE[0].upper() + MEMORY_NOTE[1:],
     ]
     notes += [f"Skipped {s['method']}: {s['reason']}" for s in exp.skipped_methods]
-    notes += [f"Run {r.method} seed {r.seed}: {r.message}" for r in exp.runs if r.message]
+    notes += [f"Run {r.method} seed {r.seed}: {r.message}" for r in exp.all_runs if r.message]
+    notes += [f"Run {r.method} seed {r.seed} skipped {r.skipped_steps} of its {r.steps + r.skipped_steps} steps "
+              "on a non-finite loss (--on-nonfinite skip)." for r in exp.all_runs if r.skipped_steps]
+    if exp.current is not None or not exp.finished_at:
+        notes.insert(0, "**Incomplete**: this experiment was interrupted; `--resume` continues it.")
     return "\n".join(header) + "\n" + "\n\n".join(notes) + "\n"
 
 
@@ -248,6 +234,11 @@ def run_csv(run: RunResult) -> str:
     for row in run.history:
         writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+def write_run_csv(out: str | Path, run: RunResult) -> Path:
+    """Write (atomically) ``logs/<method>_seed<k>.csv`` of ``run`` under ``out``: its epochs so far."""
+    return write_atomic(Path(out) / "logs" / f"{safe_filename(run.method)}_seed{run.seed}.csv", run_csv(run))
 
 
 # --- plots ----------------------------------------------------------------------------------------------
@@ -274,7 +265,7 @@ def plot_png(exp: Experiment, x_key: str, title: str) -> bytes:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for m in exp.methods:
-        runs = [r for r in exp.runs if r.method == m["method"] and r.history]
+        runs = [r for r in exp.all_runs if r.method == m["method"] and r.history]
         if not runs:
             continue
         for ax, key in zip(axes, ("test_acc", "train_loss")):
@@ -310,9 +301,8 @@ def write_report(
     out = Path(out)
     files = {"json": write_results_json(exp, out, name, argv)}
     md = results_markdown(exp, name, command_line)
-    for run in exp.runs:
-        path = out / "logs" / f"{safe_filename(run.method)}_seed{run.seed}.csv"
-        files[f"csv:{run.method}:{run.seed}"] = write_atomic(path, run_csv(run))
+    for run in exp.all_runs:
+        files[f"csv:{run.method}:{run.seed}"] = write_run_csv(out, run)
     if plots:
         try:
             title = f"{exp.splits_info['name']} · {exp.model_info['name']} · {exp.config.seeds} seed(s)"

@@ -1,0 +1,163 @@
+"""One ``fwdgrad train`` / ``fwdgrad compare`` invocation in its run folder: claim and lock the folder,
+write the CSV log and the checkpoint after every epoch and ``results.json`` after every run, save the
+trained weights when asked, turn SIGTERM into the same clean stop as Ctrl-C (message, partial report,
+the checkpoint of the last complete epoch kept), and continue a killed run with ``resume``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fwdgrad.training import checkpoint as ckpt
+from fwdgrad.training import report
+from fwdgrad.training.config import RunConfig, config_from_mapping
+from fwdgrad.training.experiment import Experiment, run_experiment
+from fwdgrad.training.loop import RunResult
+from fwdgrad.training.rundir import RunFolder, claim, default_stem, reopen
+
+Log = Callable[[str], None]
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT or SIGTERM; the partial report and the checkpoint are written."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Outcome:
+    exp: Experiment
+    folder: Path
+    name: str
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[dict[str, int]]:
+    """While active, SIGTERM raises ``KeyboardInterrupt`` like SIGINT; yields ``{"signal": number}``."""
+    seen = {"signal": int(signal.SIGINT)}
+
+    def handler(signum: int, frame: Any) -> None:
+        seen["signal"] = signum
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def model_file(folder: Path, run: RunResult) -> Path:
+    return folder / "models" / f"{report.safe_filename(run.method)}_seed{run.seed}.pt"
+
+
+def load_resume(run_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint of the run in ``run_dir`` (``ValueError`` when there is none)."""
+    path = Path(run_dir) / ckpt.CHECKPOINT_FILE
+    if not path.is_file():
+        raise ValueError(f"fwdgrad: --resume: {run_dir} has no {ckpt.CHECKPOINT_FILE} (the run ended before its "
+                         "first epoch, or this is not a run folder)")
+    return ckpt.load(path)
+
+
+def config_of(state: dict[str, Any]) -> RunConfig:
+    """The config stored in a checkpoint."""
+    return config_from_mapping(state["config"], RunConfig(), "fwdgrad: --resume checkpoint").validate()
+
+
+def execute(
+    config: RunConfig,
+    command: str,
+    argv: list[str],
+    *,
+    log: Log,
+    overwrite: bool = False,
+    resume_dir: str | Path | None = None,
+    dataset: Any = None,
+) -> Outcome:
+    """Run the experiment of ``config`` in its run folder (a new one, or ``resume_dir`` to continue it)
+    and write the full report. Raises :class:`Interrupted` after writing the partial report."""
+    state = load_resume(resume_dir) if resume_dir is not None else None
+    if config.tensorboard:
+        from fwdgrad.training.tensorboard import check_available
+
+        check_available()
+    folder: RunFolder
+    if resume_dir is not None:
+        folder = reopen(resume_dir)
+        argv = list(state.get("argv") or argv)
+    else:
+        folder = claim(config.out_dir, config.name, default_stem(command, config.dataset, config.model),
+                       overwrite=overwrite)
+    out, name = folder.path, folder.name
+    command_line = shlex.join(argv)
+    tb = None
+    if config.tensorboard:
+        from fwdgrad.training.tensorboard import TensorBoardLog
+
+        tb = TensorBoardLog(out)
+    holder: dict[str, Experiment] = {}
+
+    def save_checkpoint(exp: Experiment, current: dict[str, Any] | None) -> None:
+        ckpt.save(out / ckpt.CHECKPOINT_FILE, {**exp.checkpoint(current), "argv": argv})
+
+    def on_epoch_end(exp: Experiment, run: RunResult, state: dict[str, Any], model: nn.Module) -> None:
+        holder["exp"] = exp
+        report.write_run_csv(out, run)
+        if tb is not None:
+            tb.epoch(run.method, run.seed, run.history[-1])
+        save_checkpoint(exp, state)
+
+    def on_run_done(exp: Experiment) -> None:
+        holder["exp"] = exp
+        report.write_run_csv(out, exp.runs[-1])
+        report.write_results_json(exp, out, name, argv)
+        save_checkpoint(exp, None)
+
+    def on_model_trained(run: RunResult, model: nn.Module) -> None:
+        exp = holder["exp"]
+        ckpt.save(model_file(out, run), {
+            "format": ckpt.MODEL_FORMAT, "model": config.model, "model_options": dict(config.model_options),
+            "input_shape": list(exp.splits_info["input_shape"]), "num_classes": exp.splits_info["num_classes"],
+            "dataset": config.dataset, "method": run.method, "seed": run.seed,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        })
+
+    try:
+        with sigterm_as_interrupt() as seen:
+            try:
+                exp = run_experiment(
+                    config, command, dataset=dataset, log=log, on_run_done=on_run_done, on_epoch_end=on_epoch_end,
+                    on_model_trained=on_model_trained if config.save_model else None, resume=state,
+                )
+            except KeyboardInterrupt:
+                how = "SIGTERM" if seen["signal"] == signal.SIGTERM else "SIGINT"
+                exp = holder.get("exp")
+                if exp is None:
+                    raise Interrupted(f"interrupted ({how}) before an epoch ended; {out} keeps its last "
+                                      "checkpoint, if any", 128 + seen["signal"]) from None
+                report.write_report(exp, out, name, command_line, plots=False, argv=argv)
+                raise Interrupted(
+                    f"interrupted ({how}); partial report in {out / 'results.md'}; continue with "
+                    f"`fwdgrad {command} --resume {out}` (from the end of the last complete epoch)",
+                    128 + seen["signal"]) from None
+        report.write_report(exp, out, name, command_line, plots=config.plots, argv=argv)
+        return Outcome(exp, out, name)
+    finally:
+        if tb is not None:
+            tb.close()
+        folder.release()
