@@ -348,8 +348,7 @@ def train_run(
                 break
     except KeyboardInterrupt:
         result.status = INTERRUPTED
-        result.message = (f"interrupted during epoch {epoch}; `--resume` continues from the end of epoch "
-                          f"{result.epochs_completed}")
+        result.message = f"interrupted during epoch {epoch} (after {result.epochs_completed} complete epochs)"
         raise
     finally:
         if bar is not None:

@@ -153,4 +153,8 @@ def reopen(path: str | Path) -> RunFolder:
     path = Path(path)
     if not path.is_dir():
         raise RunFolderError(f"--resume: no run folder {path}")
-    return RunFolder(path, _lock(path))
+    folder = RunFolder(path, _lock(path))
+    for tmp in path.rglob(".*.tmp"):  # half-written files of the killed process (never renamed into place)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return folder

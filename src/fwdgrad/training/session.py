@@ -110,17 +110,19 @@ def execute(
         from fwdgrad.training.tensorboard import TensorBoardLog
 
         tb = TensorBoardLog(out)
-    holder: dict[str, Experiment] = {}
+    holder: dict[str, Any] = {"saved": "no checkpoint yet" if state is None else "its last checkpoint"}
 
     def save_checkpoint(exp: Experiment, current: dict[str, Any] | None) -> None:
         ckpt.save(out / ckpt.CHECKPOINT_FILE, {**exp.checkpoint(current), "argv": argv})
+        where = f"epoch {current['epoch']} of {current['method']} seed {current['seed']}" if current else None
+        holder["saved"] = f"the end of {where}" if where else f"the end of run {len(exp.runs)}"
 
     def on_epoch_end(exp: Experiment, run: RunResult, state: dict[str, Any], model: nn.Module) -> None:
         holder["exp"] = exp
+        save_checkpoint(exp, state)  # first: the files below never run ahead of the checkpoint for long
         report.write_run_csv(out, run)
         if tb is not None:
             tb.epoch(run.method, run.seed, run.history[-1])
-        save_checkpoint(exp, state)
 
     def on_run_done(exp: Experiment) -> None:
         holder["exp"] = exp
@@ -152,9 +154,8 @@ def execute(
                                       "checkpoint, if any", 128 + seen["signal"]) from None
                 report.write_report(exp, out, name, command_line, plots=False, argv=argv)
                 raise Interrupted(
-                    f"interrupted ({how}); partial report in {out / 'results.md'}; continue with "
-                    f"`fwdgrad {command} --resume {out}` (from the end of the last complete epoch)",
-                    128 + seen["signal"]) from None
+                    f"interrupted ({how}); partial report in {out / 'results.md'}; `fwdgrad {command} --resume "
+                    f"{out}` continues from {holder['saved']}", 128 + seen["signal"]) from None
         report.write_report(exp, out, name, command_line, plots=config.plots, argv=argv)
         return Outcome(exp, out, name)
     finally:
