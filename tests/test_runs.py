@@ -3,6 +3,7 @@ runs' files, SIGTERM, saved models and ``fwdgrad evaluate``, user factories, sch
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -123,7 +124,8 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path: Path, user_mo
     assert {p.name for p in folder.iterdir()} <= rundir.RUN_FILES
     assert not (folder / "results.md").exists()
     rows = (folder / "logs" / "fg-w_seed0.csv").read_text().splitlines()
-    assert len(rows) - 1 >= killed_at  # the CSV log was flushed every epoch
+    # the CSV log was flushed every epoch (it follows the checkpoint: the kill may fall between the two)
+    assert len(rows) - 1 >= killed_at - 1
 
     # Resume, and the uninterrupted run, in this process (the same thread count: --threads 1).
     assert cli.main(["train", "--resume", str(folder), "--quiet"]) == 0
@@ -183,14 +185,14 @@ def test_run_folders_never_mix_runs(tmp_path: Path) -> None:
     a.release()
     b.release()
     (a.path / "results.json").write_text("{}")
-    with pytest.raises(rundir.RunFolderError, match="holds another run's files.*--overwrite"):
+    with pytest.raises(rundir.RunFolderError, match=r"holds another run's files.*--overwrite"):
         rundir.claim(tmp_path, a.path.name, "unused")
     c = rundir.claim(tmp_path, a.path.name, "unused", overwrite=True)
     assert {p.name for p in c.path.iterdir()} == {rundir.LOCK_FILE}  # the earlier run's files are gone
     c.release()
     (c.path / "notes.txt").write_text("mine")
     (c.path / "results.md").write_text("old")
-    with pytest.raises(rundir.RunFolderError, match="does not write.*notes.txt"):
+    with pytest.raises(rundir.RunFolderError, match=r"does not write.*notes\.txt"):
         rundir.claim(tmp_path, c.path.name, "unused", overwrite=True)
     # not writable: checked before any training
     blocker = tmp_path / "file"
@@ -248,9 +250,9 @@ def test_schedules() -> None:
     total = 12
     assert [lr_factor("constant", s, total) for s in range(total)] == [1.0] * total
     cos = [lr_factor("cosine", s, total) for s in range(total)]
-    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0
+    assert cos[0] == 1.0 and all(a > b for a, b in itertools.pairwise(cos)) and cos[-1] > 0
     warm = [lr_factor("warmup-cosine", s, total, warmup_steps=4) for s in range(total)]
-    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4] == 1.0 and all(a > b for a, b in zip(warm[4:], warm[5:]))
+    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4] == 1.0 and all(a > b for a, b in itertools.pairwise(warm[4:]))
     assert [lr_factor("step", s, total, step_every=4, gamma=0.5) for s in range(total)] == [1.0] * 4 + [0.5] * 4 + [
         0.25] * 4
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):

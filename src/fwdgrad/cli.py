@@ -159,7 +159,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
         help="replace the files of an earlier run in the --name folder (default: refuse)")
     g.add_argument("--resume", default=S, metavar="RUN_DIR",
                    help="continue the killed or interrupted run in RUN_DIR from its last checkpoint (end of its "
-                        "last complete epoch), with its own settings; the result equals an uninterrupted run (default: a new run)")
+                        "last complete epoch), with its own settings; the result equals an uninterrupted run "
+                        "(default: a new run)")
     g.add_argument("--save-model", action="store_true", default=S,
                    help="write each run's trained weights to RUN_DIR/models/<method>_seed<k>.pt, for "
                         "`fwdgrad evaluate` (default: off)")
