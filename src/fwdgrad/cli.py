@@ -321,7 +321,7 @@ def _run_methods(args: argparse.Namespace) -> int:
     import inspect
 
     from fwdgrad.estimators import available_estimators, estimator_options
-    from fwdgrad.training.lr import default_lr
+    from fwdgrad.training.lr import REFERENCE_PARAMETERS, default_lr, perturbs_weights
 
     for name in available_estimators():
         opts = estimator_options(name)
@@ -329,6 +329,8 @@ def _run_methods(args: argparse.Namespace) -> int:
             k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in opts.items() if k != "generator"
         )
         lrs = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
+        if perturbs_weights(name):
+            lrs += f" (sgd × {REFERENCE_PARAMETERS:,}/P on models with P > {REFERENCE_PARAMETERS:,} parameters)"
         print(f"{name:<10} options: {shown or '-'}; default lr: {lrs}")
     return 0
 
