@@ -282,3 +282,33 @@ def test_tensorboard_scalars(tmp_path: Path, user_module: Path, keep_threads) ->
     run = json.loads((tmp_path / "tb" / "results.json").read_text())["runs"][0]
     assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
     assert [e.value for e in events.Scalars("test_acc")] == pytest.approx([h["test_acc"] for h in run["history"]])
+
+
+def test_compare_interrupted_in_its_second_method_resumes_to_the_same_report(
+    tmp_path: Path, user_module: Path, keep_threads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (KeyboardInterrupt) during the second method of a comparison: --resume keeps the
+    finished runs, continues the interrupted one, runs the rest; the report equals an uninterrupted one."""
+    args = ["compare", "--dataset", "userdata:make_data", "--model", "userdata:make_net:width=8", "--methods",
+            "fg-w,bp", "--epochs", "2", "--schedule", "cosine", "--threads", "1", "--no-plots",
+            "--quiet", "--out-dir", str(tmp_path)]
+    real = report.write_run_csv
+    calls = []
+
+    def ctrl_c_at_the_4th_csv(out: Path, run: object) -> Path:
+        calls.append(1)
+        if len(calls) == 4:  # fg-w: 2 epochs + 1 at the end of its run; then bp, epoch 1
+            raise KeyboardInterrupt
+        return real(out, run)
+
+    monkeypatch.setattr(report, "write_run_csv", ctrl_c_at_the_4th_csv)
+    assert cli.main([*args, "--name", "cut"]) == 130
+    monkeypatch.setattr(report, "write_run_csv", real)
+    partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert [r["status"] for r in partial["runs"]] == ["completed", "interrupted"]
+    assert cli.main(["compare", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    assert cli.main([*args, "--name", "whole"]) == 0
+    a = json.loads((tmp_path / "cut" / "results.json").read_text())
+    b = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert len(a["runs"]) == 2 and _comparable(a) == _comparable(b)
+    assert [s["test_acc_mean"] for s in a["summary"]] == [s["test_acc_mean"] for s in b["summary"]]
