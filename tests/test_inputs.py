@@ -14,10 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from fwdgrad.config import RunConfig, check_fields, load_config, parse_method, parse_method_list, resolve_device
 
-from fwdgrad import cli, report, train
+from fwdgrad import cli
 from fwdgrad.data import Dataset
+from fwdgrad.training import experiment, loop, report
+from fwdgrad.training.config import (
+    RunConfig,
+    check_fields,
+    load_config,
+    parse_method,
+    parse_method_list,
+    resolve_device,
+)
 
 
 def tiny_dataset() -> Dataset:
@@ -30,7 +38,7 @@ def tiny_dataset() -> Dataset:
 
 @pytest.fixture(autouse=True)
 def tiny_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "load_data", lambda config: tiny_dataset())
+    monkeypatch.setattr(experiment, "load_data", lambda config: tiny_dataset())
 
 
 def run_cli(tmp_path: Path, *args: str) -> int:
@@ -156,7 +164,7 @@ def test_list_valued_options_parse() -> None:
 
 
 def test_list_valued_option_reaches_the_estimator(tmp_path) -> None:
-    est = train.make_estimator(parse_method("fg-a:modules=layers.2"), seed=0)
+    est = loop.make_estimator(parse_method("fg-a:modules=layers.2"), seed=0)
     assert est.modules == ["layers.2"]
     assert run_cli(tmp_path, "train", "--epochs", "1", "--method", "fg-a:modules=layers.1|layers.3", "--name",
                    "m") == 0
