@@ -194,6 +194,10 @@ def test_run_folders_never_mix_runs(tmp_path: Path) -> None:
     (c.path / "results.md").write_text("old")
     with pytest.raises(rundir.RunFolderError, match=r"does not write.*notes\.txt"):
         rundir.claim(tmp_path, c.path.name, "unused", overwrite=True)
+    # a folder the run created and left empty (it failed before writing anything) does not stay behind
+    d = rundir.claim(tmp_path, "failed-early", "unused")
+    d.release()
+    assert not (tmp_path / "failed-early").exists()
     # not writable: checked before any training
     blocker = tmp_path / "file"
     blocker.write_text("x")

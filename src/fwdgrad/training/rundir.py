@@ -45,22 +45,27 @@ def default_stem(command: str, dataset: str, model: str) -> str:
 class RunFolder:
     """A claimed and locked run folder; :meth:`release` (or the context manager) drops the lock."""
 
-    def __init__(self, path: Path, lock_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int, created: bool = False) -> None:
         self.path = path
         self._fd: int | None = lock_fd
+        self._created = created
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def release(self) -> None:
-        """Remove the lock file and release the lock."""
+        """Remove the lock file and release the lock; a folder this run created and left empty (it failed
+        before writing anything, e.g. on missing data) is removed too."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
             os.unlink(self.path / LOCK_FILE)
         os.close(self._fd)
         self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only succeeds when empty
 
     def __enter__(self) -> RunFolder:
         return self
@@ -121,12 +126,13 @@ def claim(out_dir: str | Path, name: str | None, stem: str, *, overwrite: bool =
                 continue
             except OSError as exc:
                 raise RunFolderError(f"cannot create a run folder in {out}: {exc.strerror}") from None
-            return RunFolder(path, _lock(path))
+            return RunFolder(path, _lock(path), created=True)
         raise RunFolderError(f"no free run folder name {stem}-k in {out}")  # pragma: no cover
     path = out / name
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{path} exists and is not a folder")
     try:
+        created = not path.exists()
         path.mkdir(exist_ok=True)
     except OSError as exc:
         raise RunFolderError(f"cannot create the run folder {path}: {exc.strerror}") from None
@@ -145,7 +151,7 @@ def claim(out_dir: str | Path, name: str | None, stem: str, *, overwrite: bool =
         for entry in sorted(found):
             p = path / entry
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    return RunFolder(path, fd)
+    return RunFolder(path, fd, created=created)
 
 
 def reopen(path: str | Path) -> RunFolder:
