@@ -182,15 +182,16 @@ def test_run_folders_never_mix_runs(tmp_path: Path) -> None:
     # a live run's folder cannot be taken, not even with --overwrite
     with pytest.raises(rundir.RunFolderError, match="another live run"):
         rundir.claim(tmp_path, a.path.name, "unused", overwrite=True)
+    (a.path / "results.json").write_text("{}")
     a.release()
     b.release()
-    (a.path / "results.json").write_text("{}")
+    assert a.path.exists() and not b.path.exists()  # b was empty: removed with its lock
     with pytest.raises(rundir.RunFolderError, match=r"holds another run's files.*--overwrite"):
         rundir.claim(tmp_path, a.path.name, "unused")
     c = rundir.claim(tmp_path, a.path.name, "unused", overwrite=True)
     assert {p.name for p in c.path.iterdir()} == {rundir.LOCK_FILE}  # the earlier run's files are gone
-    c.release()
     (c.path / "notes.txt").write_text("mine")
+    c.release()
     (c.path / "results.md").write_text("old")
     with pytest.raises(rundir.RunFolderError, match=r"does not write.*notes\.txt"):
         rundir.claim(tmp_path, c.path.name, "unused", overwrite=True)
