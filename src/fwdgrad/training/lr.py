@@ -6,7 +6,8 @@ Adam); the sweeps and their figures are in ``docs/cli.md``. For SGD, a weight-pe
 (``fg-w`` and its local variants) gets that rate scaled by ``min(1, P_ref / P)``, ``P`` the number of
 trainable parameters it perturbs: with one Gaussian direction ``E‖ĝ‖² = (P + 2)‖∇f‖²``, so the second-order
 term ``lr² L E‖ĝ‖² / 2`` of a step grows with ``P`` and the largest stable step shrinks like ``1/P``
-(Baydin et al. 2022, eq. 4; the variance analysis of Ren et al. 2023, §3). Adam divides each coordinate
+(Ren et al. 2023, Table 1: weight perturbation's variance grows like ``pq + 2`` with a layer's ``p × q``
+weights). Adam divides each coordinate
 by its running RMS, which absorbs that scale, so Adam's defaults are not scaled.
 
 Schedules are per optimizer step (:class:`torch.optim.lr_scheduler.LambdaLR`), a function of the step index
