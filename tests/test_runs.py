@@ -317,3 +317,53 @@ def test_compare_interrupted_in_its_second_method_resumes_to_the_same_report(
     b = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert len(a["runs"]) == 2 and _comparable(a) == _comparable(b)
     assert [s["test_acc_mean"] for s in a["summary"]] == [s["test_acc_mean"] for s in b["summary"]]
+
+
+def test_estimator_state_without_state_dict_is_named_not_silently_lost() -> None:
+    """fg-w with momentum directions keeps a running average of past estimates; unless the estimator can
+    hand it over (``state_dict``), the checkpoint names it and a resumed run says it may differ."""
+    import fwdgrad
+    from fwdgrad.training.checkpoint import estimator_state
+
+    est = fwdgrad.estimator("fg-w", seed=0)
+    assert estimator_state(est)["unsaved"] == []
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    try:
+        mom = fwdgrad.estimator("fg-w", seed=0, directions="momentum")
+    except (TypeError, ValueError):
+        pytest.skip("no momentum directions in this build")
+    mom(model, lambda m: torch.nn.functional.cross_entropy(m(x), y))
+    state = estimator_state(mom)
+    if callable(getattr(mom, "state_dict", None)):
+        assert state["state"] is not None and state["unsaved"] == []
+    else:
+        assert state["unsaved"], state
+
+
+def test_a_resumed_run_says_when_estimator_state_was_not_checkpointed(
+    tmp_path: Path, user_module: Path, keep_threads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fwdgrad
+
+    try:
+        probe = fwdgrad.estimator("fg-w", directions="momentum")
+    except (TypeError, ValueError):
+        pytest.skip("no momentum directions in this build")
+    if callable(getattr(probe, "state_dict", None)):
+        pytest.skip("the estimator checkpoints its own state")
+    real = report.write_run_csv
+
+    def ctrl_c(out: Path, run: object) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_run_csv", ctrl_c)
+    args = ["train", "--dataset", "userdata:make_data", "--model", "userdata:make_net:width=8", "--method",
+            "fg-w:directions=momentum", "--epochs", "2", "--threads", "1", "--no-plots", "--quiet", "--out-dir",
+            str(tmp_path), "--name", "m"]
+    assert cli.main(args) == 130
+    monkeypatch.setattr(report, "write_run_csv", real)
+    assert cli.main(["train", "--resume", str(tmp_path / "m"), "--quiet"]) == 0
+    (run,) = json.loads((tmp_path / "m" / "results.json").read_text())["runs"]
+    assert any("could not be checkpointed" in n for n in run["notes"])
+    assert "could not be checkpointed" in (tmp_path / "m" / "results.md").read_text()

@@ -19,6 +19,7 @@ The position in the data order is the epoch count: the order of epoch ``e`` is a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from pathlib import Path
@@ -62,12 +63,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, list | tuple | set):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_holds_tensor(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
+    return False
+
+
 def estimator_state(est: Any) -> dict[str, Any]:
-    """The random state of an estimator: its ``_generator`` (a ``torch.Generator`` or ``None``) and, when
-    it has one, its own ``state_dict()`` (stateful direction sources)."""
+    """The state of an estimator: its ``_generator`` (a ``torch.Generator`` or ``None``) and, when it has
+    one, its own ``state_dict()`` (stateful direction sources). Without ``state_dict``, attributes holding
+    tensors (state a checkpoint cannot carry, e.g. a momentum of past estimates) are named in ``"unsaved"``,
+    so a resumed run can say that it may differ from an uninterrupted one."""
     gen = getattr(est, "_generator", None)
     own = est.state_dict() if callable(getattr(est, "state_dict", None)) else None
-    return {"generator": gen.get_state() if isinstance(gen, torch.Generator) else None, "state": own}
+    unsaved = [] if own is not None else sorted(
+        k for k, v in vars(est).items() if k != "_generator" and _holds_tensor(v))
+    return {"generator": gen.get_state() if isinstance(gen, torch.Generator) else None, "state": own,
+            "unsaved": unsaved}
 
 
 def set_estimator_state(est: Any, state: dict[str, Any]) -> None:

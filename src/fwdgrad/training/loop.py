@@ -120,6 +120,7 @@ class RunResult:
     init_digest: str = ""
     order_digest: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -233,6 +234,12 @@ def train_run(
         order_hash = order_digest(n, seed, first_epoch - 1)
     result.steps_per_epoch = steps_per_epoch
     result.status, result.message = COMPLETED, ""
+    if resume is not None and resume["estimator"].get("unsaved"):
+        note = (f"resumed after epoch {first_epoch - 1}; the estimator's state {resume['estimator']['unsaved']} "
+                "could not be checkpointed (no state_dict), so this run may differ from an uninterrupted one")
+        result.notes.append(note)
+        if log is not None:
+            log(f"{spec.display} seed {seed}: {note}")
     if on_start is not None:
         on_start(result)
     bar = _progress(planned_steps, f"{spec.display} seed {seed}", progress)

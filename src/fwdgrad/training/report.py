@@ -210,6 +210,7 @@ def results_markdown(exp: Experiment, name: str, command_line: str) -> str:
     ]
     notes += [f"Skipped {s['method']}: {s['reason']}" for s in exp.skipped_methods]
     notes += [f"Run {r.method} seed {r.seed}: {r.message}" for r in exp.all_runs if r.message]
+    notes += [f"Run {r.method} seed {r.seed}: {n}." for r in exp.all_runs for n in r.notes]
     notes += [f"Run {r.method} seed {r.seed} skipped {r.skipped_steps} of its {r.steps + r.skipped_steps} steps "
               "on a non-finite loss (--on-nonfinite skip)." for r in exp.all_runs if r.skipped_steps]
     if exp.current is not None or not exp.finished_at:
