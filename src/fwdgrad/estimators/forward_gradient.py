@@ -116,7 +116,7 @@ class ForwardGradient(SampledEstimator):
             if value != default:
                 setattr(self, key, value)
         self._momentum: MomentumDirections | None = None
-        self._momentum_state: tuple[list[int], MomentumState] | None = None
+        self._momentum_state: tuple[list[int] | None, MomentumState] | None = None
         if directions == "momentum":
             self._momentum = MomentumDirections(direction_beta)
             self.direction_beta = float(direction_beta)
@@ -125,6 +125,20 @@ class ForwardGradient(SampledEstimator):
     def fast_paths(self) -> bool:
         """Whether the per-module passes are used (``False``: the reference path)."""
         return self._fast_paths
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The state of stateful directions (``directions="momentum"``), for checkpoints; ``None`` otherwise."""
+        if self._momentum_state is None:
+            return None
+        state = self._momentum_state[1]
+        return {"average": [m.clone() for m in state.average], "count": state.count}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`; it binds to the model's parameters at the next step."""
+        if state is None:
+            self._momentum_state = None
+            return
+        self._momentum_state = (None, MomentumState([t.clone() for t in state["average"]], int(state["count"])))
 
     def step(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], *, lean: bool = False
@@ -144,6 +158,11 @@ class ForwardGradient(SampledEstimator):
     ) -> Gradient:
         assert self._momentum is not None
         ids = [id(p) for p in params.values()]
+        if self._momentum_state is not None and self._momentum_state[0] is None:  # loaded: bind to these params
+            loaded = self._momentum_state[1]
+            if [m.shape for m in loaded.average] == [p.shape for p in params.values()]:
+                loaded.average = [m.to(p.device) for m, p in zip(loaded.average, params.values())]
+                self._momentum_state = (ids, loaded)
         if self._momentum_state is None or self._momentum_state[0] != ids:
             self._momentum_state = (ids, self._momentum.init([p.detach() for p in params.values()]))
         state = self._momentum_state[1]
@@ -297,5 +316,6 @@ class _ReadoutCapture:
 
 
 register_estimator(
-    "fg-w", ForwardGradient, default_lr=FG_W_LR, claims=("exact", "unbiased", "no-backward", "grad", "fused")
+    "fg-w", ForwardGradient, default_lr=FG_W_LR, claims=("exact", "unbiased", "no-backward", "grad", "fused"),
+    lr_scales_with="parameters",
 )

@@ -306,8 +306,9 @@ def _local_recipe(
     name: str, cls: type[Estimator], groups: bool, base: str, lrs: dict[str, float], claims: tuple[str, ...]
 ) -> None:
     note = f"the {base} default (not swept for {name})"
+    scales = "parameters" if cls is LocalWeightForwardGradient else None
     register_estimator(name, cls, preset={"groups": groups}, default_lr=lrs, lr_note=note, claims=claims,
-                       needs="local-heads")
+                       needs="local-heads", lr_scales_with=scales)
 
 
 _local_recipe("l-bp", LocalBackprop, False, "bp", BP_LR, ("grad", "fused"))

@@ -132,7 +132,7 @@ _NOTE = "not swept for recurrent models: the {} default"
 # exactness against BPTT and the absence of a backward pass are tested in tests/test_recurrent.py.
 register_estimator(
     "online-fg", OnlineForwardGradient, default_lr=_FG_LR, lr_note=_NOTE.format("fg-w"),
-    claims=("unbiased", "grad", "fused"), needs="sequence-model",
+    claims=("unbiased", "grad", "fused"), needs="sequence-model", lr_scales_with="parameters",
 )  # fmt: skip
 register_estimator(
     "forward-exact", ForwardExactGradient, default_lr=_BP_LR, lr_note=_NOTE.format("bp"),

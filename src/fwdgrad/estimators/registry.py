@@ -47,6 +47,9 @@ class Recipe:
         lr_note: where the default learning rates come from.
         claims: the generic properties the tests check for it (see the module docstring).
         needs: what the model must provide (``"local-heads"``: the :mod:`fwdgrad.local` protocol).
+        lr_scales_with: ``"parameters"`` when the estimate's variance grows with the number of perturbed
+            parameters (weight perturbation), so the training loop scales the default SGD lr down for
+            larger models; ``None`` otherwise.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Recipe:
     lr_note: str = ""
     claims: frozenset[str] = frozenset()
     needs: str | None = None
+    lr_scales_with: str | None = None
 
     def options(self) -> dict[str, Any] | None:
         """Constructor options with their defaults (presets applied); ``None`` when it takes ``**kwargs``."""
@@ -75,7 +79,7 @@ _REGISTRY: dict[str, Recipe] = {}
 def register_estimator(
     name: str, cls: type[Estimator] | None = None, *, preset: Mapping[str, Any] | None = None,
     default_lr: Mapping[str, float] | None = None, lr_note: str = "", claims: Iterable[str] = (),
-    needs: str | None = None,
+    needs: str | None = None, lr_scales_with: str | None = None,
 ) -> Any:
     """Register a recipe: ``cls`` with ``preset`` options under ``name`` (usable as a class decorator).
 
@@ -100,7 +104,10 @@ def register_estimator(
         unknown = sorted(set(claims) - set(CLAIMS))
         if unknown:
             raise ValueError(f"{where}: unknown claim {unknown[0]!r}; choose from {CLAIMS}")
-        entry = Recipe(name, c, dict(preset or {}), dict(default_lr or {}), lr_note, frozenset(claims), needs)
+        if lr_scales_with not in (None, "parameters"):
+            raise ValueError(f"{where}: lr_scales_with must be None or 'parameters', got {lr_scales_with!r}")
+        entry = Recipe(name, c, dict(preset or {}), dict(default_lr or {}), lr_note, frozenset(claims), needs,
+                       lr_scales_with)
         known = entry.options()
         if known is not None and preset:
             bad = sorted(set(preset) - set(known))

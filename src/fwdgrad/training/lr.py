@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from fwdgrad.estimators import ForwardGradient, LocalWeightForwardGradient, recipe
 from fwdgrad.estimators import default_lr as recipe_default_lr
+from fwdgrad.estimators import recipe
 from fwdgrad.training.config import SCHEDULES
 
 # The model the recipes' rates were tuned on: MNIST-1D (40 inputs), mlp 40-256-256-10.
@@ -36,8 +36,7 @@ def perturbs_weights(name: str) -> bool:
     >>> perturbs_weights("fg-w"), perturbs_weights("lg-fg-w"), perturbs_weights("fg-a"), perturbs_weights("bp")
     (True, True, False, False)
     """
-    # TODO(lead): a recipe field (e.g. ``lr_scales_with="parameters"``) would say this without the classes.
-    return issubclass(recipe(name).cls, ForwardGradient | LocalWeightForwardGradient)
+    return recipe(name).lr_scales_with == "parameters"
 
 
 def default_lr(name: str, optimizer: str, *, num_parameters: int | None = None) -> tuple[float, str]:
