@@ -10,8 +10,10 @@ from fwdgrad.estimators import recurrent as _recurrent  # noqa: F401  (registers
 from fwdgrad.estimators.activity import ActivityForwardGradient
 from fwdgrad.estimators.backprop import Backprop
 from fwdgrad.estimators.base import Estimator, SampledEstimator
+from fwdgrad.estimators.feedback import FeedbackAlignment  # noqa: F401
 from fwdgrad.estimators.forward_gradient import ForwardGradient
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient
+from fwdgrad.estimators.guess import GuessForwardGradient  # noqa: F401
 from fwdgrad.estimators.local import (
     LocalActivityForwardGradient,
     LocalBackprop,
