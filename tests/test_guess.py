@@ -20,6 +20,15 @@ from fwdgrad.models.localmixer import LocalMixer
 Tensor = torch.Tensor
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny ops: on a shared 2-core machine a second intra-op thread only adds waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _block_cnn() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     model = BlockCNN((2, 8, 8), 3, channels="3x4x4", head_pool=2).double()
@@ -173,13 +182,17 @@ def _random_mean(space: str, n: int) -> tuple[list[Tensor], list[Tensor], list[T
 
 def _check_unbiased(space: str, n: int) -> None:
     # Probabilistic: each coordinate's sample mean is close to Gaussian (CLT over n draws) around the true
-    # gradient; |z| > 5.5 has probability ~4e-8 per coordinate (~100 coordinates here). Seeded, so it is
-    # deterministic in CI. A biased estimator (e.g. without the dimension factor s = n, off by 1/n) gives
-    # |z| in the tens.
+    # gradient; |z| > 5.5 has probability ~4e-8 per coordinate (~150 coordinates here). In aggregate,
+    # ‖mean − g‖² / Σ se² is a chi-square over its ~150 degrees of freedom divided by them: mean 1, sd ~0.12,
+    # so 2 is far out. Seeded, so deterministic in CI. A biased estimator (e.g. without the dimension factor
+    # s = n, off by 1/n) gives |z| in the tens.
     mean, se, true = _random_mean(space, n)
     for m, s, t in zip(mean, se, true):
         z = (m - t).abs() / s.clamp_min(1e-12)
         assert float(z.max()) < 5.5, float(z.max())
+    err2 = sum(float(((m - t) ** 2).sum()) for m, t in zip(mean, true))
+    var = sum(float((s**2).sum()) for s in se)
+    assert err2 < 2 * var, (err2, var)
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -190,11 +203,7 @@ def test_random_guess_unbiased_light(space: str) -> None:
 @pytest.mark.montecarlo
 @pytest.mark.parametrize("space", SPACES)
 def test_random_guess_unbiased_heavy(space: str) -> None:
-    _check_unbiased(space, 20000)
-    mean, _, true = _random_mean(space, 20000)
-    rel = torch.cat([(m - t).flatten() for m, t in zip(mean, true)]).norm() / torch.cat(
-        [t.flatten() for t in true]).norm()
-    assert float(rel) < 0.35, float(rel)
+    _check_unbiased(space, 10000)
 
 
 class _RaisingBlocks(nn.Module):
@@ -269,7 +278,7 @@ def test_local_guess_trains_block_cnn() -> None:
     est = fwdgrad.estimator("fg-guess", guess="local")
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     first = None
-    for _ in range(60):
+    for _ in range(40):
         opt.zero_grad()
         loss = est(model, _loss(x, y))
         first = float(loss) if first is None else first
