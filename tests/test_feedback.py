@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import PROBLEMS, RaisingBackward, autograd_gradient
 from torch import nn
 
 import fwdgrad
 from fwdgrad.models import build_model
+from problems import PROBLEMS, RaisingBackward, autograd_gradient
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -179,7 +179,7 @@ def test_same_seed_same_feedback() -> None:
         x, y = _data()
         est = fwdgrad.estimator("fdfa", seed=4)
         for _ in range(3):
-            est(model, lambda m: F.cross_entropy(m(x), y))
+            est(model, lambda m, x=x, y=y: F.cross_entropy(m(x), y))
         outs.append(est.feedback["0"].clone())
     assert torch.equal(*outs)
 

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from problems import RaisingBackward
 from torch import nn
 
 import fwdgrad
@@ -16,6 +15,7 @@ from fwdgrad import local
 from fwdgrad.estimators.guess import GUESSES, SPACES
 from fwdgrad.models.blockcnn import BlockCNN
 from fwdgrad.models.localmixer import LocalMixer
+from problems import RaisingBackward
 
 Tensor = torch.Tensor
 

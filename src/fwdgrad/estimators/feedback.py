@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -418,5 +418,14 @@ class FDFA(FeedbackAlignment):
     mode = "fdfa"
 
 
-__all__ = ["DFA", "ELEMENTWISE", "FA", "FDFA", "FeedbackAlignment", "STRUCTURE", "Stage", "layer_weight_grads",
-           "parse_chain"]
+__all__ = [
+    "DFA",
+    "ELEMENTWISE",
+    "FA",
+    "FDFA",
+    "STRUCTURE",
+    "FeedbackAlignment",
+    "Stage",
+    "layer_weight_grads",
+    "parse_chain",
+]

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -50,7 +51,7 @@ def fdfa_mlp(input_shape: Sequence[int], num_classes: int, width: int = 800, dep
             raise ValueError(f"{where}: {name} must be an int >= 1, got {v!r}")
     sizes = [math.prod(input_shape)] + [width] * depth
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], num_classes))
     return SequentialNet(layers)
