@@ -18,6 +18,7 @@ from fwdgrad.models.localmixer import LocalMixer
 from problems import RaisingBackward
 
 Tensor = torch.Tensor
+DT64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
@@ -284,3 +285,20 @@ def test_local_guess_trains_block_cnn() -> None:
         first = float(loss) if first is None else first
         opt.step()
     assert float(loss) < 0.7 * first
+
+
+@pytest.mark.parametrize("blocks", [16])
+def test_resnet18_blocks_projection_matches_autograd(blocks: int) -> None:
+    """The ResNet-18 split of Fournier et al. (tiny width): the skip connections across cuts are handled."""
+    from fwdgrad.models.resnet_blocks import ResNet18Blocks
+
+    torch.manual_seed(0)
+    model = ResNet18Blocks((3, 8, 8), 3, blocks=blocks, width=2).double()
+    assert len(model.blocks) == blocks
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 3, 8, 8, generator=g, dtype=DT64), torch.tensor([0, 1, 2])
+    est = fwdgrad.estimator("fg-guess", guess="above", eps=1e-3)
+    est(model, _loss(x, y))
+    ref = _reference(model, x, y, est, 1e-3)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
