@@ -180,7 +180,7 @@ def _split_methods(text: str) -> list[str]:
     before it."""
     out: list[str] = []
     for item in text.split(","):
-        if "=" in item and out and ":" in out[-1]:
+        if "=" in item and ":" not in item and out and ":" in out[-1]:
             out[-1] += "," + item
         else:
             out.append(item)

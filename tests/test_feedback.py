@@ -212,7 +212,7 @@ def test_unsupported_models_raise(model: nn.Module, match: str) -> None:
 @pytest.mark.parametrize(
     ("name", "kwargs", "bad"),
     [("fdfa", {"feedback_update": "sgd"}, "'sgd'"), ("dfa", {"feedback_scale": 0.0}, "0.0"),
-     ("fdfa", {"feedback_lr": -1.0}, "-1.0"), ("fa", {"betas": (0.9, 1.5)}, "1.5")],
+     ("fdfa", {"feedback_lr": -1.0}, "-1.0"), ("fdfa", {"betas": (0.9, 1.5)}, "1.5")],
 )
 def test_bad_options(name: str, kwargs: dict, bad: str) -> None:
     with pytest.raises(ValueError, match=f"{name}.*{bad}"):

@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -204,7 +204,7 @@ class _Runner:
             a = st.act(z) if st.act is not None else z
             if self.est.mode == "fdfa" and i < last:
                 ap, at = fwAD.unpack_dual(a)
-                eps = torch.randn(ap.shape, generator=gen, device=ap.device, dtype=ap.dtype)
+                eps = draw("normal", tuple(ap.shape), gen, ap)
                 self.noises.append(eps)
                 a = fwAD.make_dual(ap, eps if at is None else at + eps)
             self.acts.append(_primal(a).detach())
@@ -214,12 +214,35 @@ class _Runner:
         return h
 
 
+def _check_positive(where: str, name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{where}: {name} must be a finite float > 0, got {v!r}")
+
+
+def _check_seed(where: str, seed: Any, generator: Any) -> None:
+    if seed is not None and generator is not None:
+        raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{where}: seed must be an int, got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def draw(kind: str, shape: tuple[int, ...], gen: torch.Generator | None, like: Tensor) -> Tensor:
+    """``torch.randn``/``torch.rand`` of ``shape`` on ``like``'s device and dtype, from ``gen`` wherever it lives
+    (a generator on another device draws there and the sample is moved)."""
+    fn = torch.randn if kind == "normal" else torch.rand
+    device = like.device if gen is None else gen.device
+    return fn(shape, generator=gen, device=device, dtype=like.dtype).to(like.device)
+
+
 class FeedbackAlignment(Estimator):
     r"""Feedback alignment estimators (``fa``, ``dfa``, ``fdfa``); see the module docstring for the math.
 
     Args:
-        feedback_scale: multiplies the random feedback's default range (``fa``: :math:`U(\pm 1/\sqrt{fan_{in}})`
-            of the replaced layer, like its weights; ``dfa``: :math:`U(\pm 1/\sqrt{n_l})`). Unused by ``fdfa``.
+        feedback_scale: ``fa``/``dfa``: multiplies the random feedback's default range (``fa``:
+            :math:`U(\pm 1/\sqrt{fan_{in}})` of the replaced layer, like its weights; ``dfa``:
+            :math:`U(\pm 1/\sqrt{n_l})`).
         seed, generator: the feedback draws and (``fdfa``) the tangent noise; at most one of them.
         feedback_lr: ``fdfa`` only, the feedback matrices' learning rate (1e-4 in the paper, with Adam).
         feedback_update: ``fdfa`` only, ``"adam"`` or ``"ema"``.
@@ -232,38 +255,16 @@ class FeedbackAlignment(Estimator):
 
     mode: ClassVar[str] = "fa"
     per_example_loss = True
+    # Starting points, not swept: Adam 1e-3 is what docs/guided.md's runs used.
+    default_lr: ClassVar[dict[str, float]] = {"adam": 1e-3, "sgd": 0.05}
 
     def __init__(
-        self,
-        *,
-        feedback_scale: float = 1.0,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        feedback_lr: float = 1e-4,
-        feedback_update: str = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
+        self, *, feedback_scale: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None
     ) -> None:
         where = f"fwdgrad.estimator({self.name or self.mode!r})"
-        for name, v in (("feedback_scale", feedback_scale), ("feedback_lr", feedback_lr)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{where}: {name} must be a finite float > 0, got {v!r}")
-        if feedback_update not in FEEDBACK_UPDATES:
-            raise ValueError(f"{where}: feedback_update must be one of {list(FEEDBACK_UPDATES)}, "
-                             f"got {feedback_update!r}")
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"{where}: betas must be two floats in [0, 1), got {betas!r}")
-        if seed is not None and generator is not None:
-            raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{where}: seed must be an int, got {seed!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
+        _check_positive(where, "feedback_scale", feedback_scale)
+        _check_seed(where, seed, generator)
         self.feedback_scale = float(feedback_scale)
-        if self.mode == "fdfa":
-            self.feedback_lr = float(feedback_lr)
-            self.feedback_update = feedback_update
-            self.betas = (float(betas[0]), float(betas[1]))
         self._seed = seed
         self._generator = generator
         self.feedback: dict[str, Tensor] = {}
@@ -295,8 +296,7 @@ class FeedbackAlignment(Estimator):
         self._checked = weakref.ref(model)
 
     def _uniform(self, shape: tuple[int, ...], bound: float, like: Tensor) -> Tensor:
-        gen = self._gen(like.device)
-        u = torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype)
+        u = draw("uniform", shape, self._gen(like.device), like)
         return (u * 2 - 1) * (bound * self.feedback_scale)
 
     def _feedback(self, where: str, name: str, shape: tuple[int, ...], like: Tensor, init: str) -> Tensor:
@@ -416,6 +416,28 @@ class FDFA(FeedbackAlignment):
     """Forward direct feedback alignment (Bacho & Chu 2024): feedback learned from forward-mode noise."""
 
     mode = "fdfa"
+
+    def __init__(
+        self,
+        *,
+        feedback_lr: float = 1e-4,
+        feedback_update: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(seed=seed, generator=generator)
+        where = "fwdgrad.estimator('fdfa')"
+        _check_positive(where, "feedback_lr", feedback_lr)
+        if feedback_update not in FEEDBACK_UPDATES:
+            raise ValueError(f"{where}: feedback_update must be one of {list(FEEDBACK_UPDATES)}, "
+                             f"got {feedback_update!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"{where}: betas must be two floats in [0, 1), got {betas!r}")
+        self.feedback_lr = float(feedback_lr)
+        self.feedback_update = feedback_update
+        self.betas = (float(betas[0]), float(betas[1]))
 
 
 __all__ = [

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -85,14 +85,19 @@ def _no_blocks_error(where: str, model: nn.Module) -> ValueError:
     )
 
 
+def _draw(kind: str, like: Tensor, gen: torch.Generator | None) -> Tensor:
+    """A sample shaped like ``like`` on its device, from ``gen`` wherever it lives (moved if elsewhere)."""
+    fn = torch.randn if kind == "normal" else torch.rand
+    device = like.device if gen is None else gen.device
+    return fn(like.shape, generator=gen, device=device, dtype=like.dtype).to(like.device)
+
+
 def _linear_init(head: nn.Linear, generator: torch.Generator | None) -> dict[str, Tensor]:
     """Fresh weights for ``head`` as ``nn.Linear`` draws them: :math:`U(-1/\\sqrt{fan_{in}}, 1/\\sqrt{fan_{in}})`."""
     bound = 1.0 / math.sqrt(head.in_features)
-    w = head.weight
-    out = {"weight": (torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 - 1) * bound}
+    out = {"weight": (_draw("uniform", head.weight.detach(), generator) * 2 - 1) * bound}
     if head.bias is not None:
-        b = head.bias
-        out["bias"] = (torch.rand(b.shape, generator=generator, device=b.device, dtype=b.dtype) * 2 - 1) * bound
+        out["bias"] = (_draw("uniform", head.bias.detach(), generator) * 2 - 1) * bound
     return out
 
 
@@ -127,6 +132,8 @@ class GuessForwardGradient(Estimator):
     """
 
     per_example_loss = True
+    # Starting points, not swept: Adam 1e-3 is what docs/guided.md's runs used.
+    default_lr: ClassVar[dict[str, float]] = {"adam": 1e-3, "sgd": 0.05}
 
     def __init__(
         self,
@@ -298,8 +305,8 @@ class GuessForwardGradient(Estimator):
         theta = [params[n] for n in block_names[k]]
         if self.guess == "random":
             if self.space == "activation":
-                return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-            return [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in theta]
+                return _draw("normal", out.detach(), gen)
+            return [_draw("normal", p.detach(), gen) for p in theta]
         above = self.guess == "above" and k + 1 < len(lay.blocks)
         with torch.enable_grad():
             if above:
