@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -111,7 +111,10 @@ class _Layout:
         self.readouts = readouts
 
 
-@register_estimator("fg-guess")
+@register_estimator(
+    "fg-guess", needs="local-heads", claims=("grad", "fused"), default_lr={"adam": 1e-3, "sgd": 0.05},
+    lr_note="not swept: Adam 1e-3 is what docs/guided.md's runs used; SGD 0.05 a guess",
+)
 class GuessForwardGradient(Estimator):
     r"""Forward gradient projected onto a gradient guess, per block (Fournier et al., ICML 2023).
 
@@ -132,8 +135,6 @@ class GuessForwardGradient(Estimator):
     """
 
     per_example_loss = True
-    # Starting points, not swept: Adam 1e-3 is what docs/guided.md's runs used.
-    default_lr: ClassVar[dict[str, float]] = {"adam": 1e-3, "sgd": 0.05}
 
     def __init__(
         self,
