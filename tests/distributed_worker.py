@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,8 @@ def reference(mode: str, world: int, steps: int, tangents: str = "gaussian", see
     return [p.detach().clone() for p in params]
 
 
-def run(opt, x, y, steps, rank, world, mode, momentum=0.0):  # noqa: ANN001, ANN201
+def run(opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, rank: int, world: int, mode: str,
+        momentum: float = 0.0) -> None:
     from fwdgrad.distributed import shard
 
     xs, ys = (shard(x, rank, world), shard(y, rank, world)) if mode == "data" else (x, y)
@@ -58,16 +61,53 @@ def run(opt, x, y, steps, rank, world, mode, momentum=0.0):  # noqa: ANN001, ANN
         opt.step(lambda m: F.cross_entropy(m(xs), ys), lr=LR, momentum=momentum)
 
 
+def mismatch(comm: Any, result: dict[str, Any]) -> None:
+    """Rank 1 with another base seed, then with a weight moved by 1e-12: both ranks must refuse to start."""
+    from fwdgrad.distributed import ReplicaMismatchError, SeedSharingSGD
+
+    for what in ("seed", "init"):
+        model, _, _ = problem()
+        seed = 7 + (comm.rank if what == "seed" else 0)
+        if what == "init" and comm.rank == comm.world - 1:
+            with torch.no_grad():
+                next(model.parameters())[0, 0] += 1e-12
+        try:
+            SeedSharingSGD(model, "fg-w", seed=seed, mode="data", comm=comm, num_directions=K)
+        except ReplicaMismatchError as exc:
+            result[f"mismatch_{what}"] = str(exc)
+
+
+def kill(comm: Any, victim: int, result: dict[str, Any], out: Path) -> None:
+    """Rank ``victim`` kills itself (SIGKILL) at step 5 of a data-parallel run; the survivor records its error."""
+    from fwdgrad.distributed import RankLostError, SeedSharingSGD
+
+    rank, world = comm.rank, comm.world
+    if rank == victim:  # what it has to say, before it dies
+        (out / f"result_{rank}.json").write_text(json.dumps(result))
+    model, x, y = problem()
+    opt = SeedSharingSGD(model, "fg-w", seed=7, mode="data", comm=comm, num_directions=K)
+    try:
+        for t in range(1000):
+            if t == 5 and rank == victim:
+                os.kill(os.getpid(), signal.SIGKILL)
+            began = time.monotonic()
+            run(opt, x, y, 1, rank, world, "data")
+    except RankLostError as exc:
+        result["error"], result["lost"] = str(exc), exc.lost
+        result["seconds_to_error"] = time.monotonic() - began
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    from fwdgrad.distributed import RankLostError, ReplayLog, ReplicaMismatchError, SeedSharingSGD, init_from_env
+    from fwdgrad.distributed import ReplayLog, SeedSharingSGD, init_from_env
 
     timeout = float(os.environ.get("FWDGRAD_TEST_TIMEOUT", "20"))
     comm = init_from_env(timeout_s=timeout, probe_s=2.0)
     rank, world = comm.rank, comm.world
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
     if scenario == "equal":
+        mismatch(comm, result)
         for mode in ("data", "tangent"):
             model, x, y = problem()
             opt = SeedSharingSGD(model, "fg-w", seed=7, mode=mode, comm=comm, num_directions=K)
@@ -94,28 +134,10 @@ def main() -> None:
         opt2.load_state_dict(ckpt[1])
         run(opt2, x, y, 50, rank, world, "tangent", momentum=0.9)
         torch.save(model2.state_dict(), out / f"resumed_{rank}.pt")
+        # last: rank 1 is killed mid-run; rank 0 must stop with an error naming it
+        kill(comm, 1, result, out)
     elif scenario in ("kill0", "kill1"):
-        victim = int(scenario[-1])
-        model, x, y = problem()
-        opt = SeedSharingSGD(model, "fg-w", seed=7, mode="data", comm=comm, num_directions=K)
-        try:
-            for t in range(1000):
-                if t == 5 and rank == victim:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                run(opt, x, y, 1, rank, world, "data")
-        except RankLostError as exc:
-            result["error"], result["lost"] = str(exc), exc.lost
-    elif scenario == "mismatch":
-        for what in ("seed", "init"):
-            model, x, y = problem()
-            seed = 7 + (rank if what == "seed" else 0)
-            if what == "init" and rank == world - 1:
-                with torch.no_grad():
-                    next(model.parameters())[0, 0] += 1e-12
-            try:
-                SeedSharingSGD(model, "fg-w", seed=seed, mode="data", comm=comm, num_directions=K)
-            except ReplicaMismatchError as exc:
-                result[what] = str(exc)
+        kill(comm, int(scenario[-1]), result, out)
     (out / f"result_{rank}.json").write_text(json.dumps(result))
     sys.stdout.flush()
     os._exit(0)  # no teardown handshake with a peer that may be gone

@@ -124,7 +124,7 @@ def test_local_comm_counts_nothing() -> None:
 # ------------------------------------------------------------------------------------- two processes
 def test_two_ranks_ran(equal_run: tuple[Path, list[int], list[dict]]) -> None:
     _, codes, results = equal_run
-    assert codes == [0, 0] and all(r is not None for r in results)
+    assert codes == [0, -9] and all(r is not None for r in results)  # rank 1 is killed last (see below)
 
 
 @pytest.mark.parametrize("mode", ["data", "tangent"])
@@ -145,7 +145,7 @@ def test_bytes_per_step_within_target(equal_run: tuple[Path, list[int], list[dic
         assert res["tangent_bytes_per_step"] == 8 * k * w  # one all_gather of K float64 per rank
         # the weight check every 10 steps adds one 16-byte all_reduce: 1.6 bytes per step
         assert res["long_bytes_per_step"] == 8 * k * w + 16 / 10
-        assert max(res.values()) <= 8 * k * w + 64
+        assert max(v for key, v in res.items() if key.endswith("bytes_per_step")) <= 8 * k * w + 64
 
 
 def test_hundred_steps_bit_identical_replayed_and_resumed(equal_run: tuple[Path, list[int], list[dict]]) -> None:
@@ -160,19 +160,27 @@ def test_hundred_steps_bit_identical_replayed_and_resumed(equal_run: tuple[Path,
             assert torch.equal(a[k], b[k]) and torch.equal(a[k], replayed[k]) and torch.equal(a[k], resumed[k]), k
 
 
-def test_mismatch_detected_at_start_up(tmp_path: Path) -> None:
-    codes, results, _ = spawn("mismatch", tmp_path)
-    assert codes == [0, 0]
-    for res in results:
-        assert "rank(s) [1] differ from rank 0 in their configuration" in res["seed"]
-        assert "rank(s) [1] start from initial weights different from rank 0's" in res["init"]
+def test_mismatch_detected_at_start_up(equal_run: tuple[Path, list[int], list[dict]]) -> None:
+    _, _, results = equal_run
+    for res in results:  # both ranks refuse, with the same message
+        assert "rank(s) [1] differ from rank 0 in their configuration" in res["mismatch_seed"]
+        assert "rank(s) [1] start from initial weights different from rank 0's" in res["mismatch_init"]
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_killed_rank_is_named(tmp_path: Path, victim: int) -> None:
-    codes, results, took = spawn(f"kill{victim}", tmp_path, timeout_s=45)
+def _check_killed(codes: list[int], results: list[dict], victim: int) -> None:
     survivor = 1 - victim
     assert codes[victim] == -9 and codes[survivor] == 0, codes
     res = results[survivor]
     assert res["lost"] == [victim] and f"rank {victim} was lost" in res["error"], res
-    assert took < 40
+    assert res["seconds_to_error"] < 20  # within the collectives' timeout (FWDGRAD_TEST_TIMEOUT): no hang
+
+
+def test_killed_rank_is_named(equal_run: tuple[Path, list[int], list[dict]]) -> None:
+    _, codes, results = equal_run  # the run ends with rank 1 killed at step 5 of a data-parallel run
+    _check_killed(codes, results, 1)
+
+
+@pytest.mark.slow
+def test_killed_store_host_is_named(tmp_path: Path) -> None:
+    codes, results, _ = spawn("kill0", tmp_path, timeout_s=60)
+    _check_killed(codes, results, 0)

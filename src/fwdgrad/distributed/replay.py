@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from fwdgrad.estimators import ImplicitGradient
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_source
+from fwdgrad.estimators import ImplicitGradient
 
 Tensor = torch.Tensor
 MAGIC = b"FWDGRPL1"
@@ -75,7 +75,7 @@ class ReplayLog:
                 raise ValueError(f"{where}: {self.path} was written by a different configuration")
             with open(self.path, "r+b") as f:
                 f.truncate(start + resume * record_bytes(self.scalars))
-        self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self._file = open(self.path, "ab")
 
     def append(self, step: int, lr: float, weight_decay: float, momentum: float, loss: float, dirs: Tensor) -> None:
         """Write one step's record and flush it."""

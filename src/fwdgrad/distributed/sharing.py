@@ -48,10 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwdgrad.estimators import ImplicitGradient, estimator, estimator_options
-from fwdgrad.estimators.base import check_rate, trainable_parameters
 from fwdgrad.distributed.comm import LocalComm, ReplicaMismatchError
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
+from fwdgrad.estimators import ImplicitGradient, estimator, estimator_options
+from fwdgrad.estimators.base import check_rate, trainable_parameters
 
 Tensor = torch.Tensor
 MODES = ("data", "tangent")
