@@ -184,3 +184,24 @@ def test_killed_rank_is_named(equal_run: tuple[Path, list[int], list[dict]]) -> 
 def test_killed_store_host_is_named(tmp_path: Path) -> None:
     codes, results, _ = spawn("kill0", tmp_path, timeout_s=60)
     _check_killed(codes, results, 0)
+
+
+def test_cli_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fwdgrad import cli
+
+    model, x, y = worker.problem()
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    opt = SeedSharingSGD(model, "fg-w", seed=5, num_directions=1)
+    opt.log = ReplayLog(tmp_path / "run.log", opt)
+    for _ in range(10):
+        opt.step(lambda m: F.cross_entropy(m(x), y), lr=0.05)
+    opt.log.close()
+    argv = ["replay", str(tmp_path / "run.log"), "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "m.pt")]
+    assert cli.main(argv) == 0
+    assert f"replayed 10 steps of {tmp_path / 'run.log'}" in capsys.readouterr().out
+    got = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "bad.log").write_bytes(b"not a log")
+    assert cli.main(["replay", str(tmp_path / "bad.log"), "--init", str(tmp_path / "init.pt"), "--out",
+                     str(tmp_path / "m2.pt")]) == 2
+    assert "is not a fwdgrad replay log" in capsys.readouterr().err
