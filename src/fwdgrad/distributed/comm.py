@@ -55,6 +55,7 @@ class LocalComm:
     def __init__(self) -> None:
         self.bytes_total = 0
         self.calls = 0
+        self.seconds = 0.0
 
     def all_reduce_sum(self, tensor: Tensor, what: str = "all_reduce") -> Tensor:
         """The sum over ranks of ``tensor`` (a new tensor)."""
@@ -83,6 +84,7 @@ class Comm(LocalComm):
     Attributes:
         bytes_total: bytes of every collective so far (see the module docstring for what is counted).
         calls: number of collective calls.
+        seconds: wall-clock time spent inside collective calls (waiting for peers included).
     """
 
     def __init__(self, store: object | None = None, probe_s: float = 3.0) -> None:
@@ -97,6 +99,7 @@ class Comm(LocalComm):
 
     def _run(self, what: str, call: object, nbytes: int) -> None:
         self.calls += 1
+        began = time.perf_counter()
         try:
             call()  # type: ignore[operator]
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError, ...)
@@ -107,6 +110,7 @@ class Comm(LocalComm):
                 f"of {self.world}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", lost
             ) from exc
         self.bytes_total += nbytes
+        self.seconds += time.perf_counter() - began
 
     def _lost_ranks(self, call: int) -> list[int]:
         others = [r for r in range(self.world) if r != self.rank]

@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,9 @@ class SeedSharingSGD:
     Attributes:
         step_count: steps taken (the next step's number).
         comm: the collectives (``comm.bytes_total`` counts what was exchanged).
+        seconds: wall-clock seconds spent per phase since start-up: ``estimate`` (this rank's forward passes),
+            ``exchange`` (collectives, waiting for peers included), ``update`` (regeneration and update;
+            tangent mode: the directions of every rank).
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class SeedSharingSGD:
         self.options = {k: v for k, v in sorted(options.items())}
         self._check_replicas()
         self._startup_bytes, self._counted_steps = self.comm.bytes_total, 0
+        self.seconds: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------- checks
     def config(self) -> dict[str, Any]:
@@ -196,12 +201,14 @@ class SeedSharingSGD:
         weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
         momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
         t, comm = self.step_count, self.comm
+        clock = time.perf_counter()
         self._gen.manual_seed(step_seed(self.seed, t, self._stream()))
         grad = self.estimator.step(self.model, loss_fn, self.params, lean=True)
         primals = [p.detach() for p in self.params.values()]
         if not self._checked_source:
             self._check_source(grad, primals)
         dtype = grad.dirs.dtype
+        clock = self._tick("estimate", clock)
         if self.mode == "data":
             payload = torch.cat([grad.loss.detach().reshape(1).double(), grad.dirs.detach().double()])
             if comm.world > 1:
@@ -216,8 +223,10 @@ class SeedSharingSGD:
                      step_source(self.tangents, primals, self.num_directions, self.seed, t, r)
                      for r in range(comm.world)]
             source = parts[0] if comm.world == 1 else ConcatSource(parts)
+        clock = self._tick("exchange", clock)
         update = ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
         update.sgd_(where, list(self.params.values()), lr, weight_decay, momentum, self._buffers)
+        self._tick("update", clock)
         if self.log is not None and comm.rank == 0:
             self.log.append(t, lr, weight_decay, momentum, float(loss), dirs)
         self.step_count += 1
@@ -225,6 +234,11 @@ class SeedSharingSGD:
         if self.check_every and comm.world > 1 and self.step_count % self.check_every == 0:
             self.check_identical()
         return update.loss
+
+    def _tick(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
 
     @property
     def bytes_per_step(self) -> float:
@@ -243,6 +257,7 @@ class SeedSharingSGD:
         """Resume at ``state["step"]`` with its momentum buffers (the parameters are the model's)."""
         self.step_count = int(state["step"])
         self._startup_bytes, self._counted_steps = self.comm.bytes_total, 0
+        self.seconds = {}
         self._buffers = {self.params[n]: b.clone() for n, b in state["momentum"].items()}
 
 

@@ -1,0 +1,126 @@
+"""Seed-sharing on torch.distributed: bytes exchanged per step and throughput with 1 and 2 processes.
+
+Every figure comes from processes started here (gloo on 127.0.0.1) by :func:`fwdgrad.distributed.spawn_local`;
+bytes are those counted by :class:`fwdgrad.distributed.Comm` around each collective (the logical payload:
+what the call fills on the rank), beside data-parallel backprop's one float32 all-reduce of the gradient,
+``4·n`` bytes. See docs/distributed.md for the results and the communication/compute model built from them::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/distributed.py            # -> benchmarks/results/distributed.json
+    PYTHONPATH=src .venv/bin/python benchmarks/distributed.py --quick    # smoke run, small models, few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fwdgrad.distributed import SeedSharingSGD, init_from_env, shard, spawn_local
+from fwdgrad.models import build_model, num_parameters
+
+#: name -> (registered model, input shape, classes, options)
+MODELS: dict[str, tuple[str, tuple[int, ...], int, dict[str, Any]]] = {
+    "mlp": ("mlp", (40,), 10, {"width": 256, "depth": 2}),  # the default task's model (MNIST-1D)
+    "localmixer": ("localmixer-m1-16", (1, 28, 28), 10, {}),
+    "mlp-100m": ("mlp", (10000,), 10, {"widths": "10000"}),  # 10000·10000 + 10000 + 10·10000 + 10 weights
+}
+
+
+def _batch(spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, shape, classes, _ = MODELS[spec["model"]]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def worker(spec: dict[str, Any], out: Path) -> None:
+    """One rank: for each (mode, K) of ``spec``, ``warmup + steps`` steps; rank 0 writes the figures."""
+    torch.set_num_threads(1)
+    comm = init_from_env(timeout_s=300)
+    name, shape, classes, options = MODELS[spec["model"]]
+    torch.manual_seed(0)
+    model = build_model(name, shape, classes, **options)
+    x, y = _batch(spec, spec["batch"])
+    rows = []
+    for mode in spec["modes"]:
+        for k in spec["ks"]:
+            xs, ys = (shard(x, comm.rank, comm.world), shard(y, comm.rank, comm.world)) if mode == "data" else (x, y)
+            opt = SeedSharingSGD(model, "fg-w", seed=1, mode=mode, comm=comm, num_directions=k,
+                                 tangents=spec["tangents"], check_every=spec["check_every"])
+            for _ in range(spec["warmup"]):
+                opt.step(lambda m, xs=xs, ys=ys: F.cross_entropy(m(xs), ys), lr=1e-6)
+            opt.load_state_dict(opt.state_dict())  # restart the counters after the warm-up
+            began = time.perf_counter()
+            for _ in range(spec["steps"]):
+                opt.step(lambda m, xs=xs, ys=ys: F.cross_entropy(m(xs), ys), lr=1e-6)
+            wall = time.perf_counter() - began
+            rows.append({"model": spec["model"], "n": num_parameters(model), "mode": mode, "K": k,
+                         "world": comm.world, "batch": spec["batch"], "steps": spec["steps"],
+                         "bytes_per_step": opt.bytes_per_step, "backprop_bytes": 4 * num_parameters(model),
+                         "target": 8 * k * comm.world + 64, "s_per_step": wall / spec["steps"],
+                         "phase_s_per_step": {p: v / spec["steps"] for p, v in opt.seconds.items()}})
+    if comm.rank == 0:
+        (out / "rows.json").write_text(json.dumps(rows))
+    os._exit(0)
+
+
+def launch(spec: dict[str, Any], nproc: int, timeout_s: float) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        codes = spawn_local(nproc, [sys.executable, __file__, "--worker", json.dumps(spec), tmp],
+                            timeout_s=timeout_s, env=env)
+        if codes != [0] * nproc:
+            raise RuntimeError(f"benchmarks/distributed.py: ranks exited with {codes} for {spec}")
+        return json.loads((Path(tmp) / "rows.json").read_text())
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
+    ap.add_argument("--out", default="benchmarks/results/distributed.json")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker[0]), Path(args.worker[1]))
+        return 0
+    began = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    quick = args.quick
+    # bytes per step: every model, both modes, K = 1 and 8, two processes (counted; few steps suffice)
+    for model in (["mlp", "localmixer"] if quick else list(MODELS)):
+        big = model == "mlp-100m"
+        spec = {"model": model, "modes": ["data", "tangent"], "ks": [1, 8], "batch": 4 if big else 16,
+                "tangents": "rank1", "warmup": 1, "steps": 2 if (big or quick) else 5, "check_every": 0}
+        rows += launch(spec, 2, 600)
+        print(f"bytes: {model} done ({time.perf_counter() - began:.0f} s)", flush=True)
+    # throughput: the default task's MLP, batch 128, K = 4 rademacher, 1 process against 2 (data, tangent)
+    steps = 20 if quick else 300
+    spec = {"model": "mlp", "ks": [4], "batch": 128, "tangents": "rademacher", "warmup": 20, "steps": steps,
+            "check_every": 100}
+    rows += launch({**spec, "modes": ["data"]}, 1, 600)
+    rows += launch({**spec, "modes": ["data", "tangent"]}, 2, 600)
+    print(f"throughput done ({time.perf_counter() - began:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "benchmarks/distributed.py " + " ".join(argv), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": time.perf_counter() - began}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    for r in rows:
+        ph = " ".join(f"{p}={v * 1e3:.2f}ms" for p, v in r["phase_s_per_step"].items())
+        print(f"{r['model']:<10} n={r['n']:>11,} {r['mode']:<7} K={r['K']:<2} W={r['world']} "
+              f"bytes/step={r['bytes_per_step']:>7.1f} (target {r['target']}, backprop {r['backprop_bytes']:,}) "
+              f"step={r['s_per_step'] * 1e3:.2f}ms [{ph}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
