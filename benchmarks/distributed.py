@@ -40,10 +40,34 @@ def _batch(spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
+def collectives(spec: dict[str, Any], out: Path) -> None:
+    """One rank of the all-reduce timing: float32 tensors of the given byte sizes, a barrier before each call
+    so that only the exchange is timed; rank 0 writes the median seconds per size."""
+    import torch.distributed as dist
+
+    rows = []
+    for label, nbytes, reps in spec["sizes"]:
+        t = torch.zeros(max(1, nbytes // 4))
+        times = []
+        for i in range(reps + 1):
+            dist.barrier()
+            began = time.perf_counter()
+            dist.all_reduce(t)
+            if i:  # the first call sets up the buffers
+                times.append(time.perf_counter() - began)
+        rows.append({"collective": "all_reduce", "label": label, "bytes": t.numel() * 4, "reps": reps,
+                     "median_s": sorted(times)[len(times) // 2], "world": dist.get_world_size()})
+    if dist.get_rank() == 0:
+        (out / "rows.json").write_text(json.dumps(rows))
+    os._exit(0)
+
+
 def worker(spec: dict[str, Any], out: Path) -> None:
     """One rank: for each (mode, K) of ``spec``, ``warmup + steps`` steps; rank 0 writes the figures."""
     torch.set_num_threads(1)
     comm = init_from_env(timeout_s=300)
+    if spec.get("kind") == "collectives":
+        collectives(spec, out)
     name, shape, classes, options = MODELS[spec["model"]]
     torch.manual_seed(0)
     model = build_model(name, shape, classes, **options)
@@ -85,6 +109,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
     ap.add_argument("--out", default="benchmarks/results/distributed.json")
+    ap.add_argument("--parts", default="bytes,throughput,collectives", help="which parts to run (comma-separated)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -92,9 +117,9 @@ def main(argv: list[str]) -> int:
         return 0
     began = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    quick = args.quick
+    quick, parts = args.quick, set(args.parts.split(","))
     # bytes per step: every model, both modes, K = 1 and 8, two processes (counted; few steps suffice)
-    for model in (["mlp", "localmixer"] if quick else list(MODELS)):
+    for model in (["mlp", "localmixer"] if quick else list(MODELS)) if "bytes" in parts else []:
         big = model == "mlp-100m"
         spec = {"model": model, "modes": ["data", "tangent"], "ks": [1, 8], "batch": 4 if big else 16,
                 "tangents": "rank1", "warmup": 1, "steps": 2 if (big or quick) else 5, "check_every": 0}
@@ -104,9 +129,19 @@ def main(argv: list[str]) -> int:
     steps = 20 if quick else 300
     spec = {"model": "mlp", "ks": [4], "batch": 128, "tangents": "rademacher", "warmup": 20, "steps": steps,
             "check_every": 100}
-    rows += launch({**spec, "modes": ["data"]}, 1, 600)
-    rows += launch({**spec, "modes": ["data", "tangent"]}, 2, 600)
-    print(f"throughput done ({time.perf_counter() - began:.0f} s)", flush=True)
+    if "throughput" in parts:
+        rows += launch({**spec, "modes": ["data"]}, 1, 600)
+        rows += launch({**spec, "modes": ["data", "tangent"]}, 2, 600)
+        print(f"throughput done ({time.perf_counter() - began:.0f} s)", flush=True)
+    # the exchange alone: seed sharing's all_reduce of 8·(K+1) bytes against backprop's 4·n, gloo, 2 processes
+    sizes = [["seed sharing K=1", 16, 200], ["seed sharing K=8", 72, 200]]
+    for model in (["mlp", "localmixer"] if quick else list(MODELS)):
+        name, shape, classes, options = MODELS[model]
+        n = num_parameters(build_model(name, shape, classes, **options))
+        sizes.append([f"backprop {model}", 4 * n, 3 if n > 10**7 else 20])
+    if "collectives" in parts:
+        rows += launch({"kind": "collectives", "sizes": sizes}, 2, 600)
+        print(f"collectives done ({time.perf_counter() - began:.0f} s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "benchmarks/distributed.py " + " ".join(argv), "torch": torch.__version__,
@@ -115,6 +150,9 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, out)
     for r in rows:
+        if "collective" in r:
+            print(f"all_reduce {r['label']:<22} {r['bytes']:>12,} bytes  median {r['median_s'] * 1e3:.3f} ms")
+            continue
         ph = " ".join(f"{p}={v * 1e3:.2f}ms" for p, v in r["phase_s_per_step"].items())
         print(f"{r['model']:<10} n={r['n']:>11,} {r['mode']:<7} K={r['K']:<2} W={r['world']} "
               f"bytes/step={r['bytes_per_step']:>7.1f} (target {r['target']}, backprop {r['backprop_bytes']:,}) "
