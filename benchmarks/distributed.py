@@ -105,15 +105,56 @@ def launch(spec: dict[str, Any], nproc: int, timeout_s: float) -> list[dict[str,
         return json.loads((Path(tmp) / "rows.json").read_text())
 
 
+def paper_model(rows: list[dict[str, Any]], worlds: tuple[int, ...] = (2, 8, 64, 1024)) -> str:
+    r"""A markdown table: per-step time and exchange at ``worlds`` ranks, from the measured constants.
+
+    Constants (all measured by this script on this machine): ``α`` = median time of a 16-byte all-reduce;
+    ``β`` = bytes per second of the largest backprop all-reduce (ring: ``m/β`` at two ranks); ``t_est``,
+    ``t_upd`` = the one-process step's estimate and update phases (mlp, batch 128, K = 4). Per rank and step:
+
+    * data parallel: ``t_est/W + t_upd + log2(W)·α`` (the update is replicated: Amdahl's serial part);
+    * tangent parallel (K per rank, K·W in all): ``t_est + W·t_upd + log2(W)·α + (W−1)·8K/β``, compared by
+      directions per second with one process;
+    * backprop's exchange: ring all-reduce ``2(W−1)/W · 4n/β + 2(W−1)·α`` (compute not modelled).
+    """
+    import math
+
+    col = [r for r in rows if "collective" in r]
+    alpha = min(r["median_s"] for r in col if r["bytes"] <= 128)
+    big = max(col, key=lambda r: r["bytes"])
+    beta = big["bytes"] / big["median_s"]
+    one = next(r for r in rows if r.get("world") == 1 and "phase_s_per_step" in r)
+    t_est, t_upd, k = one["phase_s_per_step"]["estimate"], one["phase_s_per_step"]["update"], one["K"]
+    n_big = max(r["backprop_bytes"] for r in rows if "backprop_bytes" in r) // 4
+    lines = [f"α = {alpha * 1e3:.3f} ms, β = {beta / 1e9:.3f} GB/s, t_est = {t_est * 1e3:.2f} ms, "
+             f"t_upd = {t_upd * 1e3:.2f} ms (mlp, batch 128, K = {k}, one process)", "",
+             "| W | data: ms/step | data speed-up | tangent: ms/step | tangent speed-up (directions/s) | "
+             "seed-sharing bytes (data / tangent) | backprop bytes | backprop exchange, n = 100 M (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for w in worlds:
+        lg = math.log2(w)
+        data = t_est / w + t_upd + lg * alpha
+        tan = t_est + w * t_upd + lg * alpha + (w - 1) * 8 * k / beta
+        bp = 2 * (w - 1) / w * 4 * n_big / beta + 2 * (w - 1) * alpha
+        lines.append(f"| {w} | {data * 1e3:.1f} | {(t_est + t_upd) / data:.2f} | {tan * 1e3:.1f} | "
+                     f"{w * (t_est + t_upd) / tan:.2f} | {8 * (k + 1)} / {8 * k * w} | {4 * n_big:,} | "
+                     f"{bp * 1e3:,.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models and few steps (smoke run)")
     ap.add_argument("--out", default="benchmarks/results/distributed.json")
     ap.add_argument("--parts", default="bytes,throughput,collectives", help="which parts to run (comma-separated)")
+    ap.add_argument("--model", nargs="+", metavar="JSON", help="print the paper model from result files and stop")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker[0]), Path(args.worker[1]))
+        return 0
+    if args.model:
+        print(paper_model([r for f in args.model for r in json.loads(Path(f).read_text())["rows"]]))
         return 0
     began = time.perf_counter()
     rows: list[dict[str, Any]] = []
