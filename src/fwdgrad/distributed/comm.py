@@ -96,6 +96,9 @@ class Comm(LocalComm):
         self._dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._store, self._probe_s = store, probe_s
+        # NCCL exchanges CUDA tensors only: scalars are moved there and back (a few bytes)
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def _run(self, what: str, call: object, nbytes: int) -> None:
         self.calls += 1
@@ -131,22 +134,23 @@ class Comm(LocalComm):
             return [0] if self.rank != 0 else others
 
     def all_reduce_sum(self, tensor: Tensor, what: str = "all_reduce") -> Tensor:
-        out = tensor.clone()
+        out = tensor.to(self.device, copy=True)
         self._run(what, lambda: self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM),
                   out.numel() * out.element_size())
-        return out
+        return out.to(tensor.device)
 
     def all_reduce_min(self, tensor: Tensor, what: str = "all_reduce") -> Tensor:
-        out = tensor.clone()
+        out = tensor.to(self.device, copy=True)
         self._run(what, lambda: self._dist.all_reduce(out, op=self._dist.ReduceOp.MIN),
                   out.numel() * out.element_size())
-        return out
+        return out.to(tensor.device)
 
     def all_gather(self, tensor: Tensor, what: str = "all_gather") -> Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        self._run(what, lambda: self._dist.all_gather(parts, tensor.contiguous()),
+        mine = tensor.to(self.device).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        self._run(what, lambda: self._dist.all_gather(parts, mine),
                   self.world * tensor.numel() * tensor.element_size())
-        return torch.stack(parts)
+        return torch.stack(parts).to(tensor.device)
 
 
 def default_timeout(seconds: float) -> datetime.timedelta:

@@ -50,6 +50,8 @@ def init_from_env(timeout_s: float = 60.0, backend: str | None = None, probe_s: 
     store = dist.TCPStore(addr, port, world, is_master=(rank == 0 and not agent), timeout=timeout)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # one GPU per process, by local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Comm(store=store, probe_s=probe_s)
 
