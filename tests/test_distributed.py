@@ -87,6 +87,26 @@ def test_bad_arguments() -> None:
         SeedSharingSGD(model, seed=0, generator=torch.Generator())
     with pytest.raises(TypeError, match="takes no generator"):
         SeedSharingSGD(model, "bp", seed=0)
+    with pytest.raises(ValueError, match="directions='momentum' cannot be shared by seed"):
+        SeedSharingSGD(model, seed=0, directions="momentum")
+    with pytest.raises(ValueError, match="readout='exact' cannot be shared by seed"):
+        SeedSharingSGD(model, seed=0, readout="exact")
+    with pytest.raises(ValueError, match="aggregation='projection' cannot be shared by seed in tangent mode"):
+        SeedSharingSGD(model, seed=0, mode="tangent", aggregation="projection")
+
+
+def test_projection_data_mode_world_of_one_replays(tmp_path: Path) -> None:
+    """fg-w's projection aggregation exchanges its coefficients (linear in the derivatives): allowed in data
+    mode, and the log still replays bit for bit."""
+    model, x, y = worker.problem()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = SeedSharingSGD(model, seed=2, num_directions=3, aggregation="projection")
+    opt.log = ReplayLog(tmp_path / "p.log", opt)
+    for _ in range(5):
+        opt.step(lambda m: F.cross_entropy(m(x), y), lr=1e-3)
+    opt.log.close()
+    got = replay(tmp_path / "p.log", init)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
 
 
 def test_replay_single_process_bit_identical(tmp_path: Path) -> None:
@@ -205,3 +225,24 @@ def test_cli_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["replay", str(tmp_path / "bad.log"), "--init", str(tmp_path / "init.pt"), "--out",
                      str(tmp_path / "m2.pt")]) == 2
     assert "is not a fwdgrad replay log" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path: Path) -> None:
+    """4 processes: both equalities, the byte counts and 100 bit-identical steps (replayed, resumed)."""
+    codes, results, _ = spawn("basic", tmp_path, nproc=4, timeout_s=240)
+    assert codes == [0] * 4
+    for mode in ("data", "tangent"):
+        want = worker.reference(mode, 4, worker.WORLD_STEPS)
+        for r in range(4):
+            got = torch.load(tmp_path / f"{mode}_{r}.pt", weights_only=True)
+            for p, q in zip(got, want, strict=True):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    for res in results:
+        assert res["data_bytes_per_step"] == 8 * (worker.K + 1)
+        assert res["tangent_bytes_per_step"] == 8 * worker.K * 4 <= 8 * worker.K * 4 + 64
+    states = [torch.load(tmp_path / f"{what}_{r}.pt", weights_only=True) for what in ("long", "resumed")
+              for r in range(4)]
+    replayed = replay(tmp_path / "run.log", torch.load(tmp_path / "init.pt", weights_only=True))
+    for k in replayed:
+        assert all(torch.equal(s[k], replayed[k]) for s in states), k

@@ -117,6 +117,18 @@ class SeedSharingSGD:
                             "regenerated; seed sharing needs one that does (e.g. 'fg-w')")
         self._gen = torch.Generator()
         self.estimator = estimator(name, generator=self._gen, **options)
+        # fg-w's choices that seed sharing cannot honour: stateful directions (their state would follow each
+        # rank's own derivatives), an exact read-out (an explicit gradient per rank), and in tangent mode a
+        # projection (the mean of per-rank projections is not the projection onto all K·W directions)
+        refused = [(key, getattr(self.estimator, key)) for key, default in
+                   (("directions", "sampled"), ("readout", "perturb"))
+                   if getattr(self.estimator, key, default) != default]
+        if mode == "tangent" and getattr(self.estimator, "aggregation", "mean") != "mean":
+            refused.append(("aggregation", self.estimator.aggregation))  # type: ignore[attr-defined]
+        if refused:
+            key, value = refused[0]
+            raise ValueError(f"{where}: {name} with {key}={value!r} cannot be shared by seed in {mode} mode: "
+                             "every rank must be able to regenerate the whole update from the exchanged scalars")
         self.tangents = getattr(self.estimator, "tangents", None)
         self.num_directions = getattr(self.estimator, "num_directions", None)
         if not isinstance(self.tangents, str) or not isinstance(self.num_directions, int):
