@@ -6,6 +6,7 @@ regenerates the directions and applies the same update, and a log of those scala
 weights bit for bit. See ``docs/distributed.md``.
 """
 
+from fwdgrad.distributed.asyncfgd import AsyncFGD
 from fwdgrad.distributed.comm import (
     Comm,
     DistributedError,
@@ -20,6 +21,7 @@ from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
 
 __all__ = [
     "MODES",
+    "AsyncFGD",
     "Comm",
     "ConcatSource",
     "DistributedError",
