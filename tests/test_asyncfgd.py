@@ -1,5 +1,6 @@
 """AsyncFGD (module-wise pipelined forward gradients, stale parameters): the schedule against an explicit
-torch.autograd simulation in float64, threads against one thread bit for bit, M = 1 against plain FG-W."""
+torch.autograd simulation in float64 (M = 3, and M = 1: plain FG-W), one process per module against one
+process bit for bit."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_schedule_equals_autograd_simulation(split: int) -> None:
     mods = chain() if split == 3 else [nn.Sequential(*chain())]
     ref_mods = copy.deepcopy(mods)
     data = batches(6)
-    losses = AsyncFGD(mods, F.cross_entropy, lr=LR, seed=SEED, threads=False).run(data)
+    losses = AsyncFGD(mods, F.cross_entropy, lr=LR, seed=SEED, workers=False).run(data)
     want = reference(ref_mods, data)
     assert losses == pytest.approx(want, rel=0, abs=1e-12)
     for a, b in zip(mods, ref_mods, strict=True):
@@ -86,27 +87,33 @@ def test_schedule_equals_autograd_simulation(split: int) -> None:
 def test_stale_differs_from_synchronous() -> None:
     data = batches(4)
     piped, whole = chain(), nn.Sequential(*chain())
-    AsyncFGD(piped, F.cross_entropy, lr=LR, seed=SEED, threads=False).run(data)
-    AsyncFGD([whole], F.cross_entropy, lr=LR, seed=SEED, threads=False).run(data)
+    AsyncFGD(piped, F.cross_entropy, lr=LR, seed=SEED, workers=False).run(data)
+    AsyncFGD([whole], F.cross_entropy, lr=LR, seed=SEED, workers=False).run(data)
     assert not torch.equal(piped[0][0].weight, whole[0][0].weight)  # module 0 ran on stale weights
 
 
-def test_threads_equal_one_thread_bit_for_bit() -> None:
+def two_modules() -> list[nn.Module]:
+    c = chain()
+    return [nn.Sequential(c[0], c[1]), c[2]]
+
+
+@pytest.mark.slow  # two fresh processes importing torch: 10-20 s on 2 shared cores
+def test_processes_equal_one_process_bit_for_bit() -> None:
     data = batches(8)
-    a, b = chain(), chain()
-    la = AsyncFGD(a, F.cross_entropy, lr=LR, seed=SEED, threads=True).run(data)
-    lb = AsyncFGD(b, F.cross_entropy, lr=LR, seed=SEED, threads=False).run(data)
+    a, b = two_modules(), two_modules()
+    la = AsyncFGD(a, F.cross_entropy, lr=LR, seed=SEED, workers=True, timeout_s=120).run(data)
+    lb = AsyncFGD(b, F.cross_entropy, lr=LR, seed=SEED, workers=False).run(data)
     assert la == lb
     assert all(torch.equal(p, q) for x, y in zip(a, b, strict=True)
                for p, q in zip(x.parameters(), y.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_worker_error_reaches_the_caller() -> None:
-    mods = chain()
     data = batches(3)
     data[1] = (torch.randn(4, 9, dtype=torch.float64), data[1][1])  # wrong width for module 0
-    with pytest.raises(RuntimeError):
-        AsyncFGD(mods, F.cross_entropy, lr=LR, seed=SEED, threads=True).run(data)
+    with pytest.raises(RuntimeError, match="module 0 failed"):
+        AsyncFGD(two_modules(), F.cross_entropy, lr=LR, seed=SEED, workers=True, timeout_s=120).run(data)
 
 
 def test_bad_arguments() -> None:
