@@ -42,12 +42,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--timing-batches", type=int, default=300)
+    ap.add_argument("--train-subset", type=int, default=0, help="train on the first N examples only (0: all)")
     ap.add_argument("--out", default="benchmarks/results/asyncfgd_mnist.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     data = load_dataset("mnist", args.data_dir)
     b = args.batch
-    n = data.x_train.shape[0] // b * b
+    n_train = args.train_subset or data.x_train.shape[0]
+    n = n_train // b * b
     result: dict[str, object] = {"command": "benchmarks/asyncfgd_mnist.py " + " ".join(argv),
                                  "load_average_start": os.getloadavg()}
     # throughput: the same batches through the synchronous step, the pipeline in one thread, in two threads
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> int:
         mods = modules() if split else [nn.Sequential(*modules())]
         accs = []
         for epoch in range(args.epochs):
-            order = torch.randperm(data.x_train.shape[0], generator=torch.Generator().manual_seed(epoch))[:n]
+            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(epoch))[:n]
             epoch_batches = [(data.x_train[order[i:i + b]], data.y_train[order[i:i + b]]) for i in range(0, n, b)]
             AsyncFGD(mods, F.cross_entropy, lr=args.lr, seed=1000 * epoch, workers=split).run(epoch_batches)
             accs.append(accuracy(mods, data.x_test, data.y_test))

@@ -3,7 +3,8 @@
 Ranks that share a base seed exchange K scalars per step instead of a gradient (data parallel: an
 ``all_reduce`` of ``K + 1`` numbers; tangent parallel: an ``all_gather`` of K per rank), every rank
 regenerates the directions and applies the same update, and a log of those scalars rebuilds the trained
-weights bit for bit. See ``docs/distributed.md``.
+weights bit for bit. :class:`AsyncFGD` pipelines a chain of modules, one process each, on stale parameters
+(Zhao et al. 2023). See ``docs/distributed.md``.
 """
 
 from fwdgrad.distributed.asyncfgd import AsyncFGD
