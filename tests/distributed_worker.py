@@ -77,8 +77,9 @@ def mismatch(comm: Any, result: dict[str, Any]) -> None:
             result[f"mismatch_{what}"] = str(exc)
 
 
-def kill(comm: Any, victim: int, result: dict[str, Any], out: Path) -> None:
-    """Rank ``victim`` kills itself (SIGKILL) at step 5 of a data-parallel run; the survivor records its error."""
+def kill(comm: Any, victim: int, result: dict[str, Any], out: Path, sig: int = signal.SIGKILL) -> None:
+    """Rank ``victim`` sends itself ``sig`` at step 5 of a data-parallel run (SIGKILL: it dies; SIGSTOP: it
+    hangs); the survivor records its error."""
     from fwdgrad.distributed import RankLostError, SeedSharingSGD
 
     rank, world = comm.rank, comm.world
@@ -89,7 +90,7 @@ def kill(comm: Any, victim: int, result: dict[str, Any], out: Path) -> None:
     try:
         for t in range(1000):
             if t == 5 and rank == victim:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             began = time.monotonic()
             run(opt, x, y, 1, rank, world, "data")
     except RankLostError as exc:
@@ -139,6 +140,8 @@ def main() -> None:
             kill(comm, 1, result, out)
     elif scenario in ("kill0", "kill1"):
         kill(comm, int(scenario[-1]), result, out)
+    elif scenario == "hang1":
+        kill(comm, 1, result, out, signal.SIGSTOP)
     (out / f"result_{rank}.json").write_text(json.dumps(result))
     sys.stdout.flush()
     os._exit(0)  # no teardown handshake with a peer that may be gone

@@ -33,9 +33,11 @@ WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def spawn(scenario: str, out: Path, nproc: int = 2, timeout_s: float = 60.0) -> tuple[list[int], list[dict], float]:
+def spawn(
+    scenario: str, out: Path, nproc: int = 2, timeout_s: float = 60.0, collective_timeout_s: float = 20.0
+) -> tuple[list[int], list[dict], float]:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "FWDGRAD_TEST_TIMEOUT": "20"}
+           "OMP_NUM_THREADS": "1", "FWDGRAD_TEST_TIMEOUT": str(collective_timeout_s)}
     start = time.monotonic()
     codes = spawn_local(nproc, [sys.executable, WORKER, scenario, str(out)], timeout_s=timeout_s, env=env)
     took = time.monotonic() - start
@@ -198,6 +200,16 @@ def _check_killed(codes: list[int], results: list[dict], victim: int) -> None:
 def test_killed_rank_is_named(equal_run: tuple[Path, list[int], list[dict]]) -> None:
     _, codes, results = equal_run  # the run ends with rank 1 killed at step 5 of a data-parallel run
     _check_killed(codes, results, 1)
+
+
+@pytest.mark.slow
+def test_hung_rank_is_named_after_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 stops (SIGSTOP) instead of dying: rank 0's collective fails at the 5 s timeout and names it."""
+    codes, results, _ = spawn("hang1", tmp_path, timeout_s=40, collective_timeout_s=5)
+    assert codes[1] == -9 and codes[0] == 0, codes  # the stopped rank is killed by spawn_local afterwards
+    res = results[0]
+    assert res["lost"] == [1] and "rank 1 was lost" in res["error"], res
+    assert 4 < res["seconds_to_error"] < 15, res
 
 
 @pytest.mark.slow
