@@ -61,6 +61,22 @@ def run(opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, rank: int, world
         opt.step(lambda m: F.cross_entropy(m(xs), ys), lr=LR, momentum=momentum)
 
 
+def adam_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Any) -> list[torch.Tensor]:
+    """5 data-parallel steps of the shared estimate into ``.grad`` + ``torch.optim.Adam`` (comm=None: one
+    process on the whole batch)."""
+    from fwdgrad.distributed import SeedSharingSGD, shard
+
+    opt = SeedSharingSGD(model, "fg-w", seed=7, mode="data", comm=comm, num_directions=K)
+    rank, world = opt.comm.rank, opt.comm.world
+    xs, ys = shard(x, rank, world), shard(y, rank, world)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(WORLD_STEPS):
+        adam.zero_grad()
+        opt.accumulate(lambda m: F.cross_entropy(m(xs), ys))
+        adam.step()
+    return list(model.parameters())
+
+
 def mismatch(comm: Any, result: dict[str, Any]) -> None:
     """Rank 1 with another base seed, then with a weight moved by 1e-12: both ranks must refuse to start."""
     from fwdgrad.distributed import ReplicaMismatchError, SeedSharingSGD
@@ -116,6 +132,9 @@ def main() -> None:
             run(opt, x, y, WORLD_STEPS, rank, world, mode)
             torch.save([p.detach() for p in model.parameters()], out / f"{mode}_{rank}.pt")
             result[f"{mode}_bytes_per_step"] = opt.bytes_per_step
+        # .grad path: the shared estimate accumulated, then torch.optim.Adam (data mode)
+        model, x, y = problem()
+        torch.save([p.detach() for p in adam_run(model, x, y, comm)], out / f"adam_{rank}.pt")
         # 100 steps with momentum and rank-1 tangents in tangent mode, a replay log, a checkpoint at step 50
         model, x, y = problem()
         if rank == 0:

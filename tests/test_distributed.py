@@ -159,6 +159,34 @@ def test_parallel_equals_single_process(equal_run: tuple[Path, list[int], list[d
             torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
+def test_grad_path_with_adam_equals_single_process(equal_run: tuple[Path, list[int], list[dict]]) -> None:
+    out, _, _ = equal_run
+    model, x, y = worker.problem()
+    want = [p.detach() for p in worker.adam_run(model, x, y, None)]
+    a, b = (torch.load(out / f"adam_{r}.pt", weights_only=True) for r in range(2))
+    for p, q, w in zip(a, b, want, strict=True):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-10)  # Adam divides by sqrt(v): looser than SGD's 1e-12
+
+
+def test_accumulate_then_sgd_equals_fused_step() -> None:
+    m1, x, y = worker.problem()
+    m2, _, _ = worker.problem()
+    fused = SeedSharingSGD(m1, seed=4, num_directions=3)
+    grad = SeedSharingSGD(m2, seed=4, num_directions=3)
+    sgd = torch.optim.SGD(m2.parameters(), lr=worker.LR)
+    for _ in range(3):
+        fused.step(lambda m: F.cross_entropy(m(x), y), lr=worker.LR)
+        sgd.zero_grad()
+        grad.accumulate(lambda m: F.cross_entropy(m(x), y))
+        sgd.step()
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+    grad.log = object()
+    with pytest.raises(ValueError, match="a replay log records fused SGD steps only"):
+        grad.accumulate(lambda m: F.cross_entropy(m(x), y))
+
+
 def test_bytes_per_step_within_target(equal_run: tuple[Path, list[int], list[dict]]) -> None:
     _, _, results = equal_run
     k, w = worker.K, 2

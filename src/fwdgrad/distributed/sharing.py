@@ -203,15 +203,9 @@ class SeedSharingSGD:
                             "TangentSource(tangents, primals, K, generator); they cannot be regenerated here")
         self._checked_source = True
 
-    def step(
-        self, loss_fn: Callable[[nn.Module], Tensor], lr: float, weight_decay: float = 0.0, momentum: float = 0.0
-    ) -> Tensor:
-        """One step on every rank: ``loss_fn(model)`` is this rank's loss (its shard in data mode, the whole
-        batch in tangent mode). Returns the step's loss (data mode: the mean over ranks)."""
-        where = "fwdgrad.distributed.SeedSharingSGD.step"
-        lr = check_rate(where, "lr", lr, strictly_positive=True)
-        weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
-        momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
+    def _shared_gradient(self, where: str, loss_fn: Callable[[nn.Module], Tensor]) -> tuple[ImplicitGradient, Tensor]:
+        """This step's estimate on this rank, the exchange, and the gradient every rank will apply:
+        ``(ImplicitGradient, exchanged scalars in float64)``."""
         t, comm = self.step_count, self.comm
         clock = time.perf_counter()
         self._gen.manual_seed(step_seed(self.seed, t, self._stream()))
@@ -235,16 +229,56 @@ class SeedSharingSGD:
                      step_source(self.tangents, primals, self.num_directions, self.seed, t, r)
                      for r in range(comm.world)]
             source = parts[0] if comm.world == 1 else ConcatSource(parts)
-        clock = self._tick("exchange", clock)
-        update = ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
-        update.sgd_(where, list(self.params.values()), lr, weight_decay, momentum, self._buffers)
-        self._tick("update", clock)
-        if self.log is not None and comm.rank == 0:
-            self.log.append(t, lr, weight_decay, momentum, float(loss), dirs)
+        self._tick("exchange", clock)
+        return ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source), dirs  # type: ignore[arg-type]
+
+    def _finish(self) -> None:
         self.step_count += 1
         self._counted_steps += 1
-        if self.check_every and comm.world > 1 and self.step_count % self.check_every == 0:
+        if self.check_every and self.comm.world > 1 and self.step_count % self.check_every == 0:
             self.check_identical()
+
+    def step(
+        self, loss_fn: Callable[[nn.Module], Tensor], lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+    ) -> Tensor:
+        """One step on every rank: ``loss_fn(model)`` is this rank's loss (its shard in data mode, the whole
+        batch in tangent mode). Returns the step's loss (data mode: the mean over ranks)."""
+        where = "fwdgrad.distributed.SeedSharingSGD.step"
+        lr = check_rate(where, "lr", lr, strictly_positive=True)
+        weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
+        momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
+        t = self.step_count
+        update, dirs = self._shared_gradient(where, loss_fn)
+        clock = time.perf_counter()
+        update.sgd_(where, list(self.params.values()), lr, weight_decay, momentum, self._buffers)
+        self._tick("update", clock)
+        if self.log is not None and self.comm.rank == 0:
+            self.log.append(t, lr, weight_decay, momentum, float(update.loss), dirs)
+        self._finish()
+        return update.loss
+
+    def accumulate(self, loss_fn: Callable[[nn.Module], Tensor]) -> Tensor:
+        """The shared estimate added into every parameter's ``.grad`` (as ``loss.backward()`` would), for any
+        ``torch.optim`` optimizer to step on: every rank holds the same ``.grad`` and the same optimizer
+        state, so the replicas stay identical. Counts as one step (directions, weight check). A replay log
+        covers only :meth:`step` (the fused SGD update), so this refuses to run with one.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> from fwdgrad.distributed import SeedSharingSGD
+            >>> model = torch.nn.Linear(4, 2)
+            >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            >>> shared, adam = SeedSharingSGD(model, seed=0), torch.optim.Adam(model.parameters(), lr=1e-3)
+            >>> loss = shared.accumulate(lambda m: F.cross_entropy(m(x), y)); adam.step()
+        """
+        where = "fwdgrad.distributed.SeedSharingSGD.accumulate"
+        if self.log is not None:
+            raise ValueError(f"{where}: a replay log records fused SGD steps only; use step(), or no log")
+        update, _ = self._shared_gradient(where, loss_fn)
+        clock = time.perf_counter()
+        update.accumulate(where, list(self.params.values()), list(self.params))
+        self._tick("update", clock)
+        self._finish()
         return update.loss
 
     def _tick(self, phase: str, since: float) -> float:
