@@ -400,6 +400,29 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
 
 
+def _add_replay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("log", metavar="LOG", help="replay log written by seed-sharing training (fwdgrad.distributed)")
+    p.add_argument("--init", required=True, metavar="INIT.pt", help="initial weights (a state dict, torch.save)")
+    p.add_argument("--out", required=True, metavar="MODEL.pt", help="where to write the rebuilt state dict")
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from fwdgrad.distributed import digest, read_header, replay_file
+
+    try:
+        steps = replay_file(args.log, args.init, args.out)
+        header, _ = read_header(args.log)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    import torch
+
+    state = torch.load(args.out, weights_only=True)
+    names = [n for n, _, _ in header["config"]["params"]]
+    print(f"replayed {steps} steps of {args.log} onto {args.init}: wrote {args.out} "
+          f"(weights digest {digest([(n, state[n]) for n in names]):016x})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train one method on one dataset and write a report", _add_train, _run_train),
     "compare": Command("train several methods on the same data, initial weights and budget; report a table",
@@ -411,6 +434,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("score weights saved with --save-model on a dataset split", _add_evaluate, _run_evaluate),
     "bench": Command("step time and extra step memory of forward gradients vs backprop (fresh process each)",
                      _add_bench, _run_bench),
+    "replay": Command("rebuild trained weights bit for bit from a seed-sharing replay log and the initial weights",
+                      _add_replay, _run_replay),
 }
 
 

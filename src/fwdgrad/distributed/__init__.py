@@ -1,0 +1,46 @@
+"""Layer above estimators — seed-sharing training over several processes, and its replay.
+
+Ranks that share a base seed exchange K scalars per step instead of a gradient (data parallel: an
+``all_reduce`` of ``K + 1`` numbers; tangent parallel: an ``all_gather`` of K per rank), every rank
+regenerates the directions and applies the same update, and a log of those scalars rebuilds the trained
+weights bit for bit. :class:`AsyncFGD` pipelines a chain of modules, one process each, on stale parameters
+(Zhao et al. 2023). See ``docs/distributed.md``.
+"""
+
+from fwdgrad.distributed.asyncfgd import AsyncFGD
+from fwdgrad.distributed.comm import (
+    Comm,
+    DistributedError,
+    LocalComm,
+    RankLostError,
+    ReplicaMismatchError,
+)
+from fwdgrad.distributed.launch import free_port, init_from_env, spawn_local
+from fwdgrad.distributed.replay import ReplayLog, read_header, record_bytes, records, replay, replay_file
+from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
+from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
+
+__all__ = [
+    "MODES",
+    "AsyncFGD",
+    "Comm",
+    "ConcatSource",
+    "DistributedError",
+    "LocalComm",
+    "RankLostError",
+    "ReplayLog",
+    "ReplicaMismatchError",
+    "SeedSharingSGD",
+    "digest",
+    "free_port",
+    "init_from_env",
+    "read_header",
+    "record_bytes",
+    "records",
+    "replay",
+    "replay_file",
+    "shard",
+    "spawn_local",
+    "step_seed",
+    "step_source",
+]
