@@ -7,6 +7,6 @@ directions depend on the past (:mod:`fwdgrad.directions.stateful`). Imports noth
 
 from fwdgrad.directions import samplers as _samplers
 from fwdgrad.directions.samplers import *  # noqa: F403
-from fwdgrad.directions.source import PER_TENSOR_SAMPLERS, Direction, TangentSource
+from fwdgrad.directions.source import PER_TENSOR_SAMPLERS, Direction, DirectionSource, TangentSource
 
-__all__ = [*_samplers.__all__, "PER_TENSOR_SAMPLERS", "Direction", "TangentSource"]
+__all__ = [*_samplers.__all__, "PER_TENSOR_SAMPLERS", "Direction", "DirectionSource", "TangentSource"]

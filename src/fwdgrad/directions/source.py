@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -38,6 +38,31 @@ Tensor = torch.Tensor
 PER_TENSOR_SAMPLERS = ("gaussian", "rademacher", "rank1")
 
 Direction = Tensor | tuple[Tensor, Tensor]
+
+
+@runtime_checkable
+class DirectionSource(Protocol):
+    """What a consumer of a step's directions (an implicit gradient, a fused update) needs: the K tangents
+    of every tensor, handed out one tensor at a time. :class:`TangentSource` is one; a concatenation of
+    several (seed-sharing across processes) is another."""
+
+    primals: list[Tensor]
+    num_directions: int
+
+    @property
+    def regenerable(self) -> bool: ...
+
+    @property
+    def stored(self) -> bool: ...
+
+    @property
+    def factored(self) -> bool: ...
+
+    def dense(self, index: int, k: int) -> Tensor: ...
+
+    def mean(self, index: int, dirs: Tensor) -> Tensor: ...
+
+    def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor: ...
 
 
 class TangentSource:

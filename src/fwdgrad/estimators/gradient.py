@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fwdgrad.directions import PARALLEL_DRAW_MIN, TangentSource
+from fwdgrad.directions import PARALLEL_DRAW_MIN, DirectionSource
 from fwdgrad.errors import NonFiniteError
 
 Tensor = torch.Tensor
@@ -129,7 +129,7 @@ class ExplicitGradient(Gradient):
 class ImplicitGradient(Gradient):
     """``ĝ_i = (1/K) Σ_k dirs[k] · v_{ik}``, with the tangents ``v`` of ``source`` (regenerated on demand)."""
 
-    def __init__(self, loss: Tensor, dirs: Tensor, source: TangentSource) -> None:
+    def __init__(self, loss: Tensor, dirs: Tensor, source: DirectionSource) -> None:
         self.loss, self.dirs, self.source = loss, dirs, source
 
     def tensor(self, index: int) -> Tensor:
