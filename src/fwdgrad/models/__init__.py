@@ -106,6 +106,7 @@ def num_parameters(model: nn.Module) -> int:
 
 # Built-in models register themselves on import.
 from fwdgrad.models import cnn as _cnn  # noqa: E402
+from fwdgrad.models import hf as _hf  # noqa: E402, F401  (registers 'hf'; transformers imported lazily)
 from fwdgrad.models import mlp as _mlp  # noqa: E402
 from fwdgrad.models.localmixer import LocalMixer as LocalMixer  # noqa: E402
 
