@@ -269,6 +269,30 @@ def measure_in_subprocess(label: str, args) -> dict:
     raise RuntimeError(f"worker for {label} failed:\n{proc.stderr[-2000:]}")
 
 
+def interleaved_times(args) -> dict:
+    """Median step time of every method over ``args.interleaved`` rounds, the methods taking turns in one
+    process on one batch (so a busy machine slows them alike), as ratios to a no-grad forward."""
+    torch.manual_seed(0)
+    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    steps = {}
+    for label in ["forward", *args.methods.split(",")]:
+        model = ViT()
+        set_trainable(model, args.trainable)
+        if label == "forward":
+            steps[label] = (lambda m: lambda x, y: torch.no_grad()(m)(x))(model)
+        else:
+            steps[label] = make_step(label, model, DEFAULT_LR[args.trainable][label], seed=1)
+        steps[label](x, y)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.interleaved):
+        for label, step in steps.items():
+            t = time.perf_counter()
+            step(x, y)
+            times[label].append(time.perf_counter() - t)
+    fwd = statistics.median(times["forward"])
+    return {k: {"ms": 1e3 * statistics.median(v), "ratio": statistics.median(v) / fwd} for k, v in times.items()}
+
+
 def report(out: Path, res: dict) -> None:
     fwd = res["memory"]["forward"]
     lines = [
@@ -342,7 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure-steps", type=int, default=5)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report-only", action="store_true", help="rewrite table and plot from <out>/results.json")
+    p.add_argument("--interleaved", type=int, default=0,
+                   help="only time the methods taking turns in one process, this many rounds; print JSON")
     args = p.parse_args(argv)
+    if args.interleaved:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(interleaved_times(args), indent=1))
+        return
     if args.report_only:
         res = json.loads((Path(args.out) / "results.json").read_text())
         res.setdefault("trainable_parameters", _count_trainable(res["args"].get("trainable", "all")))
