@@ -269,6 +269,14 @@ def measure_in_subprocess(label: str, args) -> dict:
     raise RuntimeError(f"worker for {label} failed:\n{proc.stderr[-2000:]}")
 
 
+def _no_grad_forward(model: nn.Module):
+    def step(x, y):
+        with torch.no_grad():
+            return model(x)
+
+    return step
+
+
 def interleaved_times(args) -> dict:
     """Median step time of every method over ``args.interleaved`` rounds, the methods taking turns in one
     process on one batch (so a busy machine slows them alike), as ratios to a no-grad forward."""
@@ -279,7 +287,7 @@ def interleaved_times(args) -> dict:
         model = ViT()
         set_trainable(model, args.trainable)
         if label == "forward":
-            steps[label] = (lambda m: lambda x, y: torch.no_grad()(m)(x))(model)
+            steps[label] = _no_grad_forward(model)
         else:
             steps[label] = make_step(label, model, DEFAULT_LR[args.trainable][label], seed=1)
         steps[label](x, y)  # warm-up
