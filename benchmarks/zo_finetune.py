@@ -151,6 +151,11 @@ def make_step(label: str, model: nn.Module, lr: float, seed: int):
 
         return step
     fused = {"ZO-SGD": "zo", "ZO-SGD-Sign": "zo-sign", "ZO-SGD-Cons": "zo-cons"}
+    if label.startswith("ZO-SGD[") and label.endswith("]"):  # timing variants: ZO-SGD[rademacher], ZO-SGD[snapshot]
+        variant = label[7:-1]
+        options = {"restore": "snapshot"} if variant == "snapshot" else {"tangents": variant}
+        est = fwdgrad.estimator("zo", eps=EPS, seed=seed, **options)
+        return lambda x, y: est.sgd_step(model, lambda m: F.cross_entropy(m(x), y), lr=lr)
     if label in fused:
         est = fwdgrad.estimator(fused[label], eps=EPS, seed=seed)
         return lambda x, y: est.sgd_step(model, lambda m: F.cross_entropy(m(x), y), lr=lr)
@@ -289,7 +294,8 @@ def interleaved_times(args) -> dict:
         if label == "forward":
             steps[label] = _no_grad_forward(model)
         else:
-            steps[label] = make_step(label, model, DEFAULT_LR[args.trainable][label], seed=1)
+            lr = DEFAULT_LR[args.trainable].get(label, DEFAULT_LR[args.trainable]["ZO-SGD"])
+            steps[label] = make_step(label, model, lr, seed=1)
         steps[label](x, y)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.interleaved):
@@ -342,9 +348,13 @@ def report(out: Path, res: dict) -> None:
     a.set_ylabel("training loss (Fashion-MNIST)")
     a.legend(fontsize=8)
     labels = [r["label"] for r in res["runs"]]
-    b.bar(labels, [res["memory"][k]["extra_mb"] / fwd["extra_mb"] for k in labels])
+    step = [res["memory"][k]["extra_mb"] / fwd["extra_mb"] for k in labels]
+    held = [HELD[k] * n_mb / fwd["extra_mb"] for k in labels]
+    b.bar(labels, step, label="peak during the step")
+    b.bar(labels, held, bottom=step, label="held between steps (.grad, optimizer state)")
     b.axhline(1.0, color="k", lw=0.8)
-    b.set_ylabel("extra step memory / no-grad forward")
+    b.set_ylabel("memory / extra memory of a no-grad forward")
+    b.legend(fontsize=8)
     b.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     tmp = out / "finetune.tmp.png"
