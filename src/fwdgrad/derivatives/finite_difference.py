@@ -105,40 +105,38 @@ class Perturbation:
         self._base = "rademacher" if name == "rademacher" else "gaussian"
         seeds = tensor_seeds(num_directions * len(self.params), generator)
         self._seeds = [seeds[k * len(self.params) : (k + 1) * len(self.params)] for k in range(num_directions)]
-        self._device = [generator.device if generator is not None else p.device for p in self.params]
-        self._scale: list[float] | None = None
+        self._scale: list[Tensor] | None = None
         if name == "sphere":
             n = sum(p.numel() for p in self.params)
             self._scale = []
             for k in range(num_directions):
                 sq = sum(self._draw(k, i).double().pow(2).sum() for i in range(len(self.params)))
-                self._scale.append(math.sqrt(n) / math.sqrt(float(sq)))
+                self._scale.append(math.sqrt(n) * sq.rsqrt())  # on the parameters' device: no host round trip
 
     def _draw(self, k: int, i: int) -> Tensor:
-        p = self.params[i]
-        return draw_tensor(self._base, p, 1, self._seeds[k][i], self._device[i])[0]
+        # on the tensor's own device, from its own seed (fwdgrad.tangents.draw_tensor)
+        return draw_tensor(self._base, self.params[i], 1, self._seeds[k][i])[0]
 
     def direction(self, k: int, i: int) -> Tensor:
         """``z_{k,i}``, a fresh tensor of ``params[i]``'s shape, dtype and device."""
         z = self._draw(k, i)
-        return z.mul_(self._scale[k]) if self._scale is not None else z
+        return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
 
     def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
         """``θ_i += alpha · z_{k,i}`` in place for every tensor (or those in ``only``), one draw at a time."""
         with torch.no_grad():
             for i in range(len(self.params)) if only is None else only:
-                z = self._draw(k, i)
-                a = alpha * self._scale[k] if self._scale is not None else alpha
-                self.params[i].add_(z, alpha=a)
+                if self._scale is None:
+                    self.params[i].add_(self._draw(k, i), alpha=alpha)
+                else:
+                    self.params[i].add_(self.direction(k, i).mul_(alpha))
 
     def weighted_sum(self, i: int, weights: Tensor | Sequence[float]) -> Tensor:
         """``Σ_k weights[k] · z_{k,i}`` (a new tensor of ``params[i]``'s shape); tensor weights stay on
         their device (no host synchronisation)."""
         out: Tensor | None = None
         for k in range(self.num_directions):
-            w = weights[k]
-            a = w * self._scale[k] if self._scale is not None else w
-            term = self._draw(k, i).mul_(a)
+            term = self.direction(k, i).mul_(weights[k])
             out = term if out is None else out.add_(term)
         assert out is not None
         return out

@@ -27,7 +27,8 @@ from fwdgrad.derivatives.finite_difference import (
     spsa_directional_derivatives,
 )
 from fwdgrad.errors import NonFiniteError
-from fwdgrad.estimators.base import Estimator, LossFn, register_estimator, trainable_parameters
+from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
+from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
 
@@ -38,7 +39,7 @@ def _check_rate(where: str, name: str, value: object) -> float:
     return float(value)
 
 
-@register_estimator("zo")
+@register_estimator("zo", claims=("no-backward", "grad", "fused"))
 class ZerothOrder(Estimator):
     r"""SPSA zeroth-order gradient estimate (ZO-SGD's gradient; MeZO when fused).
 
@@ -131,7 +132,9 @@ class ZerothOrder(Estimator):
         _check_finite(where, loss, d, "no gradient was written")
         return loss, {n: self._direction(source, i, d) for i, n in enumerate(params)}
 
-    def sgd_step(self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0) -> Tensor:
+    def sgd_step(
+        self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+    ) -> Tensor:
         r"""One fused step, ``θ_i ← (1 − lr·wd)·θ_i − lr·ĝ_i``, tensor by tensor, MeZO's way.
 
         Perturb in place (``+εz, L⁺, −2εz, L⁻, +εz`` per direction), then update each tensor from its
@@ -147,6 +150,9 @@ class ZerothOrder(Estimator):
             loss_fn: ``loss_fn(model)`` returns the real scalar loss.
             lr: learning rate, >= 0 (0 leaves only the perturbations' rounding drift).
             weight_decay: L2 coefficient, >= 0.
+            momentum: heavy-ball momentum in [0, 1) (``torch.optim.SGD`` semantics). With momentum the step
+                forms ``ĝ`` tensor by tensor and keeps one buffer per parameter in the estimator (the base
+                class's fused update); without, nothing model-sized is allocated.
 
         Returns:
             The detached loss (as for :meth:`__call__`). A non-finite loss raises
@@ -164,6 +170,15 @@ class ZerothOrder(Estimator):
         where = f"{type(self).__name__}.sgd_step"
         lr = _check_rate(where, "lr", lr)
         weight_decay = _check_rate(where, "weight_decay", weight_decay)
+        momentum = _check_rate(where, "momentum", momentum)
+        if momentum >= 1:
+            raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
+        if momentum:
+            if isinstance(self, ZerothOrderConservative):
+                raise ValueError(f"{where}: ZO-SGD-Cons takes no momentum, got momentum={momentum!r}")
+            if lr == 0:
+                raise ValueError(f"{where}: lr must be > 0 with momentum, got {lr!r}")
+            return super().sgd_step(model, loss_fn, lr, weight_decay, momentum)
         if not callable(loss_fn):
             raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
         params = trainable_parameters(where, model)
@@ -209,7 +224,7 @@ class ZerothOrder(Estimator):
                 p.sub_(self._direction(source, i, d), alpha=lr)
 
 
-@register_estimator("zo-sign")
+@register_estimator("zo-sign", claims=("no-backward", "grad", "fused"))
 class ZerothOrderSign(ZerothOrder):
     r"""ZO-SGD-Sign: the entry-wise sign of the SPSA estimate, ``sign((1/K) Σ_k d_k z_k)``.
 
