@@ -3,7 +3,7 @@ r"""Zeroth-order estimators: SPSA / MeZO (``zo``), its sign (``zo-sign``) and co
 The ZO-Bench family of Zhang et al. (2024), "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM
 Fine-Tuning: A Benchmark": ``zo`` writes ``.grad``, so ``torch.optim.SGD`` makes it ZO-SGD, SGD with
 momentum ZO-SGD-MMT and Adam ZO-Adam; ``zo-sign`` is ZO-SGD-Sign (Liu et al. 2019, signSGD via a
-zeroth-order oracle); ``zo-cons`` is ZO-SGD-Cons (a fused step only). Every estimator has a fused
+zeroth-order oracle); ``zo-cons`` is ZO-SGD-Cons (its rule lives in the fused step). Every estimator has a fused
 :meth:`ZerothOrder.sgd_step` in the manner of MeZO (Malladi et al. 2023): the parameters are perturbed in
 place, the directions are drawn again from their seeds to update them, and a step holds the memory of
 inference. The directional derivatives come from :mod:`fwdgrad.derivatives.finite_difference`.
@@ -246,17 +246,20 @@ class ZerothOrderSign(ZerothOrder):
         return super()._direction(source, i, d).sign_()
 
 
-@register_estimator("zo-cons")
+@register_estimator("zo-cons", claims=("no-backward", "grad"))
 class ZerothOrderConservative(ZerothOrder):
-    r"""ZO-SGD-Cons: a ZO-SGD step that is only taken when it lowers the loss (fused only).
+    r"""ZO-SGD-Cons: a ZO-SGD step that is only taken when it lowers the loss.
 
-    After the SPSA estimate ``ĝ`` (as :class:`ZerothOrder`), three points are evaluated in place,
-    ``θ``, ``θ − lr·ĝ`` and ``θ + lr·ĝ``, and the parameters are left at the one with the lowest loss (ties
-    keep the earlier one). 2K + 3 forward passes per step (one-sided: K + 3). The choice needs the
-    learning rate, so there is no gradient to write: :meth:`__call__` raises ``NotImplementedError``
-    pointing to :meth:`sgd_step`. ``weight_decay`` is applied to ``θ`` before the three candidates are
-    formed. Moving between the candidates adds and subtracts ``lr·ĝ`` (regenerated), with the same
-    rounding as the perturbations (none with ``restore="snapshot"``, which copies back and reapplies).
+    :meth:`sgd_step`: after the SPSA estimate ``ĝ`` (as :class:`ZerothOrder`), three points are evaluated in
+    place, ``θ``, ``θ − lr·ĝ`` and ``θ + lr·ĝ``, and the parameters are left at the one with the lowest loss
+    (ties keep the earlier one). 2K + 3 forward passes per step (one-sided: K + 3). ``weight_decay`` is
+    applied to ``θ`` before the three candidates are formed. Moving between the candidates adds and
+    subtracts ``lr·ĝ`` (regenerated), with the same rounding as the perturbations (none with
+    ``restore="snapshot"``, which copies ``θ`` back).
+
+    :meth:`__call__` writes ``ĝ`` itself to ``.grad``, exactly as ``zo`` does for the same seed: the
+    conservative choice needs the learning rate and the update, so it exists only in the fused
+    :meth:`sgd_step`; through ``.grad`` and a ``torch.optim`` optimizer this recipe *is* ZO-SGD.
 
     Example:
         >>> import torch, fwdgrad
@@ -264,14 +267,6 @@ class ZerothOrderConservative(ZerothOrder):
         >>> x = torch.randn(5, 3)
         >>> loss = fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, lambda m: m(x).pow(2).mean(), lr=0.1)
     """
-
-    def estimate(
-        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError(
-            f"{type(self).__name__}.__call__: ZO-SGD-Cons keeps the lowest of L(θ), L(θ − lr·ĝ), L(θ + lr·ĝ), "
-            "which needs the learning rate, so it writes no .grad; call sgd_step(model, loss_fn, lr) instead"
-        )
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
