@@ -29,6 +29,7 @@ from fwdgrad.estimators.registry import (
     recipe,
     register_estimator,
 )
+from fwdgrad.estimators.zeroth_order import ZerothOrder  # noqa: F401  (registers zo, zo-sign, zo-cons)
 
 __all__ = [
     "ActivityForwardGradient",

@@ -1,0 +1,238 @@
+r"""Finite-difference directional derivatives with in-place perturbation (SPSA, MeZO).
+
+For a loss :math:`L(\theta)`, K directions :math:`z_k` and a step :math:`\varepsilon > 0`:
+
+.. math::
+    d_k^{\text{two-point}} = \frac{L(\theta + \varepsilon z_k) - L(\theta - \varepsilon z_k)}{2\varepsilon}
+    = \langle \nabla L, z_k\rangle + O(\varepsilon^2), \qquad
+    d_k^{\text{one-sided}} = \frac{L(\theta + \varepsilon z_k) - L(\theta)}{\varepsilon}
+    = \langle \nabla L, z_k\rangle + O(\varepsilon).
+
+For Gaussian ``z`` the two-point ``d_k z_k`` is an unbiased estimate of the gradient of the Gaussian-smoothed
+loss :math:`L_\varepsilon(\theta) = \mathbb{E}_u[L(\theta + \varepsilon u)]`, ``u ~ N(0, I)`` (Nesterov &
+Spokoiny 2017); SPSA is Spall (1992); the in-place, seed-regenerated form is MeZO (Malladi et al. 2023).
+
+**In place.** The loss is evaluated on the module itself: each tensor ``θ_i`` is changed in place,
+``θ_i += ε z_{k,i}``, tensor by tensor, with ``z_{k,i}`` drawn from its own seed (:class:`Perturbation`),
+and put back by drawing ``z_{k,i}`` again and subtracting. The evaluations run under ``torch.no_grad()``,
+so a step holds the memory of inference plus one tensor's direction; no autograd graph is built and no
+backward pass can run.
+
+**Restoring the parameters** (``restore=``):
+
+- ``"regenerate"`` (default, no extra memory): ``θ + εz − εz`` in floating point. Each entry comes back
+  equal to its start, except where the rounding of ``θ + εz`` drops low bits of ``θ`` (entries with
+  ``|θ| ≲ ε|z|``, or near a power of two); those move by at most one rounding of ``|θ| + ε|z|`` per add
+  (unit roundoff ``u = 2⁻²⁴`` in float32). The two-point pass follows MeZO (``+εz, −2εz, +εz``).
+  ``docs/zeroth-order.md`` measures the drift this leaves after many steps with ``lr = 0``. Whatever
+  happens during an evaluation (an exception, a NaN), the perturbation is taken back in a ``finally``.
+- ``"snapshot"``: a copy of every trainable tensor is kept for the pass and copied back after it, so the
+  parameters are bit-for-bit what they were (no drift, and exactly restored after a NaN or an error), at
+  the cost of one more copy of the parameters in memory and one copy per evaluation.
+
+Example:
+    >>> import torch
+    >>> from fwdgrad.derivatives.finite_difference import Perturbation, spsa_directional_derivatives
+    >>> model = torch.nn.Linear(3, 1).double()
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> params = [p for p in model.parameters()]
+    >>> source = Perturbation("gaussian", params, 2, torch.Generator().manual_seed(0))
+    >>> loss, d = spsa_directional_derivatives(model, lambda m: m(x).pow(2).mean(), params, source, eps=1e-4)
+    >>> tuple(d.shape)
+    (2,)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fwdgrad._validation import check_real_scalar
+from fwdgrad.tangents import draw_tensor, tensor_seeds
+
+Tensor = torch.Tensor
+
+#: Direction distributions a :class:`Perturbation` can regenerate tensor by tensor.
+FD_SAMPLERS = ("gaussian", "rademacher", "sphere")
+#: Ways of restoring the parameters after a perturbation.
+RESTORE_MODES = ("regenerate", "snapshot")
+
+
+def check_eps(where: str, eps: object) -> float:
+    """``eps`` as a float; ``ValueError`` naming it unless it is a finite number > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def check_restore(where: str, restore: object) -> str:
+    """``ValueError`` naming ``restore`` unless it is one of :data:`RESTORE_MODES`."""
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"{where}: restore must be one of {RESTORE_MODES}, got {restore!r}")
+    return str(restore)
+
+
+class Perturbation:
+    r"""The K directions of one step, never stored: ``z_{k,i}`` (direction ``k``, tensor ``i``) is drawn
+    from its own seed whenever it is needed.
+
+    The generator gives ``K·T`` seeds (``T`` tensors, :func:`fwdgrad.tangents.tensor_seeds`), direction-major;
+    ``z_{k,i} = draw_tensor(base, θ_i, 1, seed[k·T + i])[0]`` with ``base`` ``gaussian`` or ``rademacher``.
+    ``sphere`` scales the Gaussian draws of direction ``k`` by ``√n / ‖g_k‖`` (``n`` entries in all); the K
+    joint norms are computed once, from one pass of per-tensor draws, when the perturbation is built.
+    With K = 1 the directions equal those of ``fwdgrad.sample_tangents(name, params, 1, generator)`` for
+    the same generator state (so ``zo`` and ``fg-w`` see the same ``z`` for the same seed).
+
+    Args:
+        name: ``gaussian``, ``rademacher`` or ``sphere``.
+        params: the tensors to perturb (their dtype and device are the directions').
+        num_directions: K.
+        generator: the step's randomness (``None``: torch's global RNG).
+    """
+
+    def __init__(
+        self, name: str, params: Sequence[Tensor], num_directions: int, generator: torch.Generator | None
+    ) -> None:
+        if name not in FD_SAMPLERS:
+            raise ValueError(f"fwdgrad.derivatives.Perturbation: tangents must be one of {FD_SAMPLERS}, got {name!r}")
+        self.name, self.params, self.num_directions = name, list(params), num_directions
+        self._base = "rademacher" if name == "rademacher" else "gaussian"
+        seeds = tensor_seeds(num_directions * len(self.params), generator)
+        self._seeds = [seeds[k * len(self.params) : (k + 1) * len(self.params)] for k in range(num_directions)]
+        self._scale: list[Tensor] | None = None
+        if name == "sphere":
+            n = sum(p.numel() for p in self.params)
+            self._scale = []
+            for k in range(num_directions):
+                sq = sum(self._draw(k, i).double().pow(2).sum() for i in range(len(self.params)))
+                self._scale.append(math.sqrt(n) * sq.rsqrt())  # on the parameters' device: no host round trip
+
+    def _draw(self, k: int, i: int) -> Tensor:
+        # on the tensor's own device, from its own seed (fwdgrad.tangents.draw_tensor)
+        return draw_tensor(self._base, self.params[i], 1, self._seeds[k][i])[0]
+
+    def direction(self, k: int, i: int) -> Tensor:
+        """``z_{k,i}``, a fresh tensor of ``params[i]``'s shape, dtype and device."""
+        z = self._draw(k, i)
+        return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
+
+    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
+        """``θ_i += alpha · z_{k,i}`` in place for every tensor (or those in ``only``), one draw at a time."""
+        with torch.no_grad():
+            for i in range(len(self.params)) if only is None else only:
+                if self._scale is None:
+                    self.params[i].add_(self._draw(k, i), alpha=alpha)
+                else:
+                    self.params[i].add_(self.direction(k, i).mul_(alpha))
+
+    def weighted_sum(self, i: int, weights: Tensor | Sequence[float]) -> Tensor:
+        """``Σ_k weights[k] · z_{k,i}`` (a new tensor of ``params[i]``'s shape); tensor weights stay on
+        their device (no host synchronisation)."""
+        out: Tensor | None = None
+        for k in range(self.num_directions):
+            term = self.direction(k, i).mul_(weights[k])
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
+
+    def materialise(self) -> list[Tensor]:
+        """Every direction, ``[K, *θ_i.shape]`` per tensor (for tests and references)."""
+        return [
+            torch.stack([self.direction(k, i) for k in range(self.num_directions)]) for i in range(len(self.params))
+        ]
+
+
+def last_offset(eps: float, one_sided: bool) -> float:
+    """The multiple of ``z_{K−1}`` that ``spsa_directional_derivatives(..., leave_last=True)`` leaves added."""
+    return eps if one_sided else -eps
+
+
+def evaluate_loss(where: str, model: nn.Module, loss_fn: object) -> Tensor:
+    """``loss_fn(model)`` under ``torch.no_grad()``, checked to be a real scalar, detached."""
+    with torch.no_grad():
+        value = loss_fn(model)  # type: ignore[operator]
+    return check_real_scalar(where, value).detach()
+
+
+@contextlib.contextmanager
+def snapshot(params: Sequence[Tensor], enabled: bool) -> Iterator[list[Tensor] | None]:
+    """Keep a copy of ``params`` for the block and copy it back when the block ends, however it ends."""
+    if not enabled:
+        yield None
+        return
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def spsa_directional_derivatives(
+    model: nn.Module,
+    loss_fn: object,
+    params: Sequence[Tensor],
+    source: Perturbation,
+    *,
+    eps: float,
+    one_sided: bool = False,
+    restore: str = "regenerate",
+    leave_last: bool = False,
+    where: str = "fwdgrad.derivatives.spsa_directional_derivatives",
+) -> tuple[Tensor, Tensor]:
+    r"""``(loss, d [K])``: finite-difference directional derivatives along the K directions of ``source``.
+
+    Two-point (default): ``d_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε``, two evaluations per direction, in the
+    MeZO order ``+εz, L⁺, −2εz, L⁻, +εz``; ``loss`` is the mean of ``(L⁺ + L⁻)/2`` over k (``L(θ) + O(ε²)``).
+    One-sided: ``d_k = (L(θ+εz_k) − L(θ)) / ε``, with ``L(θ)`` (the returned ``loss``) evaluated once and
+    shared by the K directions: K + 1 evaluations.
+
+    ``params`` must be the tensors ``source`` was built on, the module's own parameters (changed in place
+    and restored, see the module docstring for the exact guarantee of each ``restore`` mode). Non-finite
+    losses are returned as they are (the caller decides); the parameters are restored in any case, except
+    with ``leave_last=True`` (``restore="regenerate"`` only): then, when every evaluation returned, the last
+    direction is *not* taken back and the parameters are ``θ + o·z_{K−1}`` on return, with the offset
+    ``o = −ε`` (two-point) or ``+ε`` (one-sided), which :func:`last_offset` gives. A fused update folds
+    ``o`` into its own pass over the parameters and so saves one draw of every tensor (MeZO draws each ``z``
+    four times a step; this draws it three times), or calls ``source.add_(K − 1, −o)`` to finish.
+    """
+    eps = check_eps(where, eps)
+    check_restore(where, restore)
+    exact = restore == "snapshot"
+    if leave_last and exact:
+        raise ValueError(f"{where}: leave_last=True needs restore='regenerate', got restore={restore!r}")
+    losses_plus: list[Tensor] = []
+    losses_minus: list[Tensor] = []
+    with snapshot(params, exact) as saved:
+        base = evaluate_loss(where, model, loss_fn) if one_sided else None
+        for k in range(source.num_directions):
+            state = 0.0  # the multiple of ε z_k currently added to the parameters
+            try:
+                source.add_(k, eps)
+                state = 1.0
+                losses_plus.append(evaluate_loss(where, model, loss_fn))
+                if not one_sided:
+                    source.add_(k, -2 * eps)
+                    state = -1.0
+                    losses_minus.append(evaluate_loss(where, model, loss_fn))
+                if leave_last and k == source.num_directions - 1:
+                    state = 0.0  # left for the caller (see the docstring)
+            finally:
+                if exact:
+                    with torch.no_grad():
+                        for p, s in zip(params, saved):
+                            p.copy_(s)
+                elif state != 0.0:
+                    source.add_(k, -state * eps)
+    plus = torch.stack(losses_plus)
+    if one_sided:
+        return base, (plus - base) / eps
+    minus = torch.stack(losses_minus)
+    return ((plus + minus) / 2).mean(), (plus - minus) / (2 * eps)

@@ -1,0 +1,318 @@
+r"""Zeroth-order estimators: SPSA / MeZO (``zo``), its sign (``zo-sign``) and conservative (``zo-cons``) steps.
+
+The ZO-Bench family of Zhang et al. (2024), "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM
+Fine-Tuning: A Benchmark": ``zo`` writes ``.grad``, so ``torch.optim.SGD`` makes it ZO-SGD, SGD with
+momentum ZO-SGD-MMT and Adam ZO-Adam; ``zo-sign`` is ZO-SGD-Sign (Liu et al. 2019, signSGD via a
+zeroth-order oracle); ``zo-cons`` is ZO-SGD-Cons (its rule lives in the fused step). Every estimator has a fused
+:meth:`ZerothOrder.sgd_step` in the manner of MeZO (Malladi et al. 2023): the parameters are perturbed in
+place, the directions are drawn again from their seeds to update them, and a step holds the memory of
+inference. The directional derivatives come from :mod:`fwdgrad.derivatives.finite_difference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad.derivatives.finite_difference import (
+    FD_SAMPLERS,
+    Perturbation,
+    check_eps,
+    check_restore,
+    evaluate_loss,
+    last_offset,
+    spsa_directional_derivatives,
+)
+from fwdgrad.errors import NonFiniteError
+from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
+from fwdgrad.estimators.registry import register_estimator
+
+Tensor = torch.Tensor
+
+
+def _check_rate(where: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+@register_estimator("zo", claims=("no-backward", "grad", "fused"))
+class ZerothOrder(Estimator):
+    r"""SPSA zeroth-order gradient estimate (ZO-SGD's gradient; MeZO when fused).
+
+    With K directions ``z_k`` (per-tensor seeded, see :class:`fwdgrad.derivatives.finite_difference.Perturbation`):
+
+    .. math::
+        \hat g = \frac1K \sum_k d_k z_k, \qquad d_k = \frac{L(\theta+\varepsilon z_k) - L(\theta-\varepsilon z_k)}
+        {2\varepsilon} \;\; \text{or (one-sided)} \;\; \frac{L(\theta+\varepsilon z_k) - L(\theta)}{\varepsilon}.
+
+    For Gaussian ``z``, ``E[ĝ]`` (two-point) is exactly the gradient of the smoothed loss
+    ``E_u L(θ + εu)``, ``u ~ N(0, I)``, and ``d_k = ⟨∇L, z_k⟩ + O(ε²)`` (one-sided ``O(ε)``): as ``ε → 0``
+    the estimate tends to ``fg-w``'s for the same ``z`` (with K = 1 both draw the same ``z`` for the same
+    seed). Only forward passes run, under ``torch.no_grad()``: 2K of them (one-sided K + 1).
+
+    Args:
+        eps: the finite-difference step ε, a finite number > 0.
+        num_directions: K.
+        tangents: ``gaussian``, ``rademacher`` or ``sphere`` (radius √n).
+        one_sided: forward difference, with ``L(θ)`` evaluated once and shared by the K directions.
+        seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
+        generator: the generator to draw from; ``None`` with no seed uses torch's global RNG.
+        restore: ``"regenerate"`` (undo each perturbation by subtracting it; no extra memory; leaves a
+            rounding drift of about one unit roundoff per step on entries with ``|θ| ≲ ε|z|``) or
+            ``"snapshot"`` (copy the parameters and copy them back: bit-exact, one more copy of the
+            parameters in memory). See :mod:`fwdgrad.derivatives.finite_difference`.
+
+    The returned loss is ``L(θ)`` (one-sided) or the mean of ``(L⁺ + L⁻)/2`` (two-point, ``L(θ) + O(ε²)``).
+    A non-finite loss raises :class:`fwdgrad.NonFiniteError` with the parameters restored (bit-exact
+    with ``restore="snapshot"``) and no ``.grad`` written. Model buffers (BatchNorm running statistics)
+    see every evaluation's forward pass.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, fwdgrad
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> est = fwdgrad.estimator("zo", num_directions=2, seed=0)
+        >>> loss = est(model, lambda m: F.cross_entropy(m(x), y))
+        >>> model.weight.grad.shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-3,
+        num_directions: int = 1,
+        tangents: str = "gaussian",
+        one_sided: bool = False,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        restore: str = "regenerate",
+    ) -> None:
+        where = type(self).__name__
+        self.eps = check_eps(where, eps)
+        check_positive_int(where, "num_directions", num_directions)
+        if tangents not in FD_SAMPLERS:
+            raise ValueError(f"{where}: tangents must be one of {FD_SAMPLERS}, got {tangents!r}")
+        if not isinstance(one_sided, bool):
+            raise TypeError(f"{where}: one_sided must be a bool, got {one_sided!r}")
+        self.num_directions = num_directions
+        self.tangents = tangents
+        self.one_sided = one_sided
+        self.restore = check_restore(where, restore)
+        self._generator = make_generator(where, seed, generator)
+
+    # -- the pieces a subclass varies -------------------------------------------------------------------
+
+    def _differences(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], leave_last: bool = False
+    ) -> tuple[Tensor, Tensor, Perturbation]:
+        tensors = list(params.values())
+        source = Perturbation(self.tangents, tensors, self.num_directions, self._generator)
+        loss, d = spsa_directional_derivatives(
+            model, loss_fn, tensors, source, eps=self.eps, one_sided=self.one_sided, restore=self.restore,
+            leave_last=leave_last, where=where,
+        )
+        return loss, d, source
+
+    def _direction(self, source: Perturbation, i: int, d: Tensor) -> Tensor:
+        """Tensor ``i``'s update direction (what is written to ``.grad``): here ``(1/K) Σ_k d_k z_{k,i}``."""
+        return source.weighted_sum(i, d / d.shape[0])
+
+    # -- the two consumers ------------------------------------------------------------------------------
+
+    def estimate(
+        self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        where = f"{type(self).__name__}.__call__"
+        loss, d, source = self._differences(where, model, loss_fn, params)
+        _check_finite(where, loss, d, "no gradient was written")
+        return loss, {n: self._direction(source, i, d) for i, n in enumerate(params)}
+
+    def sgd_step(
+        self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+    ) -> Tensor:
+        r"""One fused step, ``θ_i ← (1 − lr·wd)·θ_i − lr·ĝ_i``, tensor by tensor, MeZO's way.
+
+        Perturb in place (``+εz, L⁺, −2εz, L⁻, +εz`` per direction), then update each tensor from its
+        directions drawn again: no gradient, no stored direction, no autograd graph; the temporaries are one
+        tensor's direction (two for the sum over K). ``.grad`` is not touched. For ``zo`` with
+        ``restore="regenerate"`` the last ``+εz`` is folded into the update (one pass less over the
+        parameters: three draws of each tensor per step with K = 1, where MeZO's loop makes four). For the same seed the
+        result equals ``est(model, loss_fn)`` followed by ``torch.optim.SGD(params, lr,
+        weight_decay=weight_decay).step()``, up to rounding.
+
+        Args:
+            model: the module to update in place.
+            loss_fn: ``loss_fn(model)`` returns the real scalar loss.
+            lr: learning rate, >= 0 (0 leaves only the perturbations' rounding drift).
+            weight_decay: L2 coefficient, >= 0.
+            momentum: heavy-ball momentum in [0, 1) (``torch.optim.SGD`` semantics). With momentum the step
+                forms ``ĝ`` tensor by tensor and keeps one buffer per parameter in the estimator (the base
+                class's fused update); without, nothing model-sized is allocated.
+
+        Returns:
+            The detached loss (as for :meth:`__call__`). A non-finite loss raises
+            :class:`fwdgrad.NonFiniteError`; the parameters are then as the perturbations left them
+            (bit-exact with ``restore="snapshot"``) and not updated.
+
+        Example:
+            >>> import torch, torch.nn.functional as F, fwdgrad
+            >>> model = torch.nn.Linear(4, 2)
+            >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+            >>> loss = fwdgrad.estimator("zo", seed=0).sgd_step(model, lambda m: F.cross_entropy(m(x), y), lr=0.01)
+            >>> model.weight.grad is None
+            True
+        """
+        where = f"{type(self).__name__}.sgd_step"
+        lr = _check_rate(where, "lr", lr)
+        weight_decay = _check_rate(where, "weight_decay", weight_decay)
+        momentum = _check_rate(where, "momentum", momentum)
+        if momentum >= 1:
+            raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
+        if momentum:
+            if isinstance(self, ZerothOrderConservative):
+                raise ValueError(f"{where}: ZO-SGD-Cons takes no momentum, got momentum={momentum!r}")
+            if lr == 0:
+                raise ValueError(f"{where}: lr must be > 0 with momentum, got {lr!r}")
+            return super().sgd_step(model, loss_fn, lr, weight_decay, momentum)
+        if not callable(loss_fn):
+            raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
+        params = trainable_parameters(where, model)
+        if type(self) is ZerothOrder and self.restore == "regenerate":
+            return self._folded_step(where, model, loss_fn, params, lr, weight_decay)
+        loss, d, source = self._differences(where, model, loss_fn, params)
+        _check_finite(where, loss, d, "no parameter was updated")
+        self._update(where, model, loss_fn, params, source, d, lr, weight_decay)
+        return loss
+
+    def _folded_step(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lr: float,
+        weight_decay: float,
+    ) -> Tensor:
+        """MeZO's step with the last ``+εz`` folded into the update: with ``θ + o·z_{K−1}`` in place,
+        ``θ_new = (1 − a)·(θ + o z_{K−1}) − Σ_k w_k z_k`` with ``a = lr·wd``, ``w_k = lr·d_k/K`` and
+        ``w_{K−1} += (1 − a)·o``: one pass, one draw per tensor and direction."""
+        loss, d, source = self._differences(where, model, loss_fn, params, leave_last=True)
+        o = last_offset(self.eps, self.one_sided)
+        try:
+            _check_finite(where, loss, d, "no parameter was updated")
+        except NonFiniteError:
+            source.add_(self.num_directions - 1, -o)
+            raise
+        a = lr * weight_decay
+        weights = d * (lr / d.shape[0])
+        weights[-1] += (1.0 - a) * o
+        with torch.no_grad():
+            for i, p in enumerate(params.values()):
+                if a:
+                    p.mul_(1.0 - a)
+                p.sub_(source.weighted_sum(i, weights))
+        return loss
+
+    def _update(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
+        source: Perturbation, d: Tensor, lr: float, weight_decay: float,
+    ) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(params.values()):
+                if weight_decay:
+                    p.mul_(1.0 - lr * weight_decay)
+                p.sub_(self._direction(source, i, d), alpha=lr)
+
+
+@register_estimator("zo-sign", claims=("no-backward", "grad", "fused"))
+class ZerothOrderSign(ZerothOrder):
+    r"""ZO-SGD-Sign: the entry-wise sign of the SPSA estimate, ``sign((1/K) Σ_k d_k z_k)``.
+
+    Written to ``.grad`` (so SGD applies ``θ ← θ − lr·sign(ĝ)``, signSGD via a zeroth-order oracle, Liu et
+    al. 2019), or applied by the fused :meth:`sgd_step`. With K = 1 it is ``sign(d)·sign(z)``. Options as
+    for :class:`ZerothOrder`. It is not an unbiased gradient estimate: its scale is 1 per entry, so it
+    wants a learning rate of the size of the wanted change per entry.
+
+    Example:
+        >>> import torch, fwdgrad
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x = torch.randn(5, 3)
+        >>> loss = fwdgrad.estimator("zo-sign", seed=0)(model, lambda m: m(x).pow(2).mean())
+        >>> sorted(model.weight.grad.abs().unique().tolist())
+        [1.0]
+    """
+
+    def _direction(self, source: Perturbation, i: int, d: Tensor) -> Tensor:
+        return super()._direction(source, i, d).sign_()
+
+
+@register_estimator("zo-cons", claims=("no-backward", "grad"))
+class ZerothOrderConservative(ZerothOrder):
+    r"""ZO-SGD-Cons: a ZO-SGD step that is only taken when it lowers the loss.
+
+    :meth:`sgd_step`: after the SPSA estimate ``ĝ`` (as :class:`ZerothOrder`), three points are evaluated in
+    place, ``θ``, ``θ − lr·ĝ`` and ``θ + lr·ĝ``, and the parameters are left at the one with the lowest loss
+    (ties keep the earlier one). 2K + 3 forward passes per step (one-sided: K + 3). ``weight_decay`` is
+    applied to ``θ`` before the three candidates are formed. Moving between the candidates adds and
+    subtracts ``lr·ĝ`` (regenerated), with the same rounding as the perturbations (none with
+    ``restore="snapshot"``, which copies ``θ`` back).
+
+    :meth:`__call__` writes ``ĝ`` itself to ``.grad``, exactly as ``zo`` does for the same seed: the
+    conservative choice needs the learning rate and the update, so it exists only in the fused
+    :meth:`sgd_step`; through ``.grad`` and a ``torch.optim`` optimizer this recipe *is* ZO-SGD.
+
+    Example:
+        >>> import torch, fwdgrad
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x = torch.randn(5, 3)
+        >>> loss = fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, lambda m: m(x).pow(2).mean(), lr=0.1)
+    """
+
+    def _update(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
+        source: Perturbation, d: Tensor, lr: float, weight_decay: float,
+    ) -> None:
+
+        tensors = list(params.values())
+
+        def move(alpha: float) -> None:  # θ ← θ + alpha·ĝ, ĝ regenerated tensor by tensor
+            with torch.no_grad():
+                for i, p in enumerate(tensors):
+                    p.add_(ZerothOrder._direction(self, source, i, d), alpha=alpha)
+
+        with torch.no_grad():
+            if weight_decay:
+                for p in tensors:
+                    p.mul_(1.0 - lr * weight_decay)
+        saved = [p.detach().clone() for p in tensors] if self.restore == "snapshot" else None
+
+        def back_to_theta(position: float) -> None:
+            if saved is None:
+                move(-position * lr)
+            else:
+                with torch.no_grad():
+                    for p, s in zip(tensors, saved):
+                        p.copy_(s)
+
+        losses = [evaluate_loss(where, model, loss_fn)]
+        position = 0.0  # the multiple of lr·ĝ currently added to θ
+        try:
+            move(-lr)
+            position = -1.0
+            losses.append(evaluate_loss(where, model, loss_fn))
+            move(2 * lr)
+            position = 1.0
+            losses.append(evaluate_loss(where, model, loss_fn))
+        finally:
+            if position != 0.0:
+                back_to_theta(position)
+        values = torch.stack(losses)
+        values = torch.where(torch.isfinite(values), values, torch.full_like(values, math.inf))
+        best = int(torch.argmin(values))  # one host synchronisation per step
+        if best != 0:
+            move(-lr if best == 1 else lr)
+
+def _check_finite(where: str, loss: Tensor, d: Tensor, outcome: str) -> None:
+    """One host synchronisation: ``NonFiniteError`` unless the loss and every difference are finite."""
+    if not bool(torch.isfinite(d).all() & torch.isfinite(loss)):
+        raise NonFiniteError(f"{where}: the loss is {loss.item()}, the finite differences {d.tolist()}; {outcome}")
