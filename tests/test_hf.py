@@ -98,3 +98,15 @@ def test_zo_and_fg_w_train_the_hf_model(files) -> None:
     with forward_mode_attention(model, quiet=True):
         fwdgrad.estimator("fg-w", seed=0)(model, loss_fn)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_cli_fine_tunes_an_hf_folder_on_sst2(files, tmp_path) -> None:
+    from fwdgrad import cli
+
+    root, model_dir = files
+    args = ["train", "--dataset", "sst2", "--data-dir", str(root / "glue"), "--model", f"hf:{model_dir}",
+            "--method", "zo", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0", "--threads", "1",
+            "--quiet", "--no-plots", "--out-dir", str(tmp_path), "--name", "sst"]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "sst" / "results.json").read_text())
+    assert results["runs"][0]["status"] == "completed" and results["runs"][0]["steps"] == 2

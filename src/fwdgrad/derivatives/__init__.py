@@ -30,9 +30,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from fwdgrad.derivatives.attention import forward_mode_attention
 from fwdgrad.derivatives.batched import batched_directions
 from fwdgrad.derivatives.reference import call_with_parameters, directional_derivatives, reference_directions
 from fwdgrad.derivatives.rules import (
@@ -50,6 +55,14 @@ from fwdgrad.directions import PER_TENSOR_SAMPLERS, TangentSource
 from fwdgrad.errors import explain_forward_ad_errors
 
 Tensor = torch.Tensor
+
+
+@contextlib.contextmanager
+def forward_mode(where: str, model: nn.Module | None) -> Iterator[None]:
+    """A forward-AD level for a pass through ``model``: attention on the math path, and PyTorch's missing
+    forward-AD rules reported as :class:`fwdgrad.ForwardADNotSupportedError` naming ``where`` and the module."""
+    with explain_forward_ad_errors(where, model), forward_mode_attention(model), fwAD.dual_level():
+        yield
 
 
 def uses_fast_loop(name: str, num_directions: int) -> bool:
@@ -94,7 +107,7 @@ def module_directions(
         chunk_size: at most this many directions per pass.
         fast: allow the per-module passes (``False``: the reference path only).
     """
-    with explain_forward_ad_errors(where, model):
+    with explain_forward_ad_errors(where, model), forward_mode_attention(model):
         if fast and uses_fast_loop(source.name, source.num_directions):
             got = fast_directions(model, loss_fn, params, source, where=where, chunk_size=chunk_size)
             if got is not None:
@@ -112,6 +125,7 @@ __all__ = [
     "directional_derivatives",
     "fast_directions",
     "fast_rule",
+    "forward_mode",
     "is_activity_layer",
     "local_weight_grads",
     "module_directions",

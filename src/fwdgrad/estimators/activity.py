@@ -54,10 +54,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
-from fwdgrad.derivatives import RULES, is_activity_layer, local_weight_grads, once_per_step
+from fwdgrad.derivatives import RULES, forward_mode, is_activity_layer, local_weight_grads, once_per_step
 from fwdgrad.derivatives.watch import UsesOutside
 from fwdgrad.directions import SAMPLERS
-from fwdgrad.errors import explain_forward_ad_errors
 from fwdgrad.estimators.base import LossFn, SampledEstimator
 from fwdgrad.estimators.registry import register_estimator
 
@@ -328,7 +327,7 @@ class ActivityForwardGradient(SampledEstimator):
                 shared_noise=self.shared_noise, skip_inactive=self.skip_inactive,
             )
             outputs: list[Tensor] = []
-            with explain_forward_ad_errors(where, model), fwAD.dual_level(), pert:
+            with forward_mode(where, model), pert:
                 handle = model.register_forward_hook(lambda m, a, o, c=outputs: c.append(o))
                 try:
                     if k == 0:  # the first pass also checks that no parameter is used outside its module

@@ -44,9 +44,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
-from fwdgrad.derivatives import call_with_parameters, once_per_step
+from fwdgrad.derivatives import call_with_parameters, forward_mode, once_per_step
 from fwdgrad.directions import SAMPLERS
-from fwdgrad.errors import explain_forward_ad_errors
 from fwdgrad.estimators.activity import (
     FG_A_LR,
     ActivityPerturbation,
@@ -176,7 +175,7 @@ class LocalActivityForwardGradient(SampledEstimator):
         step_loss = once_per_step(model, loss_fn)
         for _ in range(self.num_directions):
             pert = ActivityPerturbation(model, chosen, self.tangents, self._generator, skip_inactive=self.skip_inactive)
-            with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups), pert:
+            with forward_mode(where, model), local.recording(self.groups), pert:
                 value, heads, derivs = _block_losses(where, loss_fn, model, step_loss)
             blocks = [h.block for h in heads if h.split_logits is not None]
             owner = local.block_of(blocks)
@@ -244,7 +243,7 @@ class LocalWeightForwardGradient(SampledEstimator):
         step_loss = once_per_step(model, loss_fn)
         for _ in range(self.num_directions):
             tangents = [t[0] for t in SAMPLERS[self.tangents](primals, 1, self._generator)]
-            with explain_forward_ad_errors(where, model), fwAD.dual_level(), local.recording(self.groups):
+            with forward_mode(where, model), local.recording(self.groups):
                 duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, primals, tangents)}
                 value, heads, derivs = call_with_parameters(
                     model, lambda m: _block_losses(where, loss_fn, m, step_loss), duals

@@ -214,9 +214,15 @@ def parse_model_spec(text: str, where: str) -> tuple[str, dict[str, Any]]:
     """Like :func:`parse_spec`, and also ``module.path:function[:key=value,...]`` (a user's model factory,
     see ``fwdgrad.training.factories``), whose name keeps the ``module:function``.
 
+    ``hf:PATH`` (a Hugging Face model folder or ``config.json``) is ``hf:path=PATH``.
+
     >>> parse_model_spec("mypkg.nets:make:width=3", "example")
     ('mypkg.nets:make', {'width': 3})
+    >>> parse_model_spec("hf:models/tiny-bert", "example")
+    ('hf', {'path': 'models/tiny-bert'})
     """
+    if isinstance(text, str) and text.strip().startswith("hf:") and "=" not in text:
+        return "hf", {"path": text.strip()[3:]}
     if isinstance(text, str) and _FACTORY.match(text.strip()):
         module, function, *rest = text.strip().split(":", 2)
         _, options = parse_spec("factory:" + rest[0], where) if rest else ("", {})

@@ -162,9 +162,28 @@ class Experiment:
 
 
 def load_data(config: RunConfig) -> DatasetLike:
-    """The configured dataset: a ``fwdgrad.data`` name, or a user factory ``module:function``."""
+    """The configured dataset: a ``fwdgrad.data`` name, a user factory ``module:function``, or ``sst2`` (GLUE
+    SST-2 TSV files in ``data_dir``, tokenised with the tokenizer of the ``hf`` model's folder)."""
     from fwdgrad.training.factories import load_dataset_for
 
+    if config.dataset == "sst2":
+        from pathlib import Path
+
+        from fwdgrad.data.glue import load_sst2
+
+        path = config.model_options.get("path") if config.model == "hf" else None
+        if not path or config.data_dir is None:
+            raise ValueError("fwdgrad: --dataset sst2 needs --model hf:DIR (a model folder with its tokenizer) and "
+                             "--data-dir DIR (the SST-2 train.tsv / dev.tsv)")
+        import json
+
+        folder = Path(path)
+        folder = folder.parent if folder.suffix == ".json" else folder
+        try:  # no longer than the model's positions (64 tokens at most, the default of load_sst2)
+            positions = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 64)
+        except (OSError, ValueError):
+            positions = 64
+        return load_sst2(config.data_dir, folder, max_length=min(64, int(positions)))
     return load_dataset_for(config.dataset, config.data_dir, download=config.download)
 
 
