@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwdgrad.errors import NonFiniteError
-from fwdgrad.estimators import available_estimators
+from fwdgrad.estimators import available_estimators, recipe
 from fwdgrad.models import num_parameters
 from fwdgrad.training.checkpoint import CHECKPOINT_FORMAT
 from fwdgrad.training.config import MethodSpec, RunConfig
@@ -82,6 +82,10 @@ def check_method_suits(config: RunConfig, spec: MethodSpec, splits: Splits) -> N
     """Raise if ``spec`` cannot take one step on the model: builds it and estimates a gradient on two
     training examples, on a throwaway copy of the model (no optimizer step)."""
     model = initial_model(config, splits, config.seed)
+    if recipe(spec.name).needs in ("sequence-model", "diagonal-recurrence"):
+        from fwdgrad.derivatives.through_time import check_sequence_model
+
+        check_sequence_model(f"fwdgrad: method {spec.display!r}", model)  # bp-tbptt is bp on anything else
     est = make_estimator(spec, config.seed)
     x, y = splits.x_train[:2].to(config.device), splits.y_train[:2].to(config.device)
     reduction = "none" if est.per_example_loss else "mean"
