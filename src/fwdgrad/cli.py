@@ -7,6 +7,8 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
     fwdgrad datasets [--data-dir DIR]
     fwdgrad methods | fwdgrad models
     fwdgrad bench    [--quick] [--models mlp8,mlp32,cnn] [--ks 1,4,16]
+    fwdgrad diagnose [--model mlp] [--methods all] [--samples 200]
+    fwdgrad study    linreg|testfunctions|frankwolfe [--quick]
 
 Options come from :class:`fwdgrad.training.config.RunConfig`; ``--config FILE.toml`` sets the same fields, and an
 option given on the command line wins over the file. Exit status: 0 on success, 1 when the data cannot be
@@ -423,6 +425,42 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_diagnose(p: argparse.ArgumentParser) -> None:
+    from fwdgrad.diagnostics.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from fwdgrad.diagnostics.cli import run_from_args
+
+    try:
+        return run_from_args(args)
+    except FileNotFoundError as exc:
+        print(f"fwdgrad diagnose: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _add_study(p: argparse.ArgumentParser) -> None:
+    from fwdgrad.studies.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from fwdgrad.studies.cli import run_from_args
+
+    try:
+        return run_from_args(args)
+    except FileNotFoundError as exc:
+        print(f"fwdgrad study: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train one method on one dataset and write a report", _add_train, _run_train),
     "compare": Command("train several methods on the same data, initial weights and budget; report a table",
@@ -436,8 +474,11 @@ COMMANDS: dict[str, Command] = {
                      _add_bench, _run_bench),
     "replay": Command("rebuild trained weights bit for bit from a seed-sharing replay log and the initial weights",
                       _add_replay, _run_replay),
+    "diagnose": Command("cosine, bias, variance, E|g|^2 vs theory, SNR, time and memory of each estimator on one "
+                        "batch", _add_diagnose, _run_diagnose),
+    "study": Command("the theory papers as runnable studies: linreg, testfunctions, frankwolfe",
+                     _add_study, _run_study),
 }
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry of :data:`COMMANDS`."""
