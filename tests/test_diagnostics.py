@@ -125,7 +125,7 @@ def test_diagnose_skips_what_cannot_run_and_rejects_bad_options(tmp_path) -> Non
     rep = diagnose(model, x, y, "bp;l-bp", samples=2, criterion=_Squared())
     assert [m["method"] for m in rep["methods"]] == ["bp"]
     assert rep["skipped"][0]["method"] == "l-bp" and rep["skipped"][0]["reason"]
-    with pytest.raises(ValueError, match="samples.*1"):
+    with pytest.raises(ValueError, match=r"samples.*1"):
         diagnose(model, x, y, "bp", samples=1)
     with pytest.raises(ValueError, match="'nope'"):
         parse_methods("nope")
