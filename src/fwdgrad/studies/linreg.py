@@ -1,0 +1,227 @@
+r"""Forward gradient descent in linear regression (Bos & Schmidt-Hieber 2023): ``fwdgrad study linreg``.
+
+Model: ``Y = Xᵀθ* + ε`` with ``X ~ N(0, I_d)``, ``ε ~ N(0, σ²)``, ``θ* ~ N(0, I_d/d)``, start ``θ₀ = 0``. At
+step k one fresh sample ``(X_k, Y_k)`` arrives and, with ``ξ_k ~ N(0, I_d)``, the forward gradient of the
+squared loss ``½(Xᵀθ − Y)²`` is
+
+.. math:: \hat g_k = \big((X_k^\top\theta_{k-1} - Y_k)\,X_k^\top\xi_k\big)\,\xi_k, \qquad
+          \theta_k = \theta_{k-1} - \alpha_k \hat g_k, \qquad \alpha_k = \frac{1}{k + k_0}.
+
+Bos & Schmidt-Hieber prove ``E‖θ_k − θ*‖² ≲ d²·log(d)/k`` once ``k ≳ d²·log d``; SGD (``ĝ = (Xᵀθ − Y)X``)
+reaches ``d/k``. With ``α_k = 1/(k + k₀)`` and identity covariance the asymptotic constant can be computed:
+``k·MSE → σ²·E‖ξ‖⁴ = σ² d(d+2)`` for forward gradients and ``σ² d`` for SGD; so the study prints both the
+paper's normalisation ``k·MSE/(d²·log d)`` and ``k·MSE/(d(d+2))``. Burn-in scale: ``k₀ = (d+2)²`` for
+forward gradients (a larger step diverges, since ``E‖ĝ‖² ≈ d²·E‖∇‖²``) and ``k₀ = d + 2`` for SGD. With
+``ℓ`` steps per sample (Dexheimer & Schmidt-Hieber 2024) each sample gets ℓ forward-gradient steps of size
+``α_k/ℓ`` with fresh ``ξ``; the factor ``d`` of the rate becomes ``d/(ℓ∧d)``, and ``k₀ = (d+2)²/min(ℓ, d) + d``.
+
+The R independent runs are simulated together in float64 (one ``[R, d]`` array; the random numbers come from a
+``torch.Generator`` in blocks, the arithmetic runs in numpy, whose per-call cost is lower for such small arrays).
+The forward gradient uses the closed form above; :func:`forward_gradient_step` computes the same step with
+:func:`fwdgrad.forward_grad` and ``tests/test_studies.py`` checks that the two agree for the same ``ξ``.
+The slope of ``log MSE`` against ``log k`` is fitted by least squares on the logged points with
+``k ≥ burn_in·k₀``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import fwdgrad
+from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_atomic, write_json
+
+Tensor = torch.Tensor
+
+
+def forward_gradient_step(theta: Tensor, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One run's forward gradient of ``½(xᵀθ − y)²`` by :func:`fwdgrad.forward_grad` (Gaussian tangent);
+    returns ``(ĝ, ξ)`` where ``ξ = ĝ/⟨∇, ξ⟩`` is recovered by drawing the same tangent again."""
+    state = generator.get_state()
+    _, est = fwdgrad.forward_grad(lambda p: 0.5 * (p["theta"] @ x - y) ** 2, {"theta": theta}, generator=generator)
+    generator.set_state(state)
+    xi = fwdgrad.sample_tangents("gaussian", [theta], 1, generator)[0][0]
+    return est["theta"], xi
+
+
+def closed_form_step(theta: Tensor, x: Tensor, y: Tensor, xi: Tensor) -> Tensor:
+    """``((xᵀθ − y)·xᵀξ)·ξ`` for a batch of runs: ``theta, x, xi`` of shape ``[R, d]``, ``y`` of shape ``[R]``."""
+    r = (theta * x).sum(1) - y
+    return (r * (x * xi).sum(1)).unsqueeze(1) * xi
+
+
+def simulate(
+    d: int, method: str, *, steps: int, k0: float, repeats: int, ell: int = 1, sigma: float = 1.0,
+    seed: int = 0, points: int = 60,
+) -> dict[str, Any]:
+    """Run ``repeats`` independent chains of ``steps`` samples; ``method`` is ``"fg"`` or ``"sgd"``.
+
+    Returns the logged steps ``k`` (log-spaced) and the MSE ``mean_r ‖θ_k − θ*‖²`` at each."""
+    if method not in ("fg", "sgd"):
+        raise ValueError(f"fwdgrad.studies.linreg.simulate: method must be 'fg' or 'sgd', got {method!r}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + d * 101 + ell + (0 if method == "fg" else 7))
+    dt = torch.float64
+    theta_star = (torch.randn(repeats, d, generator=gen, dtype=dt) / math.sqrt(d)).numpy()
+    theta = np.zeros((repeats, d))
+    log_at = sorted({int(round(v)) for v in torch.logspace(0, math.log10(steps), points).tolist()})
+    ks, mses = [], []
+    j = 0
+    block = 512  # random numbers are drawn (from the torch generator) for this many steps at a time
+    for start in range(0, steps, block):
+        b = min(block, steps - start)
+        xs = torch.randn(b, repeats, d, generator=gen, dtype=dt).numpy()
+        eps = sigma * torch.randn(b, repeats, generator=gen, dtype=dt).numpy()
+        xis = torch.randn(b, ell, repeats, d, generator=gen, dtype=dt).numpy() if method == "fg" else None
+        for i in range(b):
+            k = start + i + 1
+            x = xs[i]
+            y = np.einsum("rd,rd->r", x, theta_star) + eps[i]
+            alpha = 1.0 / (k + k0)
+            if xis is None:
+                theta -= alpha * (np.einsum("rd,rd->r", theta, x) - y)[:, None] * x
+            else:
+                for m in range(ell):
+                    xi = xis[i, m]
+                    r = np.einsum("rd,rd->r", theta, x) - y
+                    theta -= (alpha / ell) * (r * np.einsum("rd,rd->r", x, xi))[:, None] * xi
+            if j < len(log_at) and k == log_at[j]:
+                ks.append(k)
+                mses.append(float(((theta - theta_star) ** 2).sum(1).mean()))
+                j += 1
+    return {"k": ks, "mse": mses}
+
+
+def fit_slope(ks: list[int], mses: list[float], k_min: float) -> float:
+    """Least-squares slope of ``log mse`` against ``log k`` over the points with ``k >= k_min``."""
+    pts = [(math.log(k), math.log(m)) for k, m in zip(ks, mses) if k >= k_min and m > 0]
+    if len(pts) < 3:
+        return math.nan
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def fg_k0(d: int, ell: int) -> float:
+    return (d + 2) ** 2 / min(ell, d) + d
+
+
+def run(
+    dims: list[int], ells: list[int], *, repeats: int, horizon: float, burn_in: float, seed: int = 0,
+    log: Any = None,
+) -> dict[str, Any]:
+    """The whole study; ``horizon`` and ``burn_in`` are multiples of each run's ``k₀``."""
+    runs = []
+    for ell in ells:
+        for d in dims:
+            for method in ("fg", "sgd") if ell == 1 else ("fg",):
+                k0 = fg_k0(d, ell) if method == "fg" else d + 2.0
+                steps = int(horizon * k0)
+                res = simulate(d, method, steps=steps, k0=k0, repeats=repeats, ell=ell, seed=seed)
+                k_burn = burn_in * k0
+                slope = fit_slope(res["k"], res["mse"], k_burn)
+                k_end, mse_end = res["k"][-1], res["mse"][-1]
+                entry = {"d": d, "method": method, "ell": ell, "k0": k0, "steps": steps, "burn_in_k": k_burn,
+                         "slope": slope, "final_k": k_end, "final_mse": mse_end,
+                         "k_mse_over_d2logd": k_end * mse_end / (d * d * math.log(d)),
+                         "k_mse_over_d_dplus2": k_end * mse_end / (d * (d + 2)),
+                         "k_mse_over_d": k_end * mse_end / d, **res}
+                runs.append(entry)
+                if log:
+                    log(f"{method} d={d} ell={ell}: slope {slope:.3f}, k*MSE/d^2logd {entry['k_mse_over_d2logd']:.3f}")
+    collapse = _collapse(runs, dims)
+    return {"study": "linreg", "dims": dims, "ells": ells, "repeats": repeats, "horizon_k0": horizon,
+            "burn_in_k0": burn_in, "seed": seed, "sigma": 1.0, "runs": runs, "collapse": collapse}
+
+
+def _collapse(runs: list[dict[str, Any]], dims: list[int]) -> dict[str, Any]:
+    """At a common normalised time ``k/(d²·log d)``, the spread (max/min) of ``k·MSE/(d²·log d)`` across d for
+    plain FG, and of ``k·MSE/d`` for SGD at a common ``k/d``; interpolated in log-log between logged points."""
+    out: dict[str, Any] = {}
+    for method, scale, name in (("fg", lambda d: d * d * math.log(d), "fg: k*MSE/(d^2 log d) at k = t*d^2 log d"),
+                                ("sgd", lambda d: float(d), "sgd: k*MSE/d at k = t*d")):
+        rs = [r for r in runs if r["method"] == method and r["ell"] == 1]
+        if len(rs) < 2:
+            continue
+        t_lo = max(r["burn_in_k"] / scale(r["d"]) for r in rs)
+        t_hi = min(r["final_k"] / scale(r["d"]) for r in rs)
+        if t_lo >= t_hi:
+            continue
+        t = math.sqrt(t_lo * t_hi) if method == "fg" else t_hi
+        vals = {r["d"]: _interp(r, t * scale(r["d"])) * t for r in rs}
+        out[method] = {"what": name, "t": t, "values": vals, "spread": max(vals.values()) / min(vals.values())}
+    return out
+
+
+def _interp(r: dict[str, Any], k: float) -> float:
+    ks, ms = r["k"], r["mse"]
+    for i in range(1, len(ks)):
+        if ks[i] >= k:
+            w = (math.log(k) - math.log(ks[i - 1])) / (math.log(ks[i]) - math.log(ks[i - 1]))
+            return math.exp((1 - w) * math.log(ms[i - 1]) + w * math.log(ms[i]))
+    return ms[-1]
+
+
+def run_from_args(args: Any) -> dict[str, Any]:
+    quick = args.quick
+    dims = args.dims or ([4, 8] if quick else [8, 16, 32, 64])
+    ells = args.steps_per_sample or [1, 4]
+    repeats = args.repeats or (8 if quick else 40)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if any(d < 2 for d in dims):
+        raise ValueError(f"--dims must be >= 2 (log d > 0), got {dims}")
+    horizon, burn_in = (60.0, 6.0) if quick else (300.0, 30.0)
+    import sys
+
+    return run(dims, ells, repeats=repeats, horizon=horizon, burn_in=burn_in, seed=args.seed,
+               log=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in result["runs"]:
+        tag = "" if r["method"] == "fg" and r["ell"] == 1 else f" ({r['method']}, ell={r['ell']})"
+        lines.append(f"slope d={r['d']}: {r['slope']:.2f}{tag}")
+    for m, c in result["collapse"].items():
+        lines.append(f"collapse {m}: max/min across d = {c['spread']:.2f} ({c['what']}, t = {c['t']:.3g})")
+    return lines
+
+
+def write_report(result: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    rows = [[r["method"], r["d"], r["ell"], r["k0"], r["steps"], r["slope"], r["final_mse"],
+             r["k_mse_over_d2logd"], r["k_mse_over_d_dplus2"], r["k_mse_over_d"]] for r in result["runs"]]
+    md = [f"# Linear regression: forward gradient vs SGD (Bos & Schmidt-Hieber 2023)", "",
+          f"`{result.get('command', '')}`; {result['repeats']} runs per row, σ = 1, α_k = 1/(k + k₀); slope of log MSE "
+          f"vs log k fitted for k ≥ {result['burn_in_k0']:g}·k₀ up to {result['horizon_k0']:g}·k₀.", "",
+          markdown_table(["method", "d", "ℓ", "k₀", "steps", "slope", "final MSE", "k·MSE/(d² log d)",
+                          "k·MSE/(d(d+2))", "k·MSE/d"], rows)]
+    for m, c in result["collapse"].items():
+        vals = ", ".join(f"d={d}: {v:.3g}" for d, v in c["values"].items())
+        md.append(f"- collapse {m} ({c['what']}, t = {c['t']:.3g}): {vals}; max/min = {c['spread']:.2f}")
+    paths = [write_json(out / "linreg.json", result), write_atomic(out / "linreg.md", "\n".join(md) + "\n")]
+    plt = pyplot() if plots else None
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for r in result["runs"]:
+            d = r["d"]
+            ks = r["k"]
+            if r["method"] == "fg" and r["ell"] == 1:
+                s = d * d * math.log(d)
+                axes[0].loglog([k / s for k in ks], [k * m / s for k, m in zip(ks, r["mse"])], label=f"d={d}")
+            if r["method"] == "sgd":
+                axes[1].loglog([k / d for k in ks], [k * m / d for k, m in zip(ks, r["mse"])], label=f"d={d}")
+            style = "-" if r["method"] == "fg" else ":"
+            axes[2].loglog(ks, r["mse"], style, label=f"{r['method']} d={d} ℓ={r['ell']}")
+        axes[0].set(xlabel="k / (d² log d)", ylabel="k·MSE / (d² log d)", title="forward gradient: collapse")
+        axes[1].set(xlabel="k / d", ylabel="k·MSE / d", title="SGD: collapse")
+        axes[2].set(xlabel="k (samples)", ylabel="MSE  E‖θ_k − θ*‖²", title="MSE against k")
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        paths.append(save_figure(fig, out / "linreg.png"))
+    return paths
