@@ -67,7 +67,7 @@ def simulate(
     dt = torch.float64
     theta_star = (torch.randn(repeats, d, generator=gen, dtype=dt) / math.sqrt(d)).numpy()
     theta = np.zeros((repeats, d))
-    log_at = sorted({int(round(v)) for v in torch.logspace(0, math.log10(steps), points).tolist()})
+    log_at = sorted({round(v) for v in torch.logspace(0, math.log10(steps), points).tolist()})
     ks, mses = [], []
     j = 0
     block = 512  # random numbers are drawn (from the torch generator) for this many steps at a time
@@ -195,7 +195,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 def write_report(result: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
     rows = [[r["method"], r["d"], r["ell"], r["k0"], r["steps"], r["slope"], r["final_mse"],
              r["k_mse_over_d2logd"], r["k_mse_over_d_dplus2"], r["k_mse_over_d"]] for r in result["runs"]]
-    md = [f"# Linear regression: forward gradient vs SGD (Bos & Schmidt-Hieber 2023)", "",
+    md = ["# Linear regression: forward gradient vs SGD (Bos & Schmidt-Hieber 2023)", "",
           f"`{result.get('command', '')}`; {result['repeats']} runs per row, σ = 1, α_k = 1/(k + k₀); slope of log MSE "
           f"vs log k fitted for k ≥ {result['burn_in_k0']:g}·k₀ up to {result['horizon_k0']:g}·k₀.", "",
           markdown_table(["method", "d", "ℓ", "k₀", "steps", "slope", "final MSE", "k·MSE/(d² log d)",
