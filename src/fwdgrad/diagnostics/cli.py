@@ -38,7 +38,7 @@ def _model_spec(text: str) -> tuple[str, dict]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from fwdgrad.data import load_dataset
-    from fwdgrad.diagnostics import diagnose, write_report
+    from fwdgrad.diagnostics import diagnose, parse_methods, write_report
     from fwdgrad.diagnostics.output import new_run_dir
     from fwdgrad.models import build_model
 
@@ -46,6 +46,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         v = getattr(args, key)
         if v < (2 if key == "samples" else 1):
             raise ValueError(f"--{key.replace('_', '-')} must be >= {2 if key == 'samples' else 1}, got {v}")
+    parse_methods(args.methods)  # fail on a bad method before reading any data
     torch.set_num_threads(args.threads)
     name, opts = _model_spec(args.model)
     data = load_dataset(args.dataset, args.data_dir)

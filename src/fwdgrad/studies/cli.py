@@ -46,6 +46,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for key in ("repeats", "budget"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ValueError(f"--{key} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     if args.study == "linreg":
         from fwdgrad.studies import linreg as mod

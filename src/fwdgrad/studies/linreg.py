@@ -171,8 +171,6 @@ def run_from_args(args: Any) -> dict[str, Any]:
     dims = args.dims or ([4, 8] if quick else [8, 16, 32, 64])
     ells = args.steps_per_sample or [1, 4]
     repeats = args.repeats or (8 if quick else 40)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     if any(d < 2 for d in dims):
         raise ValueError(f"--dims must be >= 2 (log d > 0), got {dims}")
     horizon, burn_in = (60.0, 6.0) if quick else (300.0, 30.0)

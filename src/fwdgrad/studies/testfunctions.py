@@ -218,8 +218,6 @@ def run_from_args(args: Any) -> dict[str, Any]:
             raise ValueError(f"unknown test function {unknown[0]!r}; choose from {sorted(FUNCTIONS)}")
         functions = [(f, n) for f, n in functions if f in wanted] or [
             (f, FUNCTIONS[f][1] or 2) for f in wanted]
-    if budget < 1:
-        raise ValueError(f"--budget must be >= 1, got {budget}")
     return run(functions, budget=budget, lrs=lrs, seed=args.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
 
 

@@ -1,0 +1,135 @@
+"""fwdgrad.studies and the `fwdgrad study` / `fwdgrad diagnose` commands: the pieces against exact answers, and
+each study end to end in an even smaller version of --quick (a few seconds in all)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_fixtures import make_idx_files
+from fwdgrad import cli
+from fwdgrad.diagnostics.output import new_run_dir
+from fwdgrad.studies import linreg, testfunctions
+
+D = torch.float64
+
+
+def test_linreg_closed_form_is_the_librarys_forward_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    theta, x = torch.randn(5, dtype=D, generator=gen), torch.randn(5, dtype=D, generator=gen)
+    y = torch.tensor(0.3, dtype=D)
+    est, xi = linreg.forward_gradient_step(theta, x, y, torch.Generator().manual_seed(1))
+    closed = linreg.closed_form_step(theta[None], x[None], y[None], xi[None])[0]
+    assert torch.allclose(est, closed, rtol=1e-12, atol=1e-14)
+
+
+def test_fit_slope_recovers_a_power_law() -> None:
+    ks = [10, 20, 50, 100, 200, 500, 1000]
+    assert linreg.fit_slope(ks, [3.0 * k**-1.0 for k in ks], 20) == pytest.approx(-1.0, abs=1e-12)
+    assert math.isnan(linreg.fit_slope(ks, [1.0] * 7, 600))
+    with pytest.raises(ValueError, match="'adam'"):
+        linreg.simulate(4, "adam", steps=5, k0=1.0, repeats=1)
+
+
+def test_test_functions_have_their_minimum_and_both_engines_agree() -> None:
+    f = testfunctions
+    assert float(f.beale(torch.tensor([3.0, 0.5], dtype=D))) == 0.0
+    assert float(f.booth(torch.tensor([1.0, 3.0], dtype=D))) == 0.0
+    assert float(f.rosenbrock(torch.ones(5, dtype=D))) == 0.0
+    assert float(f.matyas(torch.zeros(2, dtype=D))) == 0.0
+    x = torch.randn(4, 6, dtype=D, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(f._gradients(f.ellipsoid, x, "bp", torch.Generator()), 2 * torch.arange(1, 7) * x)
+    for kind in ("fg-gaussian", "fg-rademacher", "fg-sphere"):
+        a = f._gradients(f.rosenbrock, x, kind, torch.Generator().manual_seed(3), "library")
+        b = f._gradients(f.rosenbrock, x, kind, torch.Generator().manual_seed(3), "jvp")
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+        # each row's estimate is parallel to its own tangent and its projection on the gradient is right
+        g = f._gradients(f.rosenbrock, x, "bp", torch.Generator())
+        v = fwdgrad_tangents(kind, x)
+        assert torch.allclose(a, (g * v).sum(1, keepdim=True) * v, rtol=1e-10, atol=1e-10)
+
+
+def fwdgrad_tangents(kind: str, x: torch.Tensor) -> torch.Tensor:
+    import fwdgrad
+
+    return fwdgrad.sample_tangents(kind.removeprefix("fg-"), [x[0]], x.shape[0], torch.Generator().manual_seed(3))[0]
+
+
+def test_performance_profile_of_a_handmade_case() -> None:
+    rows = [{"function": "f", "n": 2, "optimizer": "a", "gradient": "bp", "steps": [10, 40]},
+            {"function": "f", "n": 2, "optimizer": "b", "gradient": "bp", "steps": [20, None]}]
+    prof = testfunctions.performance_profiles(rows, taus=[1, 2, 4])
+    assert prof["solvers"]["a bp"] == [1.0, 1.0, 1.0]  # fastest on problem 0, the only solver of problem 1
+    assert prof["solvers"]["b bp"] == [0.0, 0.5, 0.5]
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
+    a = new_run_dir(tmp_path, "x", "p")
+    b = new_run_dir(tmp_path, "x", "p")
+    assert a.name == "x" and b.name == "x-2"
+
+
+def _study(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["study", *args, "--out", str(tmp_path), "--name", "r", "--no-plots"])
+    return code, capsys.readouterr().out
+
+
+def test_study_linreg_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _study(tmp_path, capsys, "linreg", "--quick", "--dims", "4,6", "--repeats", "2",
+                       "--steps-per-sample", "1")
+    assert code == 0
+    assert "slope d=4: " in out and "slope d=6: " in out and "collapse fg" in out
+    result = json.loads((tmp_path / "r" / "linreg.json").read_text())
+    assert {(r["method"], r["d"]) for r in result["runs"]} == {("fg", 4), ("sgd", 4), ("fg", 6), ("sgd", 6)}
+    assert all(r["mse"][-1] < r["mse"][0] for r in result["runs"])
+    assert (tmp_path / "r" / "linreg.md").exists()
+
+
+def test_study_testfunctions_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _study(tmp_path, capsys, "testfunctions", "--quick", "--functions", "booth", "--budget", "40")
+    assert code == 0 and "success adam bp:" in out
+    result = json.loads((tmp_path / "r" / "testfunctions.json").read_text())
+    assert len(result["rows"]) == len(testfunctions.OPTIMIZERS) * len(testfunctions.GRADIENTS)
+
+
+def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from fwdgrad.data import RESOURCES
+
+    files = make_idx_files(n_train=40, n_test=10)  # random images; their md5s replace the official ones
+    monkeypatch.setitem(RESOURCES, "mnist", files.resources("mnist"))
+    files.write(tmp_path / "data" / "mnist")
+    code, out = _study(tmp_path, capsys, "frankwolfe", "--quick", "--budget", "6", "--data-dir", str(tmp_path / "data"))
+    assert code == 0 and "logreg-l1 true FW: FW gap" in out
+    result = json.loads((tmp_path / "r" / "frankwolfe.json").read_text())
+    assert {r["method"] for r in result["runs"]} == {"true FW", "FG FW", "FG FW + VR"}
+    true = next(r for r in result["runs"] if r["problem"] == "logreg-l1" and r["method"] == "true FW")
+    assert true["gap"][-1] < true["gap"][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["study", "testfunctions", "--functions", "himmelblau"], "'himmelblau'"),
+    (["study", "linreg", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["study", "frankwolfe", "--budget", "0"], "--budget must be >= 1, got 0"),
+    (["study", "linreg", "--dims", "1"], "--dims must be >= 2"),
+    (["diagnose", "--samples", "1"], "--samples must be >= 2, got 1"),
+    (["diagnose", "--methods", "nope"], "'nope'"),
+])
+def test_bad_options_exit_2_naming_the_value(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                              message: str) -> None:
+    assert cli.main([*args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_diagnose_command_writes_its_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["diagnose", "--model", "mlp:width=8", "--methods", "bp;fg-w;l-bp", "--samples", "3",
+                     "--batch-size", "4", "--out", str(tmp_path), "--name", "d", "--no-plots"])
+    assert code == 0
+    rep = json.loads((tmp_path / "d" / "diagnose.json").read_text())
+    assert [m["method"] for m in rep["methods"]] == ["bp", "fg-w"]
+    assert rep["skipped"][0]["method"] == "l-bp"
+    assert "## fg-w per parameter" in (tmp_path / "d" / "diagnose.md").read_text()
