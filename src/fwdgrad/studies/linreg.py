@@ -139,11 +139,15 @@ def run(
 
 
 def _collapse(runs: list[dict[str, Any]], dims: list[int]) -> dict[str, Any]:
-    """At a common normalised time ``k/(d²·log d)``, the spread (max/min) of ``k·MSE/(d²·log d)`` across d for
-    plain FG, and of ``k·MSE/d`` for SGD at a common ``k/d``; interpolated in log-log between logged points."""
+    """Spread (max/min across d) of the normalised error at a common normalised time, for plain FG under the
+    paper's scale ``d²·log d`` and under the exact asymptotic constant ``d(d+2)``, and for SGD under ``d``;
+    interpolated in log-log between logged points, at the geometric middle of the range that is past every
+    run's burn-in (FG) or at the end of the shortest run (SGD)."""
     out: dict[str, Any] = {}
-    for method, scale, name in (("fg", lambda d: d * d * math.log(d), "fg: k*MSE/(d^2 log d) at k = t*d^2 log d"),
-                                ("sgd", lambda d: float(d), "sgd: k*MSE/d at k = t*d")):
+    scales = (("fg", "fg", lambda d: d * d * math.log(d), "fg: k*MSE/(d^2 log d) at k = t*d^2 log d"),
+              ("fg_d(d+2)", "fg", lambda d: d * (d + 2.0), "fg: k*MSE/(d(d+2)) at k = t*d(d+2)"),
+              ("sgd", "sgd", lambda d: float(d), "sgd: k*MSE/d at k = t*d"))
+    for key, method, scale, name in scales:
         rs = [r for r in runs if r["method"] == method and r["ell"] == 1]
         if len(rs) < 2:
             continue
@@ -153,8 +157,13 @@ def _collapse(runs: list[dict[str, Any]], dims: list[int]) -> dict[str, Any]:
             continue
         t = math.sqrt(t_lo * t_hi) if method == "fg" else t_hi
         vals = {r["d"]: _interp(r, t * scale(r["d"])) * t for r in rs}
-        out[method] = {"what": name, "t": t, "values": vals, "spread": max(vals.values()) / min(vals.values())}
+        out[key] = {"what": name, "t": t, "values": vals, "spread": max(vals.values()) / min(vals.values())}
     return out
+
+
+def collapse(result: dict[str, Any]) -> dict[str, Any]:
+    """The collapse measures of a finished study (e.g. read back from ``linreg.json``)."""
+    return _collapse(result["runs"], result["dims"])
 
 
 def _interp(r: dict[str, Any], k: float) -> float:
