@@ -63,7 +63,7 @@ def _true_gap(model: nn.Module, loss_fn: Any, opt: FrankWolfe) -> tuple[float, f
             g = grads[i]
             i += 1
             gap += float((g * (p.detach() - lmo(g, **group["_lmo_kwargs"]))).sum())
-    return float(loss), gap
+    return float(loss.detach()), gap
 
 
 def run_problem(
