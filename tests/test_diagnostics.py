@@ -142,3 +142,11 @@ def test_all_expands_to_every_estimator_and_sampler() -> None:
     labels = [m[0] for m in parse_methods("all")]
     assert set(fwdgrad.available_estimators()) <= set(labels)
     assert {f"fg-w:tangents={t}" for t in SAMPLERS if t != "gaussian"} <= set(labels)
+
+
+def test_a_parameter_the_loss_does_not_use_has_a_zero_true_gradient() -> None:
+    model, x, y = _linear_problem()
+    model.unused = torch.nn.Parameter(torch.zeros(3, dtype=D))
+    rep = diagnose(model, x, y, "fg-w:tangents=rademacher", samples=3, criterion=_Squared())
+    layer = rep["methods"][0]["layers"]["unused"]
+    assert layer["true_grad_norm"] == 0.0 and layer["second_moment"] > 0

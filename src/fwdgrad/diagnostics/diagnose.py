@@ -192,8 +192,10 @@ def diagnose(
         raise ValueError(f"{where}: model {type(model).__name__} has no trainable parameter")
     model.zero_grad(set_to_none=True)
     loss = criterion(model(x), y, reduction="mean")
-    true = torch.autograd.grad(loss, list(params.values()))
-    true64 = {n: t.detach().double() for n, t in zip(params, true)}
+    true = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    # a parameter the loss does not use (a local head outside the global loss) has a true gradient of zero
+    true64 = {n: (torch.zeros_like(p) if t is None else t).detach().double()
+              for (n, p), t in zip(params.items(), true)}
     blocks = {n: (t.numel(), float(t.pow(2).sum())) for n, t in true64.items()}
 
     def loss_fn_for(est: Estimator) -> Callable[[nn.Module], Tensor]:
