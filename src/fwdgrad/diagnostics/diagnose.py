@@ -14,7 +14,8 @@ training). Per parameter tensor and over all parameters together:
   ``bp``, for which it is ``‖a‖²``), and their ratio;
 - ``snr``: ``‖a‖² / E‖ĝ − a‖²`` (signal-to-noise ratio; infinite for an exact method);
 - ``time_ms`` per estimate (mean over the samples) and ``memory_mb``, the peak growth of resident memory
-  during one estimate (Linux; ``None`` elsewhere).
+  during one estimate after a warm-up one, with freed heap first returned to the OS (Linux; ``None``
+  elsewhere).
 
 Statistics are accumulated in float64 as sums, so memory does not grow with ``samples``.
 
@@ -31,6 +32,9 @@ Example:
 from __future__ import annotations
 
 import ast
+import contextlib
+import ctypes
+import gc
 import inspect
 import math
 import time
@@ -255,6 +259,11 @@ def diagnose(
 
 
 def _procmem_probe() -> Callable[[], int | None] | None:
+    """Peak growth of resident memory from now (after returning freed heap to the OS, so that memory an
+    earlier estimate freed but glibc kept does not hide this one's needs)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _procmem.status_kib("VmRSS")
     if before is None or not _procmem.reset_peak_rss():
         return None
