@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g = p.add_argument_group("linreg")
     g.add_argument("--dims", type=_int_list, default=None, metavar="D,D,...",
-                   help="dimensions d (default 8,16,32,64; quick 4,8)")
+                   help="linreg: dimensions d (default 8,16,32,64; quick 4,8); testfunctions: dimensions of "
+                        "the n-d functions (default 2,8,32)")
     g.add_argument("--steps-per-sample", type=_int_list, default=None, metavar="L,L,...",
                    help="ℓ forward-gradient steps per fresh sample (Dexheimer & Schmidt-Hieber 2024) (default 1,4)")
     g.add_argument("--repeats", type=int, default=None, help="independent runs averaged per d (default 20)")

@@ -208,8 +208,9 @@ def run_from_args(args: Any) -> dict[str, Any]:
         functions = [("booth", 2), ("sphere", 4)]
         budget, lrs = args.budget or 200, [1e-2, 1e-1]
     else:
+        dims = args.dims or [2, 8, 32]
         functions = [("beale", 2), ("booth", 2), ("matyas", 2)] + [
-            (f, n) for f in ("sphere", "rosenbrock", "ellipsoid") for n in (2, 8, 32)]
+            (f, n) for f in ("sphere", "rosenbrock", "ellipsoid") for n in dims]
         budget, lrs = args.budget or 5000, [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     if args.functions:
         wanted = [f.strip() for f in args.functions.split(",") if f.strip()]
