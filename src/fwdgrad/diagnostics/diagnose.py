@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fwdgrad
-from fwdgrad import _procmem
+from fwdgrad import Estimator, _procmem, estimator_class
 from fwdgrad.diagnostics.moments import second_moments
-from fwdgrad.estimators.base import Estimator, estimator_class
 from fwdgrad.tangents import SAMPLERS
 
 Tensor = torch.Tensor
