@@ -208,6 +208,10 @@ def diagnose(
     results, skipped = [], []
     for label, name, opts in specs:
         try:
+            if fwdgrad.estimators.recipe(name).needs in ("sequence-model", "diagonal-recurrence"):
+                from fwdgrad.derivatives.through_time import check_sequence_model
+
+                check_sequence_model(f"fwdgrad diagnose: {name!r}", model)  # bp-tbptt is bp elsewhere
             est = _make(name, opts, seed)
             fn = loss_fn_for(est)
             est.estimate(model, fn, params)  # warm-up, and the test that it runs here
