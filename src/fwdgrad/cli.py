@@ -258,7 +258,7 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
     config = _resume_config(args) if resume is not None else _config_from_args(args, defaults)
     launched = "RANK" in os.environ  # by torchrun or by --nproc
     if nproc > 1 or launched:
-        config = _parallel_config(args, config)
+        config = _parallel_config(config, nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
     if nproc > 1 and not launched:
         return _spawn(args, nproc)
     argv = ["fwdgrad", *args.argv]
@@ -279,21 +279,23 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
                 dist.destroy_process_group()
 
 
-def _parallel_config(args: argparse.Namespace, config: RunConfig) -> RunConfig:
-    """The config of a run over several processes: ``parallel`` defaults to ``data``, every method must be
-    shareable by seed, and nothing may make the ranks stop at different steps."""
+def _parallel_config(config: RunConfig, world: int) -> RunConfig:
+    """The config of a run over ``world`` processes: ``parallel`` defaults to ``data``, every method must be
+    shareable by seed, data shards must be equal, and nothing may make the ranks stop at different steps."""
     from fwdgrad.training.experiment import check_methods
 
-    where = f"fwdgrad {args.command}"
     if config.parallel is None:
         config = dataclasses.replace(config, parallel="data")
     if config.time_budget is not None:
         raise UsageError("--time-budget cannot be used with --nproc or torchrun: the processes would stop at "
                          "different steps; use --epochs")
+    if config.parallel == "data" and config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes (data "
+                         "parallelism needs shards of equal size)")
     try:
         check_methods(config)
     except ValueError as exc:
-        raise UsageError(f"{where}: {str(exc).removeprefix('fwdgrad: ')}") from None
+        raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
     return config
 
 
