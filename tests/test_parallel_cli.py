@@ -117,7 +117,7 @@ def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
     assert {p.name for p in (tmp_path / "two").iterdir()} <= rundir.RUN_FILES | {"results.md", "results.json"}
 
 
-@pytest.mark.parametrize("method", ["bp", "fg-a", "fg-w:directions=momentum"])
+@pytest.mark.parametrize("method", ["bp", "fg-a", "fg-w:directions=momentum", "l-fg-w"])
 def test_a_method_that_cannot_be_shared_is_refused_in_one_line(
     tmp_path: Path, user_module: Path, method: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,6 +4,7 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
 
     fwdgrad train    --dataset mnist --data-dir ../shared/data --model mlp --method fg-w:num_directions=4
     fwdgrad compare  --dataset mnist1d --model mlp --methods "bp,fg-w" --epochs 20 --seeds 3
+    fwdgrad train    --method fg-w --nproc 2 --parallel data      (seed sharing, docs/distributed.md)
     fwdgrad datasets [--data-dir DIR]
     fwdgrad methods | fwdgrad models
     fwdgrad bench    [--quick] [--models mlp8,mlp32,cnn] [--ks 1,4,16]
@@ -312,7 +313,12 @@ def _spawn(args: argparse.Namespace, nproc: int) -> int:
             skip = True
         elif not token.startswith("--nproc="):
             child.append(token)
-    codes = spawn_local(nproc, [sys.executable, "-m", "fwdgrad", *child], timeout_s=math.inf)
+    try:
+        codes = spawn_local(nproc, [sys.executable, "-m", "fwdgrad", *child], timeout_s=math.inf)
+    except KeyboardInterrupt:  # Ctrl-C reaches the ranks too: each stops, rank 0 writes the partial report
+        _log(f"fwdgrad {args.command}: interrupted; the ranks stop on their own (`--resume RUN_DIR --nproc "
+             f"{nproc}` continues)")
+        return 130
     bad = [r for r, c in enumerate(codes) if c != 0]
     if not bad:
         return 0

@@ -52,7 +52,13 @@ def check_shareable(spec: MethodSpec, mode: str) -> None:
     in a world of one on a tiny linear model and takes one step (the constructor's check, and the first
     step's check that the directions can be regenerated). Nothing is exchanged."""
     from fwdgrad.distributed import LocalComm
+    from fwdgrad.estimators import recipe
 
+    needs = getattr(recipe(spec.name), "needs", None)
+    if needs is not None:  # local losses, sequence models: their steps are not one global loss's scalars
+        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc (seed sharing): it "
+                         f"needs a {needs} model; seed sharing covers estimators of one global loss whose "
+                         "directions can be regenerated from a seed (e.g. fg-w)")
     gen = torch.Generator().manual_seed(0)
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 0, 1])
