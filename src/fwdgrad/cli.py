@@ -4,6 +4,7 @@ Subcommands live in one table, :data:`COMMANDS` (name → :class:`Command`); a n
 
     fwdgrad train    --dataset mnist --data-dir ../shared/data --model mlp --method fg-w:num_directions=4
     fwdgrad compare  --dataset mnist1d --model mlp --methods "bp,fg-w" --epochs 20 --seeds 3
+    fwdgrad train    --method fg-w --nproc 2 --parallel data      (seed sharing, docs/distributed.md)
     fwdgrad datasets [--data-dir DIR]
     fwdgrad methods | fwdgrad models
     fwdgrad bench    [--quick] [--models mlp8,mlp32,cnn] [--ks 1,4,16]
@@ -32,6 +33,7 @@ from fwdgrad.training.config import (
     CONFIG_FIELDS,
     ON_NONFINITE,
     OPTIMIZERS,
+    PARALLEL_MODES,
     SCHEDULES,
     RunConfig,
     config_from_mapping,
@@ -151,6 +153,15 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
                    help=f"torch device: cpu, cuda, cuda:N, ..., or auto (cuda when available, else cpu); "
                         f"checked before training starts (default: {d.device})")
     g.add_argument("--threads", type=int, default=S, help="torch.set_num_threads (default: torch's choice)")
+    g = p.add_argument_group("parallelism (seed sharing, see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, default=S, metavar="N",
+                   help="run in N processes on this machine (gloo on 127.0.0.1) that exchange K scalars per step, "
+                        "never a gradient; under torchrun (RANK set) the processes are torchrun's "
+                        "(default: 1, one process)")
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
+                   help="data: every process takes an equal shard of each batch along the same directions; "
+                        "tangent: every process draws its own directions on the whole batch (default: data with "
+                        "--nproc or torchrun, else off; given alone: the same seed-shared steps in one process)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=S, help=f"parent folder of run folders (default: {d.out_dir})")
     g.add_argument("--name", default=S,
@@ -213,7 +224,7 @@ def _log(text: str) -> None:
 
 
 # Options that may accompany --resume (they change nothing the run computes).
-_RESUME_COMPATIBLE = {"command", "argv", "resume", "quiet"}
+_RESUME_COMPATIBLE = {"command", "argv", "resume", "quiet", "nproc"}
 
 
 def _resume_config(args: argparse.Namespace) -> RunConfig:
@@ -243,17 +254,93 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> int:
+    resume = getattr(args, "resume", None)
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {nproc}")
+    config = _resume_config(args) if resume is not None else _config_from_args(args, defaults)
+    launched = "RANK" in os.environ  # by torchrun or by --nproc
+    if nproc > 1 or launched:
+        config = _parallel_config(config, nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+    if nproc > 1 and not launched:
+        return _spawn(args, nproc)
+    argv = ["fwdgrad", *args.argv]
+    comm = None
+    if launched:
+        from fwdgrad.distributed import init_from_env
+
+        comm = init_from_env()
+        if comm.rank != 0:
+            config = dataclasses.replace(config, quiet=True)
+    try:
+        return _execute(args, config, argv, resume, comm)
+    finally:
+        if comm is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _parallel_config(config: RunConfig, world: int) -> RunConfig:
+    """The config of a run over ``world`` processes: ``parallel`` defaults to ``data``, every method must be
+    shareable by seed, data shards must be equal, and nothing may make the ranks stop at different steps."""
+    from fwdgrad.training.experiment import check_methods
+
+    if config.parallel is None:
+        config = dataclasses.replace(config, parallel="data")
+    if config.time_budget is not None:
+        raise UsageError("--time-budget cannot be used with --nproc or torchrun: the processes would stop at "
+                         "different steps; use --epochs")
+    if config.parallel == "data" and config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes (data "
+                         "parallelism needs shards of equal size)")
+    try:
+        check_methods(config)
+    except ValueError as exc:
+        raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
+    return config
+
+
+def _spawn(args: argparse.Namespace, nproc: int) -> int:
+    """Run the same command without ``--nproc`` in ``nproc`` local processes; 0 when every rank returned 0."""
+    from fwdgrad.distributed import spawn_local
+
+    child: list[str] = []
+    skip = False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            child.append(token)
+    try:
+        codes = spawn_local(nproc, [sys.executable, "-m", "fwdgrad", *child], timeout_s=math.inf)
+    except KeyboardInterrupt:  # Ctrl-C reaches the ranks too: each stops, rank 0 writes the partial report
+        _log(f"fwdgrad {args.command}: interrupted; the ranks stop on their own (`--resume RUN_DIR --nproc "
+             f"{nproc}` continues)")
+        return 130
+    bad = [r for r, c in enumerate(codes) if c != 0]
+    if not bad:
+        return 0
+    _log(f"fwdgrad {args.command}: rank(s) {bad} of {nproc} failed (exit status by rank: {codes})")
+    return next((c for c in codes if c > 0), 1)
+
+
+def _execute(args: argparse.Namespace, config: RunConfig, argv: list[str], resume: str | None, comm: object) -> int:
+    from fwdgrad.distributed import DistributedError
     from fwdgrad.errors import ForwardADNotSupportedError
     from fwdgrad.training import report
     from fwdgrad.training.rundir import RunFolderError
     from fwdgrad.training.session import Interrupted, execute
 
-    resume = getattr(args, "resume", None)
-    config = _resume_config(args) if resume is not None else _config_from_args(args, defaults)
-    argv = ["fwdgrad", *args.argv]
     try:
         outcome = execute(config, args.command, argv, log=_log, overwrite=bool(getattr(args, "overwrite", False)),
-                          resume_dir=resume)
+                          resume_dir=resume, comm=comm)
+    except DistributedError as exc:
+        _log(f"fwdgrad {args.command}: error: {exc}")
+        return 1
     except Interrupted as exc:
         _log(f"fwdgrad {args.command}: {exc}")
         return exc.exit_code
@@ -268,6 +355,8 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
             return 1
         raise UsageError(str(exc)) from None
     exp, out = outcome.exp, outcome.folder
+    if comm is not None and getattr(comm, "rank", 0) != 0:  # rank 0 reports
+        return 1 if args.command == "train" and any(r.failed for r in exp.runs) else 0
     print(report.markdown_table(report.summarize(exp)), end="")
     for s in exp.skipped_methods:
         print(f"skipped {s['method']}: {s['reason']}")

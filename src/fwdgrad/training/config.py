@@ -47,6 +47,7 @@ RESERVED_METHOD_KEYS = ("lr", "label")
 OPTIMIZERS = ("sgd", "adam")
 ON_NONFINITE = ("stop", "skip")
 SCHEDULES = ("constant", "cosine", "warmup-cosine", "step")
+PARALLEL_MODES = ("data", "tangent")  # fwdgrad.distributed.MODES
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?::|$)")
 
 
@@ -306,6 +307,8 @@ class RunConfig:
     eval_batch_size: int = 1000
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    # seed-sharing parallelism (fwdgrad.distributed): "data" or "tangent"; None: the ordinary estimator
+    parallel: str | None = None
     # output
     out_dir: str = "runs"
     name: str | None = None  # run folder name; default <command>-<dataset>-<model>-<UTC time>
@@ -373,6 +376,8 @@ class RunConfig:
         f = self.max_skip_fraction
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f <= 1:
             raise ValueError(f"{where}: max_skip_fraction must be in [0, 1], got {f!r}")
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"{where}: parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if not self.methods:
             raise ValueError(f"{where}: methods is empty")
         labels = [m.display for m in self.methods]

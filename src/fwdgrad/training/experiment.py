@@ -29,15 +29,18 @@ from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import DatasetLike, Splits, initial_model, split_dataset
 from fwdgrad.training.loop import STOPPED_NONFINITE, Log, RunResult, make_estimator, train_run
 from fwdgrad.training.lr import default_lr
+from fwdgrad.training.parallel import check_shareable
 
 
-def sweep_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | None = None) -> tuple[float, list[dict]]:
+def sweep_lr(
+    config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | None = None, comm: Any = None
+) -> tuple[float, list[dict]]:
     """Train ``sweep_epochs`` epochs (first seed) with each lr of ``config.lr_sweep``; return the lr with the
     best validation accuracy (a failed trial ranks last) and every trial."""
     assert config.lr_sweep is not None
     trials = []
     for lr in config.lr_sweep:
-        r = train_run(config, spec, lr, splits, config.seed, epochs=config.sweep_epochs)
+        r = train_run(config, spec, lr, splits, config.seed, epochs=config.sweep_epochs, comm=comm)
         val_acc = r.final.get("val_acc", math.nan)
         ok = not r.failed and not math.isnan(val_acc)
         trials.append({"lr": lr, "val_acc": val_acc, "val_loss": r.final.get("val_loss", math.nan), "status": r.status})
@@ -49,7 +52,9 @@ def sweep_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | Non
     return best["lr"], trials
 
 
-def choose_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | None = None) -> dict[str, Any]:
+def choose_lr(
+    config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | None = None, comm: Any = None
+) -> dict[str, Any]:
     """The lr of ``spec`` and its source: the spec's ``lr``, ``config.lr``, the sweep, or the default (scaled
     to the model's number of parameters, see :func:`fwdgrad.training.lr.default_lr`)."""
     if spec.lr is not None:
@@ -57,7 +62,7 @@ def choose_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | No
     if config.lr is not None:
         return {"lr": float(config.lr), "lr_source": "--lr"}
     if config.lr_sweep:
-        lr, trials = sweep_lr(config, spec, splits, log)
+        lr, trials = sweep_lr(config, spec, splits, log, comm)
         return {"lr": lr, "lr_source": f"sweep on the validation split ({config.sweep_epochs} epochs)", "sweep": trials}
     n = num_parameters(initial_model(config, splits, config.seed))
     lr, source = default_lr(spec.name, config.optimizer, num_parameters=n)
@@ -66,7 +71,8 @@ def choose_lr(config: RunConfig, spec: MethodSpec, splits: Splits, log: Log | No
 
 def check_methods(config: RunConfig) -> None:
     """Fail fast, before any data is read: every method name is registered (or ``all``), its options are
-    accepted by the estimator, and the model name (or factory) and options exist."""
+    accepted by the estimator (and can be shared by seed when ``config.parallel`` is set), and the model
+    name (or factory) and options exist."""
     from fwdgrad.training.factories import check_model
 
     check_model(config.model, config.model_options)
@@ -76,6 +82,8 @@ def check_methods(config: RunConfig) -> None:
         if spec.name not in available_estimators():
             raise ValueError(f"fwdgrad: unknown method {spec.name!r}; available: {available_estimators()}")
         make_estimator(spec, config.seed)
+        if config.parallel is not None:
+            check_shareable(spec, config.parallel)
 
 
 def check_method_suits(config: RunConfig, spec: MethodSpec, splits: Splits) -> None:
@@ -90,6 +98,8 @@ def check_method_suits(config: RunConfig, spec: MethodSpec, splits: Splits) -> N
     x, y = splits.x_train[:2].to(config.device), splits.y_train[:2].to(config.device)
     reduction = "none" if est.per_example_loss else "mean"
     est(model, lambda m: F.cross_entropy(m(x), y, reduction=reduction))
+    if config.parallel is not None:
+        check_shareable(spec, config.parallel)
 
 
 def resolve_methods(
@@ -204,6 +214,7 @@ def run_experiment(
     on_epoch_end: EpochHook | None = None,
     on_model_trained: Callable[[RunResult, nn.Module], None] | None = None,
     resume: dict[str, Any] | None = None,
+    comm: Any = None,
 ) -> Experiment:
     """Run every method for every seed on one dataset and model.
 
@@ -211,7 +222,8 @@ def run_experiment(
     the checkpoint there, so an interrupted run keeps its finished runs); ``on_epoch_end(exp, run, state,
     model)`` after every epoch of every run (``state``: the run's checkpoint state); ``on_model_trained(run,
     model)`` after each run with its trained model. ``resume``: a checkpoint written from
-    :meth:`Experiment.checkpoint` with the same config.
+    :meth:`Experiment.checkpoint` with the same config. ``comm``: the world's collectives when
+    ``config.parallel`` is set (:mod:`fwdgrad.training.parallel`); default a world of one.
     """
     config.validate()
     if config.threads is not None:
@@ -239,7 +251,7 @@ def run_experiment(
     methods, exp.skipped_methods = resolve_methods(config, splits, log)
     progress = not config.quiet and sys.stderr.isatty()
     for spec in methods:
-        choice = chosen.get(spec.display) or choose_lr(config, spec, splits, log)
+        choice = chosen.get(spec.display) or choose_lr(config, spec, splits, log, comm)
         exp.methods.append(choice if spec.display in chosen else
                            {"method": spec.display, "estimator": spec.name, "options": dict(spec.options), **choice})
         for seed in range(config.seed, config.seed + config.seeds):
@@ -256,7 +268,7 @@ def run_experiment(
             run = train_run(config, spec, exp.methods[-1]["lr"], splits, seed, lr_source=exp.methods[-1]["lr_source"],
                             progress=progress, log=log, heartbeat_s=None if config.quiet else 10.0,
                             on_epoch_end=epoch_hook, resume=state, model=model,
-                            on_start=lambda r: setattr(exp, "current", r))
+                            on_start=lambda r: setattr(exp, "current", r), comm=comm)
             exp.current = None
             exp.runs.append(run)
             if model is not None and on_model_trained is not None:

@@ -121,6 +121,11 @@ class RunResult:
     order_digest: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # seed-sharing parallelism (config.parallel): the world size, the mode, and the bytes this rank
+    # exchanged per step as counted by the wrapped collectives (since the start or the resume of the run)
+    world: int = 1
+    mode: str | None = None
+    bytes_per_step: float | None = None
 
     @property
     def final(self) -> dict[str, Any]:
@@ -190,6 +195,7 @@ def train_run(
     on_epoch_end: Callable[[RunResult, dict[str, Any], nn.Module], None] | None = None,
     resume: dict[str, Any] | None = None,
     on_start: Callable[[RunResult], None] | None = None,
+    comm: Any = None,
 ) -> RunResult:
     """Train one method from the seed's initial weights for ``epochs`` (default ``config.epochs``),
     evaluating on the validation and test sets after every epoch.
@@ -199,18 +205,36 @@ def train_run(
     often (for long runs written to a file). ``on_epoch_end(result, state, model)``: called after every
     epoch with the checkpoint state of the run (tensors, plain containers). ``resume``: such a state;
     the run continues after its last complete epoch. ``on_start(result)``: sees the live result first (an
-    interrupted run's partial report shows it).
+    interrupted run's partial report shows it). ``comm``: the collectives of the world when
+    ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one).
     """
     epochs = config.epochs if epochs is None else epochs
     device, bs = config.device, config.batch_size
     torch.manual_seed(derived_seed(seed, "global"))  # for anything that draws from torch's global RNG
     model = initial_model(config, splits, seed) if model is None else model
-    est = make_estimator(spec, seed)
-    opt = make_optimizer(config, model, lr)
-    reduction = "none" if est.per_example_loss else "mean"
+    shared = None
     x_train, y_train = splits.x_train, splits.y_train
     n = len(y_train)
     steps_per_epoch = math.ceil(n / bs)
+    if config.parallel is not None:
+        from fwdgrad.distributed import LocalComm, shard
+        from fwdgrad.training.parallel import make_shared
+
+        comm = LocalComm() if comm is None else comm
+        if config.parallel == "data":
+            if bs % comm.world:
+                raise ValueError(f"fwdgrad: --batch-size {bs} is not a multiple of the world size {comm.world} "
+                                 "(data parallelism needs shards of equal size)")
+            steps_per_epoch = n // bs  # the last partial batch is dropped: its shards would be unequal
+            if steps_per_epoch == 0:
+                raise ValueError(f"fwdgrad: --batch-size {bs} exceeds the {n} training examples; data "
+                                 "parallelism drops partial batches, so no step would be taken")
+        shared = make_shared(spec, seed, model, config.parallel, comm)
+        est = shared.estimator
+    else:
+        est = make_estimator(spec, seed)
+    opt = make_optimizer(config, model, lr)
+    reduction = "none" if est.per_example_loss else "mean"
     sched = make_scheduler(opt, config.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch,
                            warmup_epochs=config.warmup_epochs, step_epochs=config.step_epochs,
                            step_gamma=config.step_gamma)
@@ -228,11 +252,19 @@ def train_run(
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         set_estimator_state(est, resume["estimator"])
+        if shared is not None:
+            if "shared" not in resume or resume.get("world", 1) != comm.world:
+                raise ValueError(f"fwdgrad: --resume: the checkpoint was written by a run over "
+                                 f"{resume.get('world', 1)} process(es) and this one has {comm.world}; resume "
+                                 f"with --nproc {resume.get('world', 1)}")
+            shared.load_state_dict(resume["shared"])
         set_rng_state(resume["rng"])
         result = RunResult.from_state(resume["result"])
         first_epoch = int(resume["epoch"]) + 1
         order_hash = order_digest(n, seed, first_epoch - 1)
     result.steps_per_epoch = steps_per_epoch
+    if shared is not None:
+        result.world, result.mode = comm.world, config.parallel
     result.status, result.message = COMPLETED, ""
     if resume is not None and resume["estimator"].get("unsaved"):
         note = (f"resumed after epoch {first_epoch - 1}; the estimator's state {resume['estimator']['unsaved']} "
@@ -262,13 +294,15 @@ def train_run(
                 probe = peak_memory_probe() if result.steps == min(1, planned_steps - 1) else None
                 t0 = time.perf_counter()
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
+                if shared is not None and config.parallel == "data":
+                    x, y = shard(x, comm.rank, comm.world), shard(y, comm.rank, comm.world)
 
                 def loss_fn(m: nn.Module, x: Tensor = x, y: Tensor = y) -> Tensor:
                     return F.cross_entropy(m(x), y, reduction=reduction)
 
                 opt.zero_grad()
                 try:
-                    loss = est(model, loss_fn)
+                    loss = est(model, loss_fn) if shared is None else shared.accumulate(loss_fn)
                 except NonFiniteError as exc:
                     result.train_time_s += time.perf_counter() - t0
                     if config.on_nonfinite == "skip":
@@ -335,6 +369,8 @@ def train_run(
                 "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                 "skipped_steps": skipped, "lr": opt.param_groups[0]["lr"],
             })
+            if shared is not None:
+                result.bytes_per_step = shared.bytes_per_step
             if stop or epoch == epochs:
                 result.order_digest = order_hash.hexdigest()[:16]
             if on_epoch_end is not None:
@@ -343,6 +379,8 @@ def train_run(
                     "scheduler": sched.state_dict(), "estimator": estimator_state(est), "rng": rng_state(),
                     "result": result.state(),
                 }
+                if shared is not None:
+                    state["shared"], state["world"] = shared.state_dict(), comm.world
                 on_epoch_end(result, state, model)
             if bar is not None:
                 bar.set_postfix(epoch=f"{epoch}/{epochs}", acc=f"{last_acc:.3f}")

@@ -132,6 +132,9 @@ def results_dict(exp: Experiment, name: str, argv: list[str] | None = None) -> d
         "skipped_methods": exp.skipped_methods, "fairness": fairness(exp), "summary": summarize(exp),
         "notes": {"memory": MEMORY_NOTE, "time": TIME_NOTE},
         "complete": exp.current is None and bool(exp.finished_at),
+        # seed-sharing parallelism: processes and mode (None: the ordinary estimator); each run records its
+        # measured bytes_per_step
+        "world": max((r.world for r in exp.all_runs), default=1), "mode": exp.config.parallel,
         "runs": [r.to_dict() for r in exp.all_runs],
     })
 

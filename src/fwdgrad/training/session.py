@@ -88,10 +88,22 @@ def execute(
     overwrite: bool = False,
     resume_dir: str | Path | None = None,
     dataset: Any = None,
+    comm: Any = None,
 ) -> Outcome:
     """Run the experiment of ``config`` in its run folder (a new one, or ``resume_dir`` to continue it)
-    and write the full report. Raises :class:`Interrupted` after writing the partial report."""
+    and write the full report. Raises :class:`Interrupted` after writing the partial report.
+
+    ``comm``: the world's collectives (``config.parallel``); a rank other than 0 trains in step with the
+    others (reading ``resume_dir``'s checkpoint) but claims no folder and writes nothing."""
     state = load_resume(resume_dir) if resume_dir is not None else None
+    if comm is not None and comm.rank != 0:
+        with sigterm_as_interrupt():
+            try:
+                exp = run_experiment(config, command, dataset=dataset, resume=state, comm=comm)
+            except KeyboardInterrupt:
+                raise Interrupted(f"rank {comm.rank} interrupted", 130) from None
+        folder_path = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
+        return Outcome(exp, folder_path, "")
     if config.tensorboard:
         from fwdgrad.training.tensorboard import check_available
 
@@ -145,6 +157,7 @@ def execute(
                 exp = run_experiment(
                     config, command, dataset=dataset, log=log, on_run_done=on_run_done, on_epoch_end=on_epoch_end,
                     on_model_trained=on_model_trained if config.save_model else None, resume=state,
+                    comm=comm,
                 )
             except KeyboardInterrupt:
                 how = "SIGTERM" if seen["signal"] == signal.SIGTERM else "SIGINT"
