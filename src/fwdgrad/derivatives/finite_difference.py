@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.tangents import draw_tensor, tensor_seeds
+from fwdgrad.directions import draw_tensor, tensor_seeds
 
 Tensor = torch.Tensor
 

@@ -48,7 +48,7 @@ from torch import nn
 import fwdgrad
 from fwdgrad import Estimator, _procmem, estimator_class
 from fwdgrad.diagnostics.moments import second_moments
-from fwdgrad.tangents import SAMPLERS
+from fwdgrad.directions import SAMPLERS
 
 Tensor = torch.Tensor
 Criterion = Callable[..., Tensor]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fwdgrad.tangents import check_sampler_name
+from fwdgrad.directions import check_sampler_name
 
 
 def second_moments(
