@@ -76,9 +76,10 @@ class ZerothOrder(Estimator):
         >>> model = torch.nn.Linear(4, 2)
         >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
         >>> est = fwdgrad.estimator("zo", num_directions=2, seed=0)
-        >>> loss = est(model, lambda m: F.cross_entropy(m(x), y))
-        >>> model.weight.grad.shape
-        torch.Size([2, 4])
+        >>> before = model.weight.detach().clone()
+        >>> loss = est.sgd_step(model, lambda m: F.cross_entropy(m(x), y), lr=0.1)   # MeZO's fused step
+        >>> model.weight.grad is None, bool((model.weight != before).any())
+        (True, True)
     """
 
     def __init__(
