@@ -1,33 +1,16 @@
 """Output helpers shared by :mod:`fwdgrad.diagnostics` and :mod:`fwdgrad.studies`: a fresh run folder that
-never reuses another run's, atomic file writes, and matplotlib (the optional ``plots`` extra) on demand."""
+never reuses another run's, JSON and PNG files written atomically (through :func:`fwdgrad._io.write_atomic`,
+the package's one atomic writer), and matplotlib (the optional ``plots`` extra) on demand."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+from fwdgrad._io import write_atomic
 
 
 def write_json(path: str | Path, payload: Any) -> Path:

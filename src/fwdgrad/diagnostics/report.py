@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_atomic, write_json
+from fwdgrad._io import write_atomic
+from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_json
 
 HEADER = ["method", "cosine", "rel. bias", "bias noise", "tr Var", "E‖ĝ‖²", "± s.e.", "theory", "ratio", "SNR",
           "ms/estimate", "MB/estimate"]

@@ -20,16 +20,17 @@ File layout: ``b"FWDGRPL1"``, a little-endian uint32 header length, the header, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fwdgrad._io import write_atomic
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_source
 from fwdgrad.estimators import ImplicitGradient
 
@@ -65,10 +66,7 @@ class ReplayLog:
             header = {"format": 1, "config": config, "init_digest": opt.weights_digest(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "scalars": self.scalars}
             raw = json.dumps(header).encode()
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(raw)) + raw)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, MAGIC + struct.pack("<I", len(raw)) + raw)
         else:
             header, start = read_header(self.path)
             if header["config"] != json.loads(json.dumps(config)):
@@ -159,9 +157,7 @@ def replay_file(log: str | os.PathLike[str], init: str | os.PathLike[str], out: 
     if not isinstance(state, Mapping):
         raise ValueError(f"fwdgrad replay: {init} does not hold a state dict")
     final = replay(log, state)
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
-    os.close(fd)
-    torch.save(final, tmp)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    torch.save(final, buf)
+    write_atomic(out, buf.getvalue())
     return sum(1 for _ in records(log))

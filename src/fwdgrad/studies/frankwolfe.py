@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fwdgrad
-from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_atomic, write_json
+from fwdgrad._io import write_atomic
+from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_json
 from fwdgrad.optim import FrankWolfe
 from fwdgrad.optim.lmo import LMOS
 

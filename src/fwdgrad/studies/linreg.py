@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 import fwdgrad
-from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_atomic, write_json
+from fwdgrad._io import write_atomic
+from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_json
 
 Tensor = torch.Tensor
 

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 import fwdgrad
-from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_atomic, write_json
+from fwdgrad._io import write_atomic
+from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_json
 
 Tensor = torch.Tensor
 
