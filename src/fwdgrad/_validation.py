@@ -34,6 +34,26 @@ def check_real_scalar(where: str, value: Any, what: str = "loss_fn") -> torch.Te
     return value
 
 
+def check_seed_or_generator(where: str, seed: Any, generator: Any) -> None:
+    """Raise unless at most one of ``seed`` (an ``int``) and ``generator`` (a ``torch.Generator``) is given.
+
+    For estimators that build their generator lazily on the parameters' device (so unlike
+    :func:`make_generator` nothing is created here).
+
+    >>> check_seed_or_generator("f", 3, None)
+    >>> check_seed_or_generator("f", 3, torch.Generator())
+    Traceback (most recent call last):
+    ...
+    ValueError: f: give seed or generator, not both (seed=3)
+    """
+    if seed is not None and generator is not None:
+        raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{where}: seed must be an int, got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
+
+
 def make_generator(where: str, seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
     """A generator from ``seed`` or ``generator`` (at most one); ``None`` means torch's global RNG."""
     if seed is not None and generator is not None:

@@ -59,6 +59,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from fwdgrad._validation import check_seed_or_generator
 from fwdgrad.estimators.base import Estimator, LossFn
 from fwdgrad.estimators.registry import register_estimator
 
@@ -219,15 +220,6 @@ def _check_positive(where: str, name: str, v: Any) -> None:
         raise ValueError(f"{where}: {name} must be a finite float > 0, got {v!r}")
 
 
-def _check_seed(where: str, seed: Any, generator: Any) -> None:
-    if seed is not None and generator is not None:
-        raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"{where}: seed must be an int, got {seed!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
-
-
 def draw(kind: str, shape: tuple[int, ...], gen: torch.Generator | None, like: Tensor) -> Tensor:
     """``torch.randn``/``torch.rand`` of ``shape`` on ``like``'s device and dtype, from ``gen`` wherever it lives
     (a generator on another device draws there and the sample is moved)."""
@@ -261,7 +253,7 @@ class FeedbackAlignment(Estimator):
     ) -> None:
         where = f"fwdgrad.estimator({self.name or self.mode!r})"
         _check_positive(where, "feedback_scale", feedback_scale)
-        _check_seed(where, seed, generator)
+        check_seed_or_generator(where, seed, generator)
         self.feedback_scale = float(feedback_scale)
         self._seed = seed
         self._generator = generator

@@ -65,6 +65,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
+from fwdgrad._validation import check_seed_or_generator
 from fwdgrad.errors import explain_forward_ad_errors
 from fwdgrad.estimators.base import Estimator, LossFn, call_with_parameters
 from fwdgrad.estimators.registry import register_estimator
@@ -152,12 +153,7 @@ class GuessForwardGradient(Estimator):
             raise ValueError(f"{where}: space must be one of {list(SPACES)}, got {space!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"{where}: eps must be a finite float >= 0, got {eps!r}")
-        if seed is not None and generator is not None:
-            raise ValueError(f"{where}: give seed or generator, not both (seed={seed!r})")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{where}: seed must be an int, got {seed!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{where}: generator must be a torch.Generator, got {type(generator).__name__}")
+        check_seed_or_generator(where, seed, generator)
         self.guess = guess
         self.space = space
         self.eps = float(eps)
