@@ -427,6 +427,17 @@ class _Traces:
     e_bias: Tensor
     e_neuron: dict[str, Tensor]
 
+    @classmethod
+    def zeros(cls, seq: Tensor, hidden: int, neuron: dict[str, Tensor]) -> _Traces:
+        """All traces zero for a ``[B, T, F]`` input sequence and ``hidden`` neurons."""
+        batch, feats = seq.shape[0], seq.shape[2]
+        return cls(
+            seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+            {n: seq.new_zeros(batch, hidden) for n in neuron},
+            seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
+            {n: seq.new_zeros(batch, hidden) for n in neuron},
+        )  # fmt: skip
+
 
 def _cell_pieces(where: str, cell: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor], float, float]:
     lin = cell.input_layer
@@ -465,13 +476,7 @@ def _step_diagonals(
 
 def _traces_sequential(cell: Any, seq: Tensor, v: Tensor, o: Tensor) -> tuple[Tensor, Tensor, _Traces]:
     weight, bias, neuron, beta, c = _cell_pieces("forward_exact_gradient", cell)
-    batch, hidden, feats = seq.shape[0], weight.shape[0], seq.shape[2]
-    tr = _Traces(
-        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
-        {n: seq.new_zeros(batch, hidden) for n in neuron},
-        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
-        {n: seq.new_zeros(batch, hidden) for n in neuron},
-    )  # fmt: skip
+    tr = _Traces.zeros(seq, weight.shape[0], neuron)
     for t in range(seq.shape[1]):
         x_t = seq[:, t]
         pre = torch.nn.functional.linear(x_t, weight, bias)
@@ -493,13 +498,7 @@ def _traces_sequential(cell: Any, seq: Tensor, v: Tensor, o: Tensor) -> tuple[Te
 
 def _traces_chunked(cell: Any, seq: Tensor, v: Tensor, o: Tensor, chunk: int) -> tuple[Tensor, Tensor, _Traces]:
     weight, bias, neuron, beta, c = _cell_pieces("forward_exact_gradient", cell)
-    batch, hidden, feats = seq.shape[0], weight.shape[0], seq.shape[2]
-    tr = _Traces(
-        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
-        {n: seq.new_zeros(batch, hidden) for n in neuron},
-        seq.new_zeros(batch, hidden, feats), seq.new_zeros(batch, hidden),
-        {n: seq.new_zeros(batch, hidden) for n in neuron},
-    )  # fmt: skip
+    tr = _Traces.zeros(seq, weight.shape[0], neuron)
     for start in range(0, seq.shape[1], chunk):
         xs = seq[:, start : start + chunk].transpose(0, 1)  # [C, B, F]
         length = xs.shape[0]
