@@ -162,7 +162,6 @@ class SpikingClassifier(nn.Module):
         num_classes: int,
         hidden: int = 128,
         *,
-        neuron: str = "lif",
         steps: int = 25,
         encoding: str = "current",
         surrogate: str = "fast-sigmoid",
@@ -170,6 +169,7 @@ class SpikingClassifier(nn.Module):
         decay: float = 0.9,
         threshold: float = 1.0,
         learn_decay: bool = False,
+        neuron: str = "lif",
         recurrent: bool = False,
         seed: int = 0,
     ) -> None:
@@ -219,24 +219,5 @@ class SpikingClassifier(nn.Module):
         return run_sequence(self, x)
 
 
-@register_model("lif")
-def lif(
-    input_shape: Sequence[int],
-    num_classes: int,
-    hidden: int = 128,
-    steps: int = 25,
-    encoding: str = "current",
-    surrogate: str = "fast-sigmoid",
-    slope: float | None = None,
-    decay: float = 0.9,
-    threshold: float = 1.0,
-    learn_decay: bool = False,
-    neuron: str = "lif",
-    recurrent: bool = False,
-    seed: int = 0,
-) -> nn.Module:
-    """A layer of LIF neurons with surrogate spikes and a linear readout of their rates (module docstring)."""
-    return SpikingClassifier(
-        input_shape, num_classes, hidden, neuron=neuron, steps=steps, encoding=encoding, surrogate=surrogate,
-        slope=slope, decay=decay, threshold=threshold, learn_decay=learn_decay, recurrent=recurrent, seed=seed,
-    )  # fmt: skip
+# the registered builder is the class itself: its options (in this order) are those ``fwdgrad models`` lists
+lif = register_model("lif")(SpikingClassifier)
