@@ -27,6 +27,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import NamedTuple
 
 from fwdgrad.training.config import (
@@ -44,14 +45,17 @@ from fwdgrad.training.config import (
     resolve_device,
 )
 
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Runner = Callable[[argparse.Namespace], int]
+
 
 class Command(NamedTuple):
     """One subcommand: its one-line help, a function adding its arguments, and the function running it
     (returns the exit status)."""
 
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    add_arguments: AddArguments
+    run: Runner
 
 
 class UsageError(Exception):
@@ -514,40 +518,36 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_diagnose(p: argparse.ArgumentParser) -> None:
-    from fwdgrad.diagnostics.cli import add_arguments
+def _delegated(command: str, load: Callable[[], ModuleType]) -> tuple[AddArguments, Runner]:
+    """``(add_arguments, run)`` of a subcommand whose parser and runner live in the module ``load()`` returns
+    (imported only when the command is used): a missing input file exits with status 1, a bad value is a
+    usage error (status 2)."""
 
-    add_arguments(p)
+    def add(p: argparse.ArgumentParser) -> None:
+        load().add_arguments(p)
 
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return load().run_from_args(args)
+        except FileNotFoundError as exc:
+            print(f"fwdgrad {command}: error: {exc}", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
 
-def _run_diagnose(args: argparse.Namespace) -> int:
-    from fwdgrad.diagnostics.cli import run_from_args
-
-    try:
-        return run_from_args(args)
-    except FileNotFoundError as exc:
-        print(f"fwdgrad diagnose: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _add_study(p: argparse.ArgumentParser) -> None:
-    from fwdgrad.studies.cli import add_arguments
-
-    add_arguments(p)
+    return add, run
 
 
-def _run_study(args: argparse.Namespace) -> int:
-    from fwdgrad.studies.cli import run_from_args
+def _diagnostics_cli() -> ModuleType:
+    from fwdgrad.diagnostics import cli
 
-    try:
-        return run_from_args(args)
-    except FileNotFoundError as exc:
-        print(f"fwdgrad study: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    return cli
+
+
+def _studies_cli() -> ModuleType:
+    from fwdgrad.studies import cli
+
+    return cli
 
 
 COMMANDS: dict[str, Command] = {
@@ -564,9 +564,9 @@ COMMANDS: dict[str, Command] = {
     "replay": Command("rebuild trained weights bit for bit from a seed-sharing replay log and the initial weights",
                       _add_replay, _run_replay),
     "diagnose": Command("cosine, bias, variance, E|g|^2 vs theory, SNR, time and memory of each estimator on one "
-                        "batch", _add_diagnose, _run_diagnose),
+                        "batch", *_delegated("diagnose", _diagnostics_cli)),
     "study": Command("the theory papers as runnable studies: linreg, testfunctions, frankwolfe",
-                     _add_study, _run_study),
+                     *_delegated("study", _studies_cli)),
 }
 
 def build_parser() -> argparse.ArgumentParser:
