@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 FILE_MODE = 0o644
 
@@ -25,13 +27,33 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = FI
     ...     (p.read_text(), oct(p.stat().st_mode & 0o777))
     ('hello', '0o644')
     """
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_file(path, mode) as fh:
+        fh.write(raw)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: int = FILE_MODE, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file handle whose bytes replace ``path`` atomically when the ``with`` block ends normally.
+
+    The streaming form of :func:`write_atomic` (same temporary file, ``fsync``, ``mode`` and ``os.replace``),
+    for writers that cannot hold the whole file in memory (downloads). An exception raised inside the block
+    removes the temporary file and leaves ``path`` unchanged.
+
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with atomic_file(pathlib.Path(d) / "y.bin") as fh:
+    ...         _ = fh.write(b"ab")
+    ...     sorted(p.name for p in pathlib.Path(d).iterdir())
+    ['y.bin']
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
+            yield fh
             fh.flush()
             os.fchmod(fh.fileno(), mode) if hasattr(os, "fchmod") else None
             os.fsync(fh.fileno())
@@ -42,4 +64,3 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = FI
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path

@@ -3,8 +3,9 @@
 ``download_file`` streams a URL into a temporary file in the destination folder, checks the byte count
 announced by the server and the md5 (computed while the bytes stream in), flushes it to disk and only
 then renames it onto the destination (``os.replace``, atomic on POSIX and Windows), readable by all
-(0644). On any failure the temporary file is removed, so the destination either holds a verified file or
-nothing at all. A download larger than ``max_bytes`` (1 GiB by default; CIFAR-10's tarball, the largest
+(0644), through :func:`fwdgrad._io.atomic_file`, the streaming form of the package's one atomic writer.
+On any failure the temporary file is removed, so the destination either holds a verified file or nothing
+at all. A download larger than ``max_bytes`` (1 GiB by default; CIFAR-10's tarball, the largest
 official file, is 170,498,071 bytes) is refused as soon as the server announces it or sends that much.
 
 ``safe_extract_tar`` checks every member of an archive before writing anything: only regular files and
@@ -37,6 +38,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
+from fwdgrad._io import atomic_file
 from fwdgrad.data.resources import CorruptFileError, DatasetResources, FileResource
 
 _CHUNK = 1 << 16
@@ -81,26 +83,14 @@ def download_file(
     destination = Path(destination)
     if not timeout > 0:
         raise ValueError(f"download_file: timeout must be > 0, got {timeout!r}")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part", delete=False
-    )
-    temp_path = Path(handle.name)
-    try:
-        with handle:
-            digest, size = _stream_into(url, handle, timeout, progress, max_bytes)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_path, 0o644)  # NamedTemporaryFile creates 0600
+    with atomic_file(destination, suffix=".part") as handle:  # an exception below leaves nothing behind
+        digest, size = _stream_into(url, handle, timeout, progress, max_bytes)
         if md5 is not None and digest != md5:
             raise CorruptFileError(
                 f"download_file: {url} has md5 {digest} ({size} bytes) but the official file has md5 {md5}; "
                 f"{destination} was not written. The server sent a truncated or different file: try again "
                 "later or another mirror, or copy the official file there by hand."
             )
-        os.replace(temp_path, destination)
-    finally:
-        temp_path.unlink(missing_ok=True)
     return destination
 
 
