@@ -6,7 +6,7 @@ the tangents of a :class:`fwdgrad.directions.TangentSource`. It picks, in order:
 1. the batched per-module pass (:mod:`~fwdgrad.derivatives.batched`, ``vmap`` over K, rank-1 tangents),
 2. the windowed per-module pass (:mod:`~fwdgrad.derivatives.window`, one direction at a time),
 3. the reference path (:mod:`~fwdgrad.derivatives.reference`: ``torch.func`` JVPs through
-   ``functional_call`` with materialised tangents),
+   ``functional_call``, the tangents of ``chunk_size`` directions materialised at a time),
 
 falling back, buffers restored, whenever a faster path cannot vouch for the model (a parameter used
 outside its module, a module updating buffers under ``vmap``). Whatever the path, buffers move as in one
@@ -113,7 +113,7 @@ def module_directions(
             if got is not None:
                 return got
         return reference_directions(
-            model, once_per_step(model, loss_fn), params, source.materialise(), chunk_size=chunk_size, where=where
+            model, once_per_step(model, loss_fn), params, source, chunk_size=chunk_size, where=where
         )
 
 

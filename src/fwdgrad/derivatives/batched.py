@@ -139,13 +139,13 @@ class BatchedPass(ModulePass):
         """The vmapped inputs: rank-1 factors / dense blocks of fast tensors, dense blocks of generic ones."""
         flat: list[Tensor] = []
         for i in self.fast_index:
-            block = self.source._block(i)
+            block = self.source._kept(i)
             if isinstance(block, tuple):
                 flat += [block[0][start:stop], block[1][start:stop]]
             else:
-                flat.append(block[start:stop])
+                flat.append(self.source.chunk(i, start, stop))
         for i in self.generic_index:
-            flat.append(torch.stack([self.source.dense(i, k) for k in range(start, stop)]))
+            flat.append(self.source.chunk(i, start, stop))
         return flat
 
     def _split(self, flat: Sequence[Tensor]) -> list[Tensor]:

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fwdgrad._validation import check_real_scalar
 from fwdgrad.derivatives.watch import LossFn
+from fwdgrad.directions import TangentSource
 
 Tensor = torch.Tensor
 
@@ -104,6 +105,15 @@ def directional_derivatives(
     mutates captured tensors (BatchNorm's running statistics) cannot run under ``vmap``; it is detected
     and its directions then run one at a time (its buffers are then updated once per direction).
     """
+    value, dirs, aux, _ = _directions(f, primals, tangents, chunk_size, has_aux, where)
+    return value, dirs, aux
+
+
+def _directions(
+    f: Callable[[list[Tensor]], Any], primals: Sequence[Tensor], tangents: Sequence[Tensor],
+    chunk_size: int | None, has_aux: bool, where: str,
+) -> tuple[Tensor, Tensor, Any, bool]:
+    """:func:`directional_derivatives`, and whether it had to finish one direction at a time."""
     k = tangents[0].shape[0]
     step = k if chunk_size is None else min(chunk_size, k)
     value, aux, dirs = None, None, []
@@ -115,14 +125,14 @@ def directional_derivatives(
             except RuntimeError as exc:
                 if not any(h in str(exc) for h in _MUTATION_HINTS):
                     raise
-                return _finish_one_by_one(where, f, primals, tangents, start, has_aux, value, aux, dirs)
+                return (*_finish_one_by_one(where, f, primals, tangents, start, has_aux, value, aux, dirs), True)
         else:
             v, d, a = _jvp_one(where, f, primals, [t[0] for t in chunk], has_aux)
             d = d.reshape(1)
         if value is None:
             value, aux = v, a
         dirs.append(d)
-    return value, torch.cat(dirs), aux
+    return value, torch.cat(dirs), aux, False
 
 
 def _finish_one_by_one(
@@ -155,16 +165,33 @@ class _LossOf(nn.Module):
 
 
 def reference_directions(
-    model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], tangents: list[Tensor], *,
+    model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], tangents: list[Tensor] | TangentSource, *,
     chunk_size: int | None, where: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(loss, dirs [K])`` by ``torch.func`` JVPs through ``functional_call`` with the materialised
-    ``tangents`` (:func:`directional_derivatives`, ``chunk_size`` directions at a time)."""
+    """``(loss, dirs [K])`` by ``torch.func`` JVPs through ``functional_call`` (:func:`directional_derivatives`,
+    ``chunk_size`` directions at a time). ``tangents``: materialised ``[K, *p.shape]`` blocks, or a
+    :class:`~fwdgrad.directions.TangentSource` whose directions are drawn one chunk at a time
+    (:meth:`~fwdgrad.directions.TangentSource.chunk`), so that a lean source holds ``chunk_size``
+    model-sized tangents at most, not K."""
     names = list(params)
     primals = [p.detach() for p in params.values()]
 
     def f(xs: list[Tensor]) -> Tensor:
         return check_real_scalar(where, call_with_parameters(model, loss_fn, dict(zip(names, xs))))
 
-    value, dirs, _ = directional_derivatives(f, primals, tangents, chunk_size=chunk_size, where=where)
-    return value, dirs
+    if not isinstance(tangents, TangentSource):
+        value, dirs, _ = directional_derivatives(f, primals, tangents, chunk_size=chunk_size, where=where)
+        return value, dirs
+    source, k_total = tangents, tangents.num_directions
+    step = k_total if chunk_size is None else min(chunk_size, k_total)
+    loss, dirs_list, one_by_one = None, [], False
+    for start in range(0, k_total, step):
+        stop = min(start + step, k_total)
+        chunk = [source.chunk(i, start, stop) for i in range(len(primals))]
+        # after a chunk had to run one direction at a time (buffers mutated under vmap), the rest do too
+        value, dirs, _, fell_back = _directions(f, primals, chunk, 1 if one_by_one else None, False, where)
+        del chunk
+        one_by_one = one_by_one or fell_back
+        loss = value if loss is None else loss
+        dirs_list.append(dirs)
+    return loss, torch.cat(dirs_list)

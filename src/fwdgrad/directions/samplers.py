@@ -22,8 +22,9 @@ the total number of entries and joint samplers (``sphere``, ``orthogonal``) norm
 
 Every sampler takes a ``torch.Generator``; the same generator state gives the same tangents.
 ``gaussian`` and ``rademacher`` draw one 62-bit seed per tensor from it (:func:`tensor_seeds`) and each
-tensor's block from a generator seeded with its seed (:func:`draw_tensor`). A tensor's tangent is then a
-function of (generator state, tensor index) that can be drawn again, alone, whenever it is needed (the
+direction of a tensor from a generator seeded with a seed derived from it (:func:`direction_seed`,
+:func:`draw_direction`; direction 0 uses the tensor's seed itself). A tensor's tangent is then a
+function of (generator state, tensor index, direction) that can be drawn again, alone, whenever it is needed (the
 fused update of :mod:`fwdgrad.derivatives` relies on it), and large draws run on several threads. A
 tensor's block is drawn on that tensor's device, with a generator that is re-seeded, not created, per
 tensor (:func:`scratch_generator`): no host round trip per tensor. On the CPU the numbers are those of a
@@ -94,23 +95,52 @@ def tensor_seeds(count: int, generator: torch.Generator | None) -> list[int]:
     return torch.randint(0, 2**62, (count,), generator=generator, device=device).tolist()
 
 
+#: Odd step between the seeds of a tensor's successive directions (the golden ratio in 64 bits): direction ``k``
+#: of a tensor with seed ``s`` is drawn from ``(s + k·DIRECTION_STEP) mod 2^62``. The CPU generator keys on the
+#: low 32 bits of a seed, and an odd step gives ``2^32`` distinct low words in a row.
+DIRECTION_STEP = 0x9E3779B97F4A7C15
+
+
+def direction_seed(seed: int, k: int) -> int:
+    """The seed of direction ``k`` of a tensor whose seed is ``seed`` (``direction_seed(s, 0) == s``)."""
+    return (seed + k * DIRECTION_STEP) % 2**62
+
+
+def draw_direction(
+    name: str, like: Tensor, seed: int, k: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Direction ``k`` (shape ``like.shape``) of per-tensor sampler ``name`` for the tensor seed ``seed``: drawn
+    alone from :func:`direction_seed`, on ``device`` (default: ``like``'s), returned on ``like``'s device. So
+    a direction can be drawn again, alone, with memory of one tensor, whatever K is."""
+    gen = scratch_generator(like.device if device is None else device, direction_seed(seed, k))
+    if name == "rademacher":
+        return _rademacher(tuple(like.shape), like, gen)
+    return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
+
+
 def draw_tensor(
     name: str, like: Tensor, num_directions: int, seed: int, device: torch.device | str | None = None
 ) -> Tensor:
     """The ``[K, *like.shape]`` block of per-tensor sampler ``name`` (``gaussian`` or ``rademacher``) for
-    ``seed``, drawn on ``device`` (default: ``like``'s device, where it is used) and returned on ``like``'s
-    device."""
-    gen = scratch_generator(like.device if device is None else device, seed)
-    shape = (num_directions, *like.shape)
-    if name == "rademacher":
-        return _rademacher(shape, like, gen)
-    return torch.randn(shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
+    ``seed``: direction ``k`` is :func:`draw_direction` ``(name, like, seed, k)``, drawn on ``device``
+    (default: ``like``'s device, where it is used) and returned on ``like``'s device."""
+    if num_directions == 1:
+        return draw_direction(name, like, seed, 0, device).unsqueeze(0)
+    out = torch.empty((num_directions, *like.shape), dtype=like.dtype, device=like.device)
+    for k in range(num_directions):
+        out[k] = draw_direction(name, like, seed, k, device)
+    return out
 
 
 def _per_tensor(
     name: str, like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None
 ) -> list[Tensor]:
-    seeds = tensor_seeds(len(like), generator)
+    return per_tensor_blocks(name, like, num_directions, tensor_seeds(len(like), generator))
+
+
+def per_tensor_blocks(name: str, like: Sequence[Tensor], num_directions: int, seeds: Sequence[int]) -> list[Tensor]:
+    """The ``[K, *p.shape]`` blocks of per-tensor sampler ``name`` for the tensor seeds ``seeds``
+    (:func:`draw_tensor` per tensor; large CPU draws on several threads, same numbers)."""
     jobs = [(p, seed, p.device) for p, seed in zip(like, seeds)]
     workers = min(torch.get_num_threads(), len(jobs))
     total = num_directions * sum(p.numel() for p in like)
@@ -267,10 +297,14 @@ __all__ = [
     "PARALLEL_DRAW_MIN",
     "SAMPLERS",
     "Sampler",
+    "DIRECTION_STEP",
     "check_sampler_name",
+    "direction_seed",
+    "draw_direction",
     "draw_tensor",
     "gaussian",
     "orthogonal",
+    "per_tensor_blocks",
     "rademacher",
     "rank1",
     "rank1_factors",

@@ -29,7 +29,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from fwdgrad.directions.samplers import SAMPLERS, draw_tensor, rank1_factors, tensor_seeds
+from fwdgrad.directions.samplers import (
+    SAMPLERS,
+    draw_direction,
+    draw_tensor,
+    per_tensor_blocks,
+    rank1_factors,
+    tensor_seeds,
+)
 
 Tensor = torch.Tensor
 
@@ -106,8 +113,11 @@ class TangentSource:
         self._seeds: list[int] | None = None
         if name == "rank1":
             self._blocks = list(rank1_factors(self.primals, num_directions, generator))
-        elif lean:
+        elif name in PER_TENSOR_SAMPLERS:
+            # the seeds are all the generator gives; blocks drawn from them equal SAMPLERS[name]'s
             self._seeds = tensor_seeds(len(self.primals), generator)
+            if not lean:
+                self._blocks = per_tensor_blocks(name, self.primals, num_directions, self._seeds)
         else:
             self._blocks = SAMPLERS[name](self.primals, num_directions, generator)
 
@@ -163,15 +173,28 @@ class TangentSource:
         """Whether matrix-shaped tensors come as rank-1 factors ``(u, v)``."""
         return self.name == "rank1"
 
+    def _kept(self, index: int) -> Any:
+        """Tensor ``index``'s kept block (rank-1 factors, a ``[K, *shape]`` tensor), or ``None`` if drawn."""
+        return self._blocks[index] if self._blocks is not None else None
+
     def _block(self, index: int) -> Any:
-        if self._blocks is not None:
-            return self._blocks[index]
+        block = self._kept(index)
+        if block is not None:
+            return block
         return draw_tensor(self.name, self.primals[index], self.num_directions, self._seeds[index])
+
+    def release(self, index: int) -> None:
+        """Drop tensor ``index``'s kept dense block (its consumer is done with it); a later use draws it
+        again from its seed. Rank-1 factors and joint samplers' blocks are kept."""
+        if self._blocks is not None and self._seeds is not None:
+            self._blocks[index] = None
 
     def direction(self, index: int, k: int) -> Direction:
         """Tensor ``index``'s tangent in direction ``k``: ``(u [out], v [in])`` for a rank-1 matrix, else a
-        tensor of the parameter's shape (regenerated in ``lean`` mode)."""
-        block = self._block(index)
+        tensor of the parameter's shape (a lean source draws that one direction alone, from its seed)."""
+        block = self._kept(index)
+        if block is None:
+            return draw_direction(self.name, self.primals[index], self._seeds[index], k)
         if isinstance(block, tuple):
             return block[0][k], block[1][k]
         return block[k]
@@ -183,10 +206,23 @@ class TangentSource:
             return torch.outer(*d).view(self.primals[index].shape)
         return d
 
+    def chunk(self, index: int, start: int, stop: int) -> Tensor:
+        """Directions ``start..stop-1`` of tensor ``index`` as one dense ``[stop - start, *shape]`` tensor
+        (a lean source draws just those: memory bounded by the chunk, not by K)."""
+        block = self._kept(index)
+        if isinstance(block, Tensor):
+            return block[start:stop]
+        if block is not None:  # rank-1 factors
+            u, v = block[0][start:stop], block[1][start:stop]
+            return (u.unsqueeze(2) * v.unsqueeze(1)).reshape(stop - start, *self.primals[index].shape)
+        if stop - start == 1:
+            return self.dense(index, start).unsqueeze(0)
+        return torch.stack([self.dense(index, k) for k in range(start, stop)])
+
     def mean(self, index: int, dirs: Tensor) -> Tensor:
         """``(1/K) Σ_k dirs[k] · v_{index,k}``, the mean forward gradient of one tensor. With K = 1 and a
-        stored dense tangent, the tangent's own storage is scaled in place and returned (it is spent)."""
-        block = self._blocks[index] if self._blocks is not None else None
+        kept dense tangent, the tangent's own storage is scaled in place and returned (it is spent)."""
+        block = self._kept(index)
         if self.num_directions == 1 and isinstance(block, Tensor):
             return block[0].mul_(dirs[0].to(block.dtype))
         return self.weighted_sum(index, dirs, alpha=1.0 / self.num_directions)
@@ -198,9 +234,11 @@ class TangentSource:
     def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """``out + alpha · Σ_k weights[k] · v_{index,k}`` (``out`` updated in place; ``None``: from zero).
 
-        Rank-1 matrices cost one ``[out, K] @ [K, in]`` product (``addmm_``), no ``u vᵀ`` per direction."""
+        Rank-1 matrices cost one ``[out, K] @ [K, in]`` product (``addmm_``), no ``u vᵀ`` per direction; a
+        lean source draws one direction at a time (``addcmul_``), so the only temporary is one tensor's
+        tangent. No weight is read on the host (no device synchronisation)."""
         p = self.primals[index]
-        block = self._block(index)
+        block = self._kept(index)
         if isinstance(block, tuple):
             u, v = block
             w = weights.to(u.dtype)
@@ -210,8 +248,15 @@ class TangentSource:
                 out.view(u.shape[1], v.shape[1]).addmm_((u * w.unsqueeze(1)).T, v, alpha=alpha)
                 return out
             return out.add_(((u * w.unsqueeze(1)).T @ v).view(p.shape), alpha=alpha)
-        if block.shape[0] == 1:  # one direction: no K-sized contraction, no extra temporary
-            scale = alpha * float(weights[0])
-            return block[0].mul(scale) if out is None else out.add_(block[0], alpha=scale)
-        term = torch.tensordot(weights.to(block.dtype), block, dims=1)
-        return term.mul_(alpha) if out is None else out.add_(term, alpha=alpha)
+        w = weights.to(p.dtype)
+        if block is not None and block.shape[0] > 1:
+            term = torch.tensordot(w, block, dims=1)
+            return term.mul_(alpha) if out is None else out.add_(term, alpha=alpha)
+        for k in range(self.num_directions):  # one direction at a time, kept (K = 1) or drawn again
+            d = block[k] if block is not None else draw_direction(self.name, p, self._seeds[index], k)
+            if out is None:
+                out = d * w[k] if alpha == 1.0 else d * (w[k] * alpha)
+            else:
+                out.addcmul_(d, w[k], value=alpha)
+        assert out is not None
+        return out

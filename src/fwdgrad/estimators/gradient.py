@@ -139,6 +139,25 @@ class ImplicitGradient(Gradient):
         # the tangents are finite by construction: a non-finite derivative spoils every tensor
         return [] if bool(torch.isfinite(self.dirs).all()) else list(range(len(self.source.primals)))
 
+    def accumulate(self, where: str, params: Sequence[Tensor], names: Sequence[str] | None = None) -> None:
+        r"""``p.grad += ĝ`` tensor by tensor, straight into ``.grad``, after the finiteness check (which needs
+        only ``dirs``, so nothing is written when it fails).
+
+        A ``.grad`` that exists gets ``(1/K) Σ_k d_k v_{ik}`` added in place (``addcmul_`` per direction,
+        ``addmm_`` for rank-1 factors); a ``.grad`` that is ``None`` becomes the estimate, formed in the spent
+        tangent's own storage when the source kept it (K = 1). Each tensor's kept tangent is released as soon
+        as it is added, so no model-sized temporary outlives its tensor."""
+        self.check_finite(where, names)
+        src, k_total = self.source, self.dirs.shape[0]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    g = src.mean(i, self.dirs)
+                    p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+                else:
+                    src.weighted_sum(i, self.dirs, out=p.grad, alpha=1.0 / k_total)
+                src.release(i)
+
     def materialise(self) -> list[Tensor]:
         """Every tensor's estimate."""
         return [self.tensor(i) for i in range(len(self.source.primals))]
