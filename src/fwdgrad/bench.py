@@ -1,30 +1,31 @@
 r"""``fwdgrad bench``: step time and extra step memory of forward gradients against backprop.
 
-Every configuration (model × method × tangents × K × update) runs in a **fresh Python process**, so no
-allocator cache, thread pool or page left over by one configuration flatters or penalises the next.
+**Timing** (default: round-robin in one process). All configurations of one model (method × tangents × K
+× update) run in one fresh worker process on one shared model: after a warm-up step each, every round
+runs one step of every configuration, the first one rotating from round to round. Load from other
+processes on a shared machine then falls on every method alike, so the ratios to backprop hold even where
+absolute times move by ±40 % between runs (what fresh-process timings showed on a shared 2-core VM).
+``--fresh`` times each configuration alone in its own process instead. Each step is timed with
+``time.perf_counter`` (and the process CPU time) on the CPU, and with a pair of CUDA events on a GPU.
 
-What one worker measures, in this order:
+**Memory** (always in a fresh process per configuration):
 
 0. run two steps of the same configuration on a tiny model of the same kind (``tiny-mlp`` or
    ``tiny-cnn``) and drop it: PyTorch loads much on first use (forward-AD rules, ``torch.func``, the
    decompositions behind them), and that one-time cost is not the memory of a step;
-1. build the model and one batch of data (fixed seeds), run ``gc.collect()``;
+1. build the model and one batch of data (fixed seeds); run the warm-up step, which allocates ``.grad``
+   (kept between steps: ``zero_grad(set_to_none=False)``), then ``gc.collect()``;
 2. read ``VmRSS`` from ``/proc/self/status`` → ``rss_before``; reset the peak by writing ``5`` to
    ``/proc/self/clear_refs`` (Linux ≥ 4.0 sets ``VmHWM`` to the current RSS);
-3. run ``warmup`` steps, then ``steps`` timed steps (``time.perf_counter`` around each whole step:
-   estimator or backward pass **and** the SGD update);
-4. read ``VmHWM`` → ``peak``; the **extra step memory** is ``peak − rss_before``, the most memory the
-   steps (warm-up included, so first-step allocations count) ever held beyond the model, the data and
-   the imported libraries. Where ``clear_refs`` cannot be written, ``ru_maxrss`` replaces ``VmHWM``; the
-   peak then includes the set-up, which the report marks. On CUDA the figure is
+3. run one step;
+4. read ``VmHWM`` → ``peak``; the **extra step memory** is ``peak − rss_before``: what a step adds beyond
+   the model, its ``.grad``, the data and the imported libraries. Where ``clear_refs`` cannot be written,
+   ``ru_maxrss`` replaces ``VmHWM``; the peak then includes the set-up, which the report marks. The
+   process runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so every block of 64 KiB or more is returned to the
+   system when freed and RSS follows the memory the step really holds. On CUDA the figure is
    ``torch.cuda.max_memory_allocated() − memory_allocated()`` after ``reset_peak_memory_stats()``.
 
-Each configuration runs twice, in two fresh processes. The **timing** process uses the default allocator;
-its peak (column "extra MB, default malloc") includes what glibc keeps after a free (a freed block
-below glibc's dynamic mmap threshold stays in RSS). The **memory** process (one warm-up and one step)
-runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so every block of 64 KiB or more is returned to the system
-when freed and RSS follows the memory the step really holds (column "extra MB", the one the ratios use).
-Every method gets the same setting in each process.
+The report names the device (the GPU's name, or the CPU model).
 
 The step time is the median of the timed steps. The report gives each as a ratio to backprop on the same
 model in the same run: ``time / time(bp)`` and ``extra memory / extra memory(bp)``.
@@ -72,7 +73,8 @@ from fwdgrad._io import write_atomic
 from fwdgrad._procmem import reset_peak_rss, status_kib
 
 #: Model name → (builder, batch size). The MLPs are ``depth × Linear(width, width) + ReLU`` and a head of 10.
-MODEL_BATCH = {"mlp8": 512, "mlp32": 2048, "cnn": 128, "tiny-mlp": 32, "tiny-cnn": 8}
+MODEL_BATCH = {"mlp8": 512, "mlp32": 2048, "mlp8x4096": 4096, "mlp4x128": 64, "cnn": 128, "tiny-mlp": 32,
+               "tiny-cnn": 8}
 METHODS = ("forward", "bp", "jvp-naive", "fg-w")
 #: The environment of the memory worker: glibc returns every freed block of 64 KiB or more at once.
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -113,6 +115,7 @@ class Result:
     memory_method: str = ""
     threads: int = 0
     device: str = "cpu"
+    timing: str = ""
     error: str = ""
 
 
@@ -147,6 +150,10 @@ def build(model: str, device: str = "cpu") -> tuple[nn.Module, torch.Tensor, tor
         net, shape = _mlp(8, 1024), (1024,)
     elif model == "mlp32":
         net, shape = _mlp(32, 1024), (1024,)
+    elif model == "mlp8x4096":
+        net, shape = _mlp(8, 4096), (4096,)
+    elif model == "mlp4x128":
+        net, shape = _mlp(4, 128), (128,)
     elif model == "cnn":
         net, shape = _cnn(64, 1024), (1, 28, 28)
     elif model == "tiny-mlp":
@@ -172,7 +179,10 @@ def _naive_jvp_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tenso
     tangents = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for n, p in params.items()}
     _, d = torch.func.jvp(lambda ps: loss_fn_call(model, loss_fn, ps), (params,), (tangents,))
     for (_, p), t in zip(model.named_parameters(), tangents.values()):
-        p.grad = t.mul_(d)
+        if p.grad is None:
+            p.grad = t.mul_(d)
+        else:  # .grad kept between steps, as the other methods have it
+            p.grad.copy_(t).mul_(d)
     opt.step()
 
 
@@ -206,7 +216,7 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     if cfg.method == "bp":
 
         def step() -> None:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
             loss_fn(model).backward()
             opt.step()
 
@@ -215,7 +225,6 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
         gen = torch.Generator().manual_seed(0)
 
         def step() -> None:
-            opt.zero_grad(set_to_none=True)
             _naive_jvp_step(model, loss_fn, opt, gen)
 
         return step
@@ -226,7 +235,7 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
         return lambda: est.sgd_step(model, loss_fn, lr=LR)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         est(model, loss_fn)
         opt.step()
 
@@ -237,52 +246,147 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 # The worker (one configuration, in its own process)
 
 
-def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result:
-    """Run ``cfg`` here (call it in a fresh process): median step time and extra peak memory."""
+class _Timer:
+    """Wall time of one call in ms: ``time.perf_counter`` on the CPU; on CUDA a pair of CUDA events around
+    the call, read after ``end.synchronize()`` (the GPU's own clock: no host-side launch jitter counted)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn: Callable[[], None]) -> tuple[float, float]:
+        """``(wall ms, process CPU ms)`` of ``fn()``."""
+        start_cpu = time.process_time()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end), (time.process_time() - start_cpu) * 1e3
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3, (time.process_time() - start_cpu) * 1e3
+
+
+def device_name(device: str) -> str:
+    """The device in words: the GPU's name for ``cuda``, else the CPU model (from ``/proc/cpuinfo``)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} (cpu, {os.cpu_count()} visible)"
+    return f"{platform.processor() or platform.machine()} (cpu, {os.cpu_count()} visible)"
+
+
+def _prime(cfg: Config, device: str) -> None:
+    """Two steps of ``cfg`` on a tiny model of the same kind, dropped: PyTorch loads much on first use
+    (forward-AD rules, ``torch.func``, decompositions), a one-time cost that is not a step's."""
     tiny = "tiny-cnn" if "cnn" in cfg.model else "tiny-mlp"
     tiny_model, tiny_x, tiny_y = build(tiny, device)
     tiny_step = make_step(Config(tiny, cfg.method, cfg.tangents, cfg.k, cfg.fused, cfg.chunk_size),
                           tiny_model, tiny_x, tiny_y)
     for _ in range(2):
         tiny_step()
-    del tiny_step, tiny_model, tiny_x, tiny_y
+
+
+def measure(cfg: Config, steps: int, warmup: int, device: str = "cpu") -> Result:
+    """Run ``cfg`` here (call it in a fresh process): median step time and extra peak memory.
+
+    The peak is reset after the warm-up steps, so ``.grad`` (kept between steps) and other first-step
+    allocations are not charged to a step: a step is charged only for what it adds."""
+    _prime(cfg, device)
     model, x, y = build(cfg.model, device)
     step = make_step(cfg, model, x, y)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    timer = _Timer(device)
+    for _ in range(warmup):
+        timer(step)
     gc.collect()
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before, how = torch.cuda.memory_allocated(), "cuda max_memory_allocated - memory_allocated"
     else:
         before_kb = status_kib("VmRSS")
         how = "VmHWM - VmRSS (clear_refs=5)" if before_kb is not None and reset_peak_rss() else "ru_maxrss - VmRSS"
     times, cpu = [], []
-    for i in range(warmup + steps):
-        sync()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-            cpu.append((time.process_time() - start_cpu) * 1e3)
+    for _ in range(steps):
+        wall, proc = timer(step)
+        times.append(wall)
+        cpu.append(proc)
     if device.startswith("cuda"):
         extra = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         peak_kb = status_kib("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         extra = (peak_kb - (before_kb or 0)) / 1024
     return Result(cfg, median_ms=statistics.median(times), times_ms=times, cpu_ms=statistics.median(cpu),
-                  extra_mb=extra, memory_method=how,
-                  threads=torch.get_num_threads(), device=device)
+                  extra_mb=extra, memory_method=how, threads=torch.get_num_threads(), device=device_name(device))
+
+
+def measure_round_robin(configs: Sequence[Config], steps: int, warmup: int, device: str = "cpu") -> list[Result]:
+    """Time every configuration of one model in this process, round-robin: each round runs one step of
+    every configuration (the starting one rotating), so a load that comes and goes on a shared machine
+    falls on every method alike and the ratios to backprop hold. The methods share one model (the same
+    initial weights; ``.grad`` kept between steps). Memory is not measured here (see :func:`measure`)."""
+    if len({c.model for c in configs}) != 1:
+        raise ValueError("fwdgrad.bench.measure_round_robin: configurations of one model only")
+    model, x, y = build(configs[0].model, device)
+    timer = _Timer(device)
+    results = {c: Result(c, threads=torch.get_num_threads(), device=device_name(device)) for c in configs}
+    steps_of: dict[Config, Callable[[], None]] = {}
+    for c in configs:
+        try:
+            _prime(c, device)
+            steps_of[c] = make_step(c, model, x, y)
+            for _ in range(warmup):
+                timer(steps_of[c])
+        except Exception as exc:  # reported in its row, the others go on
+            steps_of.pop(c, None)
+            results[c].error = f"{type(exc).__name__}: {str(exc)[:200]}"
+    live = list(steps_of)
+    cpu: dict[Config, list[float]] = {c: [] for c in live}
+    for r in range(steps):
+        for c in live[r % len(live):] + live[: r % len(live)] if live else []:
+            wall, proc = timer(steps_of[c])
+            results[c].times_ms.append(wall)
+            cpu[c].append(proc)
+    for c in live:
+        results[c].median_ms = statistics.median(results[c].times_ms)
+        results[c].cpu_ms = statistics.median(cpu[c])
+    return [results[c] for c in configs]
 
 
 def _worker(argv: Sequence[str]) -> None:
     spec = json.loads(argv[0])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    device = spec.get("device", "cpu")
+    if "configs" in spec:  # round-robin timing of one model's configurations
+        res = measure_round_robin([Config(**c) for c in spec["configs"]], int(spec["steps"]), int(spec["warmup"]),
+                                  device)
+        print("FWDGRAD-BENCH-RESULTS " + json.dumps([asdict(r) for r in res]), flush=True)
+        return
     cfg = Config(**spec["config"])
-    res = measure(cfg, int(spec["steps"]), int(spec["warmup"]), spec.get("device", "cpu"))
-    out = asdict(res)
-    print("FWDGRAD-BENCH-RESULT " + json.dumps(out), flush=True)
+    res1 = measure(cfg, int(spec["steps"]), int(spec["warmup"]), device)
+    print("FWDGRAD-BENCH-RESULT " + json.dumps(asdict(res1)), flush=True)
+
+
+def _result_of(data: dict) -> Result:
+    data["config"] = Config(**data["config"])
+    return Result(**data)
+
+
+def _spawn(spec: dict, timeout: float, env: dict[str, str] | None) -> tuple[list[str], str]:
+    """Run a worker; ``(stdout lines, error)`` (``error`` empty when it exited normally)."""
+    cmd = [sys.executable, "-m", "fwdgrad.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return [], f"timed out after {timeout:.0f} s"
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return proc.stdout.splitlines(), "" if proc.returncode == 0 else f"worker failed (rc={proc.returncode}): {tail[0][:200]}"
 
 
 def run_in_subprocess(
@@ -292,34 +396,44 @@ def run_in_subprocess(
     """Measure ``cfg`` in a fresh ``python -m fwdgrad.bench --worker`` process (``env`` added to its
     environment)."""
     spec = {"config": asdict(cfg), "steps": steps, "warmup": warmup, "threads": threads, "device": device}
-    cmd = [sys.executable, "-m", "fwdgrad.bench", "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
-                              env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        return Result(cfg, error=f"timed out after {timeout:.0f} s")
-    for line in proc.stdout.splitlines():
+    lines, error = _spawn(spec, timeout, env)
+    for line in lines:
         if line.startswith("FWDGRAD-BENCH-RESULT "):
-            data = json.loads(line.split(" ", 1)[1])
-            data["config"] = Config(**data["config"])
-            return Result(**data)
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return Result(cfg, error=f"worker failed (rc={proc.returncode}): {tail[0][:200]}")
+            return _result_of(json.loads(line.split(" ", 1)[1]))
+    return Result(cfg, error=error or "worker failed: no result")
+
+
+def round_robin_in_subprocess(
+    configs: Sequence[Config], *, steps: int, warmup: int, threads: int | None, device: str, timeout: float,
+) -> list[Result]:
+    """Time ``configs`` (one model) round-robin in one fresh worker process (:func:`measure_round_robin`)."""
+    spec = {"configs": [asdict(c) for c in configs], "steps": steps, "warmup": warmup, "threads": threads,
+            "device": device}
+    lines, error = _spawn(spec, timeout * len(configs), None)
+    for line in lines:
+        if line.startswith("FWDGRAD-BENCH-RESULTS "):
+            return [_result_of(d) for d in json.loads(line.split(" ", 1)[1])]
+    return [Result(c, error=error or "worker failed: no result") for c in configs]
 
 
 # ------------------------------------------------------------------------------------------------------
 # Configurations, table and plot
 
 
-def full_configs(models: Sequence[str] = ("mlp8", "mlp32", "cnn"), ks: Sequence[int] = (1, 4, 16)) -> list[Config]:
-    """Backprop, the naive ``torch.func.jvp`` step and FG-W (gaussian, rademacher, rank1) × K × fused."""
+def full_configs(
+    models: Sequence[str] = ("mlp8", "mlp32", "cnn"), ks: Sequence[int] = (1, 4, 16),
+    tangents: Sequence[str] = ("gaussian", "rademacher", "rank1"), fused: Sequence[bool] = (False, True),
+    chunk_size: int | None = None, baselines: Sequence[str] = ("forward", "bp", "jvp-naive"),
+) -> list[Config]:
+    """The baselines (one forward, backprop, the naive ``torch.func.jvp`` step) and FG-W over tangents × K ×
+    fused; ``chunk_size`` applies to K > 1."""
     out = []
     for model in models:
-        out += [Config(model, "forward"), Config(model, "bp"), Config(model, "jvp-naive")]
-        for tangents in ("gaussian", "rademacher", "rank1"):
+        out += [Config(model, b) for b in baselines]
+        for name in tangents:
             for k in ks:
-                for fused in (False, True):
-                    out.append(Config(model, "fg-w", tangents, k, fused))
+                for f in fused:
+                    out.append(Config(model, "fg-w", name, k, f, chunk_size if k > 1 else None))
     return out
 
 
@@ -431,10 +545,13 @@ def report(results: Sequence[Result], out_dir: Path, *, command: str, wall_s: fl
         "".join(f"Earlier command (kept rows): `{c}`. " for c in earlier)
         + f"Command: `{command}` ({wall_s:.0f} s). torch {torch.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs visible, {first.threads if first else '?'} torch threads, device "
-        f"{first.device if first else '?'}. Memory: {first.memory_method if first else '?'}. "
-        "Each configuration ran in a fresh process; step = estimate (or backward) + SGD update; "
-        "median of the timed steps (wall clock; CPU = process CPU time, less sensitive to other processes). "
-        "Extra MB: live memory (MALLOC_MMAP_THRESHOLD_=65536); default malloc: the timing process's peak.",
+        f"**{first.device if first else '?'}**. Memory: {first.memory_method if first else '?'}. "
+        f"Timing: {first.timing if first and first.timing else '?'} (round-robin: every method of a model in one "
+        "process, one step of each per round, so load on a shared machine falls on all alike; fresh process: each "
+        "configuration alone). Step = estimate (or backward) + SGD update, `.grad` kept between steps; median of "
+        "the timed steps (wall clock, CUDA events on a GPU; CPU = process CPU time). Extra MB: the peak of one step "
+        "beyond the memory after a warm-up step, in a fresh process per configuration (CPU: live memory, "
+        "MALLOC_MMAP_THRESHOLD_=65536; GPU: allocator peak); default malloc: the fresh-process timing run's peak.",
         "",
     ]
     scaling = k_scaling_lines(results)
@@ -466,27 +583,42 @@ def run_benchmark(
     configs: Sequence[Config], out_dir: Path | str, *, steps: int = 5, warmup: int = 1, threads: int | None = None,
     device: str = "cpu", timeout: float = 900.0, command: str = "fwdgrad bench",
     log: Callable[[str], None] | None = print, previous: Sequence[Result] = (), earlier: Sequence[str] = (),
+    fresh: bool = False,
 ) -> list[Result]:
-    """Measure every configuration in its own process and write the report into ``out_dir`` (after the
-    ``previous`` results whose configuration is not measured again)."""
+    """Measure every configuration and write the report into ``out_dir`` (after the ``previous`` results
+    whose configuration is not measured again).
+
+    Timing: by default the configurations of each model run round-robin in one worker process
+    (:func:`measure_round_robin`); ``fresh``: each in its own process (:func:`measure`). Memory: always one
+    fresh process per configuration (one warm-up step, one measured step, ``.grad`` kept)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"fwdgrad.bench.run_benchmark: steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
     start = time.perf_counter()
+    timed: dict[Config, Result] = {}
+    if fresh:
+        for cfg in configs:
+            timed[cfg] = run_in_subprocess(cfg, steps=steps, warmup=warmup, threads=threads, device=device,
+                                           timeout=timeout)
+    else:
+        for model in dict.fromkeys(c.model for c in configs):
+            group = [c for c in configs if c.model == model]
+            for res in round_robin_in_subprocess(group, steps=steps, warmup=warmup, threads=threads, device=device,
+                                                 timeout=timeout):
+                timed[res.config] = res
     results = []
     for i, cfg in enumerate(configs, 1):
-        res = run_in_subprocess(cfg, steps=steps, warmup=warmup, threads=threads, device=device, timeout=timeout)
-        res.extra_default_mb, res.extra_mb = res.extra_mb, math.nan
-        if not res.error and not device.startswith("cuda"):
+        res = timed[cfg]
+        res.extra_default_mb, res.extra_mb = (res.extra_mb if fresh else math.nan), math.nan
+        if not res.error:
             live = run_in_subprocess(cfg, steps=1, warmup=1, threads=threads, device=device, timeout=timeout,
-                                     env=LIVE_MEMORY_ENV)
+                                     env=None if device.startswith("cuda") else LIVE_MEMORY_ENV)
             res.extra_mb = live.extra_mb if not live.error else math.nan
-            res.memory_method = live.memory_method + f" with {LIVE_MEMORY_ENV}"
-        elif not res.error:
-            res.extra_mb = res.extra_default_mb
+            res.memory_method = live.memory_method + ("" if device.startswith("cuda") else f" with {LIVE_MEMORY_ENV}")
+        res.timing = "fresh process" if fresh else "round-robin"
         results.append(res)
         if log is not None:
-            what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB  ({res.extra_default_mb:.1f} MB)"
-            log(f"[{i}/{len(configs)}] {cfg.model:8s} {cfg.label:32s} {what}")
+            what = res.error or f"{res.median_ms:9.1f} ms  {res.extra_mb:8.1f} MB"
+            log(f"[{i}/{len(configs)}] {cfg.model:9s} {cfg.label:32s} {what}")
     measured = {r.config for r in results}
     merged = [r for r in previous if r.config not in measured] + results
     report(merged, Path(out_dir), command=command, wall_s=time.perf_counter() - start,
@@ -497,12 +629,22 @@ def run_benchmark(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fwdgrad bench`` (shared by the CLI and ``benchmarks/speed_memory.py``)."""
     parser.add_argument("--quick", action="store_true", help="tiny models, a few configurations (< 60 s)")
-    parser.add_argument("--models", default="mlp8,mlp32,cnn", help="comma-separated: mlp8, mlp32, cnn")
+    parser.add_argument("--models", default="mlp8,mlp32,cnn",
+                        help="comma-separated: mlp8 (8x1024, batch 512), mlp32 (32x1024, 2048), mlp8x4096 (4096), "
+                             "mlp4x128 (batch 64), cnn, tiny-mlp, tiny-cnn")
     parser.add_argument("--ks", default="1,4,16", help="comma-separated numbers of directions")
+    parser.add_argument("--tangents", default="gaussian,rademacher,rank1", help="comma-separated samplers for fg-w")
+    parser.add_argument("--fused", choices=("both", "no", "yes"), default="both",
+                        help="fg-w through .grad + torch.optim.SGD (no), the fused sgd_step (yes), or both")
+    parser.add_argument("--baselines", default="forward,bp,jvp-naive", help="comma-separated: forward, bp, jvp-naive")
+    parser.add_argument("--chunk-size", type=int, default=None, help="fg-w chunk_size for K > 1")
+    parser.add_argument("--fresh", action="store_true",
+                        help="time each configuration in its own process (default: a model's methods round-robin "
+                             "in one process)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA events, allocator peaks)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for the .md, .json and .png")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--append", action="store_true",
@@ -522,14 +664,30 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
         if not ks or min(ks) < 1:
             raise ValueError(f"fwdgrad bench: --ks must list ints >= 1, got {args.ks!r}")
-        configs, steps, warmup = full_configs(models, ks), args.steps, args.warmup
+        names = [t.strip() for t in args.tangents.split(",") if t.strip()]
+        from fwdgrad.directions import check_sampler_name
+
+        for name in names:
+            check_sampler_name("fwdgrad bench --tangents", name)
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        bad = [b for b in baselines if b not in METHODS or b == "fg-w"]
+        if bad:
+            raise ValueError(f"fwdgrad bench: unknown baseline {bad[0]!r}; choose from forward, bp, jvp-naive")
+        if args.chunk_size is not None and args.chunk_size < 1:
+            raise ValueError(f"fwdgrad bench: --chunk-size must be >= 1, got {args.chunk_size}")
+        fused = {"both": (False, True), "no": (False,), "yes": (True,)}[args.fused]
+        configs = full_configs(models, ks, names, fused, args.chunk_size, baselines)
+        steps, warmup = args.steps, args.warmup
     previous = load_results(Path(args.out) / "speed_memory.json") if args.append else []
     earlier: list[str] = []
     if previous:
         data = json.loads((Path(args.out) / "speed_memory.json").read_text())
         earlier = [*data.get("earlier_commands", []), data.get("command", "?")]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"fwdgrad bench: --device {args.device} but torch.cuda.is_available() is False")
     results = run_benchmark(configs, args.out, steps=steps, warmup=warmup, threads=args.threads, device=args.device,
-                            timeout=args.timeout, command=command, previous=previous, earlier=earlier)
+                            timeout=args.timeout, command=command, previous=previous, earlier=earlier,
+                            fresh=args.fresh)
     print(f"wrote {Path(args.out) / 'speed_memory.md'}")
     return 1 if any(r.error for r in results) else 0
 

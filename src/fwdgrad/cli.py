@@ -559,7 +559,7 @@ COMMANDS: dict[str, Command] = {
                        _add_nothing, _run_methods),
     "models": Command("list the registered models and their options", _add_nothing, _run_models),
     "evaluate": Command("score weights saved with --save-model on a dataset split", _add_evaluate, _run_evaluate),
-    "bench": Command("step time and extra step memory of forward gradients vs backprop (fresh process each)",
+    "bench": Command("step time and extra step memory of forward gradients vs backprop (round-robin timing)",
                      _add_bench, _run_bench),
     "replay": Command("rebuild trained weights bit for bit from a seed-sharing replay log and the initial weights",
                       _add_replay, _run_replay),
