@@ -386,7 +386,8 @@ def _spawn(spec: dict, timeout: float, env: dict[str, str] | None) -> tuple[list
     except subprocess.TimeoutExpired:
         return [], f"timed out after {timeout:.0f} s"
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return proc.stdout.splitlines(), "" if proc.returncode == 0 else f"worker failed (rc={proc.returncode}): {tail[0][:200]}"
+    error = "" if proc.returncode == 0 else f"worker failed (rc={proc.returncode}): {tail[0][:200]}"
+    return proc.stdout.splitlines(), error
 
 
 def run_in_subprocess(

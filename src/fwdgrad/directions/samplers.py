@@ -294,10 +294,10 @@ def variance_factor(name: str, n: int, num_directions: int = 1) -> float:
 
 
 __all__ = [
+    "DIRECTION_STEP",
     "PARALLEL_DRAW_MIN",
     "SAMPLERS",
     "Sampler",
-    "DIRECTION_STEP",
     "check_sampler_name",
     "direction_seed",
     "draw_direction",
