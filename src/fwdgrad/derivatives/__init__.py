@@ -65,12 +65,16 @@ def forward_mode(where: str, model: nn.Module | None) -> Iterator[None]:
         yield
 
 
-def uses_fast_loop(name: str, num_directions: int) -> bool:
+def uses_fast_loop(name: str, num_directions: int, chunk_size: int | None = None) -> bool:
     """Whether the per-module passes apply: one direction, or ``rank1`` tangents (whose batched pass costs
-    about ``1 + K`` matmul units against ``1 + 2K`` for the reference ``vmap(jvp)`` with dense tangents)."""
+    about ``1 + K`` matmul units against ``1 + 2K`` for the reference ``vmap(jvp)`` with dense tangents), or
+    one direction per pass (``chunk_size=1``: the windowed pass draws each tensor's tangent as its module
+    runs, so no model-sized tangent exists, where the reference path materialises one per direction)."""
     if name == "given":  # stored tangents (a guess): one direction runs the windowed pass
         return num_directions == 1
-    return name in PER_TENSOR_SAMPLERS and (num_directions == 1 or name == "rank1")
+    if name not in PER_TENSOR_SAMPLERS:
+        return False
+    return num_directions == 1 or name == "rank1" or chunk_size == 1
 
 
 def fast_directions(
@@ -80,7 +84,7 @@ def fast_directions(
     """The per-module passes alone: batched over K (``chunk_size`` at a time) where the model allows it, else
     one windowed pass per direction; ``None``, buffers restored, when neither can vouch for the model."""
     plist = list(params.values())
-    if source.num_directions > 1:
+    if source.num_directions > 1 and source.factored:
         got = batched_directions(
             model, once_per_step(model, loss_fn), plist, source, where=where, chunk_size=chunk_size
         )
@@ -108,7 +112,7 @@ def module_directions(
         fast: allow the per-module passes (``False``: the reference path only).
     """
     with explain_forward_ad_errors(where, model), forward_mode_attention(model):
-        if fast and uses_fast_loop(source.name, source.num_directions):
+        if fast and uses_fast_loop(source.name, source.num_directions, chunk_size):
             got = fast_directions(model, loss_fn, params, source, where=where, chunk_size=chunk_size)
             if got is not None:
                 return got

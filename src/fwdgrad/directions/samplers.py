@@ -63,7 +63,7 @@ def _draw_device(like: Tensor, generator: torch.Generator | None) -> torch.devic
 
 
 class _Scratch(threading.local):
-    generators: dict[str, torch.Generator]
+    generators: dict[str | torch.device, torch.Generator]
 
     def __init__(self) -> None:
         self.generators = {}
@@ -77,10 +77,13 @@ def scratch_generator(device: torch.device | str, seed: int) -> torch.Generator:
 
     ``manual_seed`` resets the whole state (on CUDA: seed and Philox offset, on the host), so the draws equal
     those of a new generator with that seed, without allocating one per tensor per step."""
-    key = str(torch.device(device))
-    gen = _SCRATCH.generators.get(key)
+    gen = _SCRATCH.generators.get(device)  # type: ignore[call-overload]
     if gen is None:
-        gen = _SCRATCH.generators[key] = torch.Generator(device=key)
+        key = str(torch.device(device))
+        gen = _SCRATCH.generators.get(key)
+        if gen is None:
+            gen = _SCRATCH.generators[key] = torch.Generator(device=key)
+        _SCRATCH.generators[device] = gen  # type: ignore[index]
     return gen.manual_seed(seed)
 
 

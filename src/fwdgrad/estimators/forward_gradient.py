@@ -187,10 +187,10 @@ class ForwardGradient(SampledEstimator):
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
     ) -> ImplicitGradient:
         primals = [p.detach() for p in params.values()]
-        # Keep the tangents only where that is the cheaper way: one direction written into a .grad that is
-        # None, whose storage the spent tangent becomes. Otherwise each tensor's directions are drawn again
-        # from their seeds as they are added (fused update or an existing .grad): no model-sized temporary.
-        keep = not lean and self.num_directions == 1 and all(p.grad is None for p in params.values())
+        # keep the tangents only where it is the cheaper way (TangentSource.worth_keeping); else each tensor's
+        # directions are drawn again from their seeds as they are added: no model-sized temporary
+        keep = not lean and TangentSource.worth_keeping(
+            self.tangents, self.num_directions, primals, all(p.grad is None for p in params.values()), self.chunk_size)
         source = TangentSource(self.tangents, primals, self.num_directions, self._generator,
                                lean=not keep and TangentSource.lean_possible(self.tangents))
         loss, dirs = module_directions(

@@ -135,6 +135,11 @@ class ImplicitGradient(Gradient):
     def tensor(self, index: int) -> Tensor:
         return self.source.mean(index, self.dirs)
 
+    def check_finite(self, where: str, names: Sequence[str] | None = None) -> None:
+        # one host read for the common case (a finite loss and finite derivatives)
+        if not bool(torch.isfinite(self.loss) & torch.isfinite(self.dirs).all()):
+            super().check_finite(where, names)
+
     def _non_finite(self) -> list[int]:
         # the tangents are finite by construction: a non-finite derivative spoils every tensor
         return [] if bool(torch.isfinite(self.dirs).all()) else list(range(len(self.source.primals)))

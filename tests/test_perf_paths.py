@@ -1,0 +1,114 @@
+"""The lean paths of issue 9: tangents drawn per direction, K directions in chunks, ``.grad`` written in place.
+
+Exactness only (float64, 1e-10): every lean path gives the reference estimate for the same seed. No timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fwdgrad
+from fwdgrad.derivatives import uses_fast_loop
+from fwdgrad.directions import SAMPLERS, TangentSource, direction_seed, draw_direction, draw_tensor
+from fwdgrad.estimators.gradient import ImplicitGradient
+from problems import PROBLEMS, Problem
+
+TOL = 1e-10
+DENSE = ["gaussian", "rademacher"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_a_block_is_its_directions_drawn_alone_and_one_direction_is_the_old_draw(name: str) -> None:
+    like = torch.zeros(5, 3, dtype=torch.float64)
+    block = draw_tensor(name, like, 4, seed=123)
+    for k in range(4):
+        assert torch.equal(block[k], draw_direction(name, like, 123, k))
+    # K = 1 is what a generator seeded with the tensor's seed draws (the numbers from before issue 9)
+    if name == "gaussian":
+        old = torch.randn((1, 5, 3), generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+        assert torch.equal(draw_tensor(name, like, 1, seed=123), old)
+    assert direction_seed(123, 0) == 123
+    # the CPU generator keys on the low 32 bits of a seed: successive directions differ there
+    assert len({direction_seed(123, k) % 2**32 for k in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_a_lean_source_draws_chunks_equal_to_the_sampler(name: str) -> None:
+    like = [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)]
+    want = SAMPLERS[name](like, 5, torch.Generator().manual_seed(2))
+    lean = TangentSource(name, like, 5, torch.Generator().manual_seed(2), lean=True)
+    for i in range(2):
+        assert torch.equal(lean.chunk(i, 1, 4), want[i][1:4])
+        assert torch.equal(lean.direction(i, 4), want[i][4])
+    assert all(torch.equal(a, b) for a, b in zip(lean.materialise(), want))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "rademacher", "rank1"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_accumulate_into_an_existing_grad_adds_the_estimate_in_place(name: str, k: int) -> None:
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    dirs = torch.tensor([0.5, -2.0, 1.5][:k], dtype=torch.float64)
+
+    def estimate(lean: bool) -> torch.Tensor:
+        src = TangentSource(name, [w.detach()], k, torch.Generator().manual_seed(4), lean=lean)
+        return sum(dirs[j] * src.dense(0, j) for j in range(k)) / k
+
+    for lean in (False, True) if name != "rank1" else (False,):
+        w.grad = torch.ones_like(w)
+        storage = w.grad.data_ptr()
+        src = TangentSource(name, [w.detach()], k, torch.Generator().manual_seed(4), lean=lean)
+        ImplicitGradient(torch.tensor(1.0), dirs, src).accumulate("t", [w])
+        assert w.grad.data_ptr() == storage  # added in place, no new .grad
+        torch.testing.assert_close(w.grad, 1 + estimate(lean), rtol=0, atol=TOL)
+        w.grad = None
+        src = TangentSource(name, [w.detach()], k, torch.Generator().manual_seed(4), lean=lean)
+        ImplicitGradient(torch.tensor(1.0), dirs, src).accumulate("t", [w])
+        torch.testing.assert_close(w.grad, estimate(lean), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("bad", ["loss", "dirs"])
+def test_nothing_is_written_into_an_existing_grad_when_not_finite(bad: str) -> None:
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    w.grad = torch.full_like(w, 7.0)
+    loss = torch.tensor(float("nan") if bad == "loss" else 1.0)
+    dirs = torch.tensor([1.0, float("inf") if bad == "dirs" else 1.0])
+    src = TangentSource("gaussian", [w.detach()], 2, torch.Generator().manual_seed(0), lean=True)
+    with pytest.raises(fwdgrad.NonFiniteError, match="nothing was written"):
+        ImplicitGradient(loss, dirs, src).accumulate("t", [w])
+    assert torch.equal(w.grad, torch.full_like(w, 7.0))
+
+
+def test_keeping_tangents_only_where_it_is_cheaper() -> None:
+    cpu = [torch.zeros(2)]
+    keep = TangentSource.worth_keeping
+    assert keep("gaussian", 1, cpu, grads_unset=True)  # the spent tangent becomes .grad
+    assert keep("gaussian", 1, cpu, grads_unset=False)  # CPU Gaussian draws are dear
+    assert not keep("rademacher", 1, cpu, grads_unset=False)
+    assert keep("gaussian", 4, cpu, grads_unset=False)  # one chunk holds them all anyway
+    assert not keep("gaussian", 4, cpu, grads_unset=False, chunk_size=1)  # chunked: memory bounded by the chunk
+    assert keep("sphere", 4, cpu, grads_unset=False, chunk_size=1)  # joint: cannot be drawn again
+    assert uses_fast_loop("gaussian", 4, chunk_size=1) and not uses_fast_loop("gaussian", 4)
+
+
+def _estimate(problem: Problem, *, fast: bool, tangents: str, k: int, chunk_size: int | None, grad_set: bool):
+    model = problem.model()
+    if grad_set:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    est = fwdgrad.ForwardGradient(k, tangents, seed=5, chunk_size=chunk_size, fast_paths=fast)
+    est(model, problem.loss_fn)
+    return [p.grad for p in model.parameters()], list(model.buffers())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+@pytest.mark.parametrize("tangents", DENSE)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_k_directions_in_chunks_equal_the_reference_for_the_same_seed(problem: Problem, tangents: str, chunk_size):
+    ref, ref_buffers = _estimate(problem, fast=False, tangents=tangents, k=3, chunk_size=None, grad_set=False)
+    for fast in (True, False):
+        got, buffers = _estimate(problem, fast=fast, tangents=tangents, k=3, chunk_size=chunk_size, grad_set=True)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+        for a, b in zip(buffers, ref_buffers):
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL)
