@@ -11,6 +11,7 @@ buffers restored first (:func:`snapshot_buffers`).
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -49,7 +50,27 @@ class Slot:
 
     def __init__(self, name: str, param: Tensor, index: int, primal: Tensor) -> None:
         self.name, self.param, self.index, self.primal = name, param, index, primal
-        self.watched = Tensor._make_subclass(_Watched, primal.detach(), False)
+        self.watched = watched_view(param, primal)
+
+
+#: id(parameter) → (weak reference to it, its watched view), reused from step to step while the view still
+#: shows the parameter's data (tensors compare elementwise, so a WeakKeyDictionary cannot hold them)
+_WATCHED: dict[int, tuple[weakref.ref, Tensor]] = {}
+
+
+def watched_view(param: Tensor, primal: Tensor) -> Tensor:
+    """A :class:`_Watched` view of ``primal`` (the parameter's data), made once per parameter and reused
+    while it shares the parameter's storage, shape, strides and dtype (``p.data = ...`` makes a new one)."""
+    entry = _WATCHED.get(id(param))
+    w = entry[1] if entry is not None and entry[0]() is param else None
+    if (
+        w is None or w.data_ptr() != primal.data_ptr() or w.shape != primal.shape or w.stride() != primal.stride()
+        or w.dtype != primal.dtype or w.device != primal.device
+    ):
+        w = Tensor._make_subclass(_Watched, primal.detach(), False)
+        key = id(param)
+        _WATCHED[key] = (weakref.ref(param, lambda _, key=key: _WATCHED.pop(key, None)), w)
+    return w
 
 
 class ModulePass:

@@ -141,17 +141,26 @@ def _per_tensor(
     return per_tensor_blocks(name, like, num_directions, tensor_seeds(len(like), generator))
 
 
-def per_tensor_blocks(name: str, like: Sequence[Tensor], num_directions: int, seeds: Sequence[int]) -> list[Tensor]:
+def per_tensor_blocks(
+    name: str, like: Sequence[Tensor], num_directions: int | None, seeds: Sequence[int]
+) -> list[Tensor]:
     """The ``[K, *p.shape]`` blocks of per-tensor sampler ``name`` for the tensor seeds ``seeds``
-    (:func:`draw_tensor` per tensor; large CPU draws on several threads, same numbers)."""
+    (:func:`draw_tensor` per tensor; large CPU draws on several threads, same numbers). ``num_directions``
+    ``None``: direction 0 alone, shaped like the tensor (:func:`draw_direction`)."""
     jobs = [(p, seed, p.device) for p, seed in zip(like, seeds)]
+
+    def draw(p: Tensor, seed: int, device: torch.device) -> Tensor:
+        if num_directions is None:
+            return draw_direction(name, p, seed, 0, device)
+        return draw_tensor(name, p, num_directions, seed, device)
+
     workers = min(torch.get_num_threads(), len(jobs))
-    total = num_directions * sum(p.numel() for p in like)
+    total = (num_directions or 1) * sum(p.numel() for p in like)
     if workers > 1 and total >= PARALLEL_DRAW_MIN and all(torch.device(d).type == "cpu" for _, _, d in jobs):
         # Each tensor has its own generator, so the numbers do not depend on the threads.
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda job: draw_tensor(name, job[0], num_directions, job[1], job[2]), jobs))
-    return [draw_tensor(name, p, num_directions, seed, device) for p, seed, device in jobs]
+            return list(pool.map(lambda job: draw(*job), jobs))
+    return [draw(*job) for job in jobs]
 
 
 def gaussian(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -217,15 +226,45 @@ def rank1_factors(
     """The factors of the ``rank1`` tangents: ``(u [K, out], v [K, in])`` for tensors with ``dim >= 2``
     (``in`` is the product of the trailing dimensions) and a plain ``[K, *shape]`` Rademacher tensor for
     the others. ``rank1`` expands exactly these factors, so a fast path may use them directly."""
-    factors: list[tuple[Tensor, Tensor] | Tensor] = []
+    shapes: list[tuple[int, ...]] = []
     for p in like:
         if p.dim() >= 2:
-            u = _rademacher((num_directions, p.shape[0]), p, generator)
-            v = _rademacher((num_directions, math.prod(p.shape[1:])), p, generator)
-            factors.append((u, v))
+            shapes += [(num_directions, p.shape[0]), (num_directions, math.prod(p.shape[1:]))]
         else:
-            factors.append(_rademacher((num_directions, *p.shape), p, generator))
-    return factors
+            shapes.append((num_directions, *p.shape))
+    signs = iter(_rademacher_many(shapes, like, generator))
+    return [(next(signs), next(signs)) if p.dim() >= 2 else next(signs) for p in like]
+
+
+def _rademacher_many(
+    shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor], generator: torch.Generator | None
+) -> list[Tensor]:
+    """``[_rademacher(s, ...) for s in shapes]`` drawn in one call: the random bytes of every tensor, in
+    order, come from one ``randint`` (on the CPU the generator hands out bytes one by one, so these are the
+    numbers of the separate draws), then each tensor's signs from its own bytes. A per-step cost of a few
+    kernels instead of ten per tensor. Tensors on several devices are drawn one by one."""
+    ref = like[0]
+    if len({p.device for p in like}) > 1 or len({p.dtype for p in like}) > 1:
+        return [_rademacher(s, p, generator) for s, p in zip(shapes, _owners(shapes, like))]
+    device = _draw_device(ref, generator)
+    sizes = [math.prod(s) for s in shapes]
+    nbytes = [(n + 7) // 8 for n in sizes]
+    raw = torch.randint(0, 256, (sum(nbytes),), generator=generator, dtype=torch.uint8, device=device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    signs = ((raw.unsqueeze(1) >> shifts) & 1).to(ref.dtype).mul_(2).sub_(1).view(-1).to(ref.device)
+    out, start = [], 0
+    for s, n, nb in zip(shapes, sizes, nbytes):
+        out.append(signs[8 * start : 8 * start + n].view(s))
+        start += nb
+    return out
+
+
+def _owners(shapes: Sequence[tuple[int, ...]], like: Sequence[Tensor]) -> list[Tensor]:
+    """The tensor of ``like`` each of ``rank1_factors``' shapes belongs to (two shapes for a matrix)."""
+    out: list[Tensor] = []
+    for p in like:
+        out += [p, p] if p.dim() >= 2 else [p]
+    return out[: len(shapes)]
 
 
 def rank1(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:

@@ -111,12 +111,16 @@ class TangentSource:
         self.name, self.primals, self.num_directions = name, list(primals), num_directions
         self._blocks: list[Any] | None = None
         self._seeds: list[int] | None = None
+        self._first: list[Tensor] | None = None
         if name == "rank1":
             self._blocks = list(rank1_factors(self.primals, num_directions, generator))
         elif name in PER_TENSOR_SAMPLERS:
             # the seeds are all the generator gives; blocks drawn from them equal SAMPLERS[name]'s
             self._seeds = tensor_seeds(len(self.primals), generator)
-            if not lean:
+            if not lean and num_directions == 1:  # the one direction itself: handing it out costs no select op
+                self._first = per_tensor_blocks(name, self.primals, None, self._seeds)
+                self._blocks = [d.unsqueeze(0) for d in self._first]
+            elif not lean:
                 self._blocks = per_tensor_blocks(name, self.primals, num_directions, self._seeds)
         else:
             self._blocks = SAMPLERS[name](self.primals, num_directions, generator)
@@ -210,10 +214,14 @@ class TangentSource:
         again from its seed. Rank-1 factors and joint samplers' blocks are kept."""
         if self._blocks is not None and self._seeds is not None:
             self._blocks[index] = None
+            if self._first is not None:
+                self._first[index] = None  # type: ignore[call-overload]
 
     def direction(self, index: int, k: int) -> Direction:
         """Tensor ``index``'s tangent in direction ``k``: ``(u [out], v [in])`` for a rank-1 matrix, else a
         tensor of the parameter's shape (a lean source draws that one direction alone, from its seed)."""
+        if self._first is not None and self._first[index] is not None:
+            return self._first[index]
         block = self._kept(index)
         if block is None:
             return draw_direction(self.name, self.primals[index], self._seeds[index], k)
@@ -252,6 +260,17 @@ class TangentSource:
     def materialise(self) -> list[Tensor]:
         """Every tangent, ``[K, *p.shape]`` per tensor: equal to ``SAMPLERS[name](primals, K, generator)``."""
         return [self.materialise_one(i) for i in range(len(self.primals))]
+
+    def add_scaled(self, index: int, out: Tensor, weights: Tensor, scales: Sequence[Tensor]) -> None:
+        """``out += Σ_k scales[k] · v_{index,k}`` in place, with ``scales[k] = weights[k] / K`` as 0-dim tensors
+        of ``out``'s dtype (the ``.grad`` writer computes them once per step): one ``addcmul_`` per direction
+        (a lean source drawing one direction at a time), one ``addmm_`` for rank-1 factors."""
+        block = self._kept(index)
+        if isinstance(block, tuple) or (isinstance(block, Tensor) and block.shape[0] > 1):
+            self.weighted_sum(index, weights, out=out, alpha=1.0 / self.num_directions)
+            return
+        for k, scale in enumerate(scales):
+            out.addcmul_(self.direction(index, k), scale)
 
     def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """``out + alpha · Σ_k weights[k] · v_{index,k}`` (``out`` updated in place; ``None``: from zero).

@@ -154,13 +154,17 @@ class ImplicitGradient(Gradient):
         as it is added, so no model-sized temporary outlives its tensor."""
         self.check_finite(where, names)
         src, k_total = self.source, self.dirs.shape[0]
+        scales: dict[torch.dtype, tuple[Tensor, ...]] = {}  # d_k / K, once per dtype (no per-tensor ops)
         with torch.no_grad():
             for i, p in enumerate(params):
                 if p.grad is None:
                     g = src.mean(i, self.dirs)
                     p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
                 else:
-                    src.weighted_sum(i, self.dirs, out=p.grad, alpha=1.0 / k_total)
+                    dtype = p.grad.dtype
+                    if dtype not in scales:
+                        scales[dtype] = (self.dirs.to(dtype) / k_total).unbind()
+                    src.add_scaled(i, p.grad, self.dirs, scales[dtype])
                 src.release(i)
 
     def materialise(self) -> list[Tensor]:
