@@ -99,6 +99,8 @@ class TangentSource:
         True
     """
 
+    _first: list[Tensor] | None = None  # K = 1 kept: the directions themselves (also for given())
+
     def __init__(
         self, name: str, primals: Sequence[Tensor], num_directions: int, generator: torch.Generator | None,
         *, lean: bool = False,
@@ -111,7 +113,6 @@ class TangentSource:
         self.name, self.primals, self.num_directions = name, list(primals), num_directions
         self._blocks: list[Any] | None = None
         self._seeds: list[int] | None = None
-        self._first: list[Tensor] | None = None
         if name == "rank1":
             self._blocks = list(rank1_factors(self.primals, num_directions, generator))
         elif name in PER_TENSOR_SAMPLERS:
