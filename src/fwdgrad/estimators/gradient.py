@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -154,18 +154,20 @@ class ImplicitGradient(Gradient):
         as it is added, so no model-sized temporary outlives its tensor."""
         self.check_finite(where, names)
         src, k_total = self.source, self.dirs.shape[0]
-        scales: dict[torch.dtype, tuple[Tensor, ...]] = {}  # d_k / K, once per dtype (no per-tensor ops)
-        with torch.no_grad():
-            for i, p in enumerate(params):
+        # d_k / K, once per dtype (no per-tensor ops)
+        scales = {dtype: (self.dirs.to(dtype) / k_total).unbind() for dtype in {p.dtype for p in params}}
+
+        def add(i: int) -> None:
+            p = params[i]
+            with torch.no_grad():  # grad mode is per thread
                 if p.grad is None:
                     g = src.mean(i, self.dirs)
                     p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
                 else:
-                    dtype = p.grad.dtype
-                    if dtype not in scales:
-                        scales[dtype] = (self.dirs.to(dtype) / k_total).unbind()
-                    src.add_scaled(i, p.grad, self.dirs, scales[dtype])
+                    src.add_scaled(i, p.grad, self.dirs, scales.get(p.grad.dtype) or scales[p.dtype])
                 src.release(i)
+
+        _for_each_tensor(add, params, src, k_total)
 
     def materialise(self) -> list[Tensor]:
         """Every tensor's estimate."""
@@ -184,14 +186,20 @@ class ImplicitGradient(Gradient):
                     p.mul_(1.0 - lr * weight_decay)
                 src.weighted_sum(i, self.dirs, out=p.data, alpha=-lr / k_total)
 
-        workers = min(torch.get_num_threads(), len(params))
-        drawn = src.regenerable and not src.stored and not src.factored
-        if drawn and workers > 1 and sum(p.numel() for p in params) * k_total >= PARALLEL_DRAW_MIN:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(update, range(len(params))))
-        else:
-            for i in range(len(params)):
-                update(i)
+        _for_each_tensor(update, params, src, k_total)
+
+
+def _for_each_tensor(fn: Callable[[int], None], params: Sequence[Tensor], src: TangentSource, k_total: int) -> None:
+    """``fn(i)`` for every tensor; on several threads when each draws its tangents again from its own seed
+    (independent generators: the numbers do not depend on the threads) and the draws are large."""
+    workers = min(torch.get_num_threads(), len(params))
+    drawn = src.regenerable and not src.stored and not src.factored
+    if drawn and workers > 1 and sum(p.numel() for p in params) * k_total >= PARALLEL_DRAW_MIN:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fn, range(len(params))))
+    else:
+        for i in range(len(params)):
+            fn(i)
 
 
 class PartlyImplicitGradient(Gradient):
