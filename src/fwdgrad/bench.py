@@ -176,7 +176,8 @@ def build(model: str, device: str = "cpu") -> tuple[nn.Module, torch.Tensor, tor
 def _naive_jvp_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], opt: torch.optim.Optimizer,
                     generator: torch.Generator) -> None:
     params = {n: p.detach() for n, p in model.named_parameters()}
-    tangents = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for n, p in params.items()}
+    tangents = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=generator.device).to(p.device)
+                for n, p in params.items()}
     _, d = torch.func.jvp(lambda ps: loss_fn_call(model, loss_fn, ps), (params,), (tangents,))
     for (_, p), t in zip(model.named_parameters(), tangents.values()):
         if p.grad is None:
@@ -222,7 +223,7 @@ def make_step(cfg: Config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
         return step
     if cfg.method == "jvp-naive":
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=x.device).manual_seed(0)  # drawn where the model is, as a user would
 
         def step() -> None:
             _naive_jvp_step(model, loss_fn, opt, gen)
