@@ -79,3 +79,13 @@ def test_configuration_lists() -> None:
 def test_cli_rejects_an_unknown_model(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["bench", "--models", "resnet", "--out", "unused"]) == 2
     assert "unknown model 'resnet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tangents", "nosuch"], "unknown tangents 'nosuch'"),
+    (["--baselines", "fg-w"], "unknown baseline 'fg-w'"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
+])
+def test_cli_rejects_bad_bench_options(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["bench", "--models", "tiny-mlp", *args, "--out", "unused"]) == 2
+    assert message in capsys.readouterr().err
