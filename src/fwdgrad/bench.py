@@ -585,14 +585,15 @@ def run_benchmark(
     configs: Sequence[Config], out_dir: Path | str, *, steps: int = 5, warmup: int = 1, threads: int | None = None,
     device: str = "cpu", timeout: float = 900.0, command: str = "fwdgrad bench",
     log: Callable[[str], None] | None = print, previous: Sequence[Result] = (), earlier: Sequence[str] = (),
-    fresh: bool = False,
+    fresh: bool = False, memory: bool = True,
 ) -> list[Result]:
     """Measure every configuration and write the report into ``out_dir`` (after the ``previous`` results
     whose configuration is not measured again).
 
     Timing: by default the configurations of each model run round-robin in one worker process
     (:func:`measure_round_robin`); ``fresh``: each in its own process (:func:`measure`). Memory: always one
-    fresh process per configuration (one warm-up step, one measured step, ``.grad`` kept)."""
+    fresh process per configuration (one warm-up step, one measured step, ``.grad`` kept); ``memory=False``
+    skips it."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"fwdgrad.bench.run_benchmark: steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
     start = time.perf_counter()
@@ -611,11 +612,13 @@ def run_benchmark(
     for i, cfg in enumerate(configs, 1):
         res = timed[cfg]
         res.extra_default_mb, res.extra_mb = (res.extra_mb if fresh else math.nan), math.nan
-        if not res.error:
+        if not res.error and memory:
             live = run_in_subprocess(cfg, steps=1, warmup=1, threads=threads, device=device, timeout=timeout,
                                      env=None if device.startswith("cuda") else LIVE_MEMORY_ENV)
             res.extra_mb = live.extra_mb if not live.error else math.nan
             res.memory_method = live.memory_method + ("" if device.startswith("cuda") else f" with {LIVE_MEMORY_ENV}")
+        elif not res.error:
+            res.memory_method = "not measured (--no-memory)"
         res.timing = "fresh process" if fresh else "round-robin"
         results.append(res)
         if log is not None:
@@ -640,6 +643,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fg-w through .grad + torch.optim.SGD (no), the fused sgd_step (yes), or both")
     parser.add_argument("--baselines", default="forward,bp,jvp-naive", help="comma-separated: forward, bp, jvp-naive")
     parser.add_argument("--chunk-size", type=int, default=None, help="fg-w chunk_size for K > 1")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="time only (skip the fresh memory process of each configuration)")
     parser.add_argument("--fresh", action="store_true",
                         help="time each configuration in its own process (default: a model's methods round-robin "
                              "in one process)")
@@ -689,7 +694,7 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         raise ValueError(f"fwdgrad bench: --device {args.device} but torch.cuda.is_available() is False")
     results = run_benchmark(configs, args.out, steps=steps, warmup=warmup, threads=args.threads, device=args.device,
                             timeout=args.timeout, command=command, previous=previous, earlier=earlier,
-                            fresh=args.fresh)
+                            fresh=args.fresh, memory=args.memory)
     print(f"wrote {Path(args.out) / 'speed_memory.md'}")
     return 1 if any(r.error for r in results) else 0
 
