@@ -169,8 +169,9 @@ class TangentSource:
         at most, as the fused update does. Keeping is chosen only where it costs no memory: K > 1 directions
         in one chunk (the pass holds them all anyway), or one direction into a ``.grad`` that is ``None``
         (the spent tangent becomes ``.grad``). With ``.grad`` kept between steps the second draw is the
-        price of bounded memory: on the CPU, torch's Gaussian generator takes about 14 ns an entry, about
-        a tenth of a backprop step on an MLP 8×1024 with batch 512 (Rademacher: about 1 ns)."""
+        price of bounded memory: on the CPU, torch's Gaussian generator takes about 4 ns of CPU time an
+        entry, about a tenth of a backprop step on an MLP 8×1024 with batch 512 (Rademacher: eight signs
+        per random byte)."""
         if name not in PER_TENSOR_SAMPLERS or name == "rank1":
             return True  # joint samplers cannot be drawn again; rank-1 keeps its small factors anyway
         if num_directions > 1:
