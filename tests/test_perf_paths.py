@@ -102,7 +102,7 @@ def _estimate(problem: Problem, *, fast: bool, tangents: str, k: int, chunk_size
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 2])
-@pytest.mark.parametrize("tangents", DENSE)
+@pytest.mark.parametrize("tangents", [*DENSE, "rank1"])
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
 def test_k_directions_in_chunks_equal_the_reference_for_the_same_seed(problem: Problem, tangents: str, chunk_size):
     ref, ref_buffers = _estimate(problem, fast=False, tangents=tangents, k=3, chunk_size=None, grad_set=False)

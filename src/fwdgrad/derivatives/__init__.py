@@ -84,7 +84,7 @@ def fast_directions(
     """The per-module passes alone: batched over K (``chunk_size`` at a time) where the model allows it, else
     one windowed pass per direction; ``None``, buffers restored, when neither can vouch for the model."""
     plist = list(params.values())
-    if source.num_directions > 1 and source.factored:
+    if source.num_directions > 1 and source.factored and chunk_size != 1:  # one direction a pass: windowed
         got = batched_directions(
             model, once_per_step(model, loss_fn), plist, source, where=where, chunk_size=chunk_size
         )
