@@ -11,6 +11,7 @@ import torch
 import fwdgrad
 from fwdgrad.derivatives import uses_fast_loop
 from fwdgrad.directions import SAMPLERS, TangentSource, direction_seed, draw_direction, draw_tensor
+from fwdgrad.directions import source as source_module
 from fwdgrad.estimators.gradient import ImplicitGradient
 from problems import PROBLEMS, Problem
 
@@ -80,8 +81,9 @@ def test_nothing_is_written_into_an_existing_grad_when_not_finite(bad: str) -> N
 
 
 def test_keeping_tangents_only_where_it_is_cheaper() -> None:
-    cpu = [torch.zeros(2)]
+    cpu = [torch.zeros(1 << 22)]  # 16 MiB: above KEEP_SMALL_BYTES
     keep = TangentSource.worth_keeping
+    assert keep("rademacher", 4, [torch.zeros(2)], grads_unset=False, chunk_size=1)  # small: always kept
     assert keep("gaussian", 1, cpu, grads_unset=True)  # the spent tangent becomes .grad
     assert not keep("gaussian", 1, cpu, grads_unset=False)  # .grad kept: drawn again, memory bounded
     assert not keep("rademacher", 1, cpu, grads_unset=False)
@@ -101,10 +103,15 @@ def _estimate(problem: Problem, *, fast: bool, tangents: str, k: int, chunk_size
     return [p.grad for p in model.parameters()], list(model.buffers())
 
 
+@pytest.mark.parametrize("keep_small", [True, False], ids=["small-kept", "lean"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 2])
 @pytest.mark.parametrize("tangents", [*DENSE, "rank1"])
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
-def test_k_directions_in_chunks_equal_the_reference_for_the_same_seed(problem: Problem, tangents: str, chunk_size):
+def test_k_directions_in_chunks_equal_the_reference_for_the_same_seed(
+    problem: Problem, tangents: str, chunk_size, keep_small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not keep_small:  # the test models are small: make them draw their tangents again, as large ones do
+        monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
     ref, ref_buffers = _estimate(problem, fast=False, tangents=tangents, k=3, chunk_size=None, grad_set=False)
     for fast in (True, False):
         got, buffers = _estimate(problem, fast=fast, tangents=tangents, k=3, chunk_size=chunk_size, grad_set=True)

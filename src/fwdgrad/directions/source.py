@@ -46,6 +46,10 @@ PER_TENSOR_SAMPLERS = ("gaussian", "rademacher", "rank1")
 
 Direction = Tensor | tuple[Tensor, Tensor]
 
+#: Tangents of at most this many bytes (all tensors, all K directions) are kept for the ``.grad`` writer
+#: rather than drawn again (:meth:`TangentSource.worth_keeping`).
+KEEP_SMALL_BYTES = 1 << 23
+
 
 @runtime_checkable
 class DirectionSource(Protocol):
@@ -168,12 +172,16 @@ class TangentSource:
         the pass and again when added to ``.grad``, and the step holds one tensor's tangent (or one chunk's)
         at most, as the fused update does. Keeping is chosen only where it costs no memory: K > 1 directions
         in one chunk (the pass holds them all anyway), or one direction into a ``.grad`` that is ``None``
-        (the spent tangent becomes ``.grad``). With ``.grad`` kept between steps the second draw is the
+        (the spent tangent becomes ``.grad``), and for small models (at most :data:`KEEP_SMALL_BYTES` of
+        tangents), where a second draw's kernel launches cost more than the memory is worth. With ``.grad``
+        kept between steps the second draw is the
         price of bounded memory: on the CPU, torch's Gaussian generator takes about 4 ns of CPU time an
         entry, about a tenth of a backprop step on an MLP 8×1024 with batch 512 (Rademacher: eight signs
         per random byte)."""
         if name not in PER_TENSOR_SAMPLERS or name == "rank1":
             return True  # joint samplers cannot be drawn again; rank-1 keeps its small factors anyway
+        if num_directions * sum(p.numel() * p.element_size() for p in primals) <= KEEP_SMALL_BYTES:
+            return True  # a small model: the temporary is negligible, a second draw is not
         if num_directions > 1:
             return chunk_size is None or chunk_size >= num_directions
         return grads_unset
