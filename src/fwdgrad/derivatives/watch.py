@@ -53,23 +53,22 @@ class Slot:
         self.watched = watched_view(param, primal)
 
 
-#: id(parameter) → (weak reference to it, its watched view), reused from step to step while the view still
-#: shows the parameter's data (tensors compare elementwise, so a WeakKeyDictionary cannot hold them)
-_WATCHED: dict[int, tuple[weakref.ref, Tensor]] = {}
+#: id(parameter) → (weak reference to it, the layout its view was made for, its watched view), reused from
+#: step to step while the parameter's data keeps that layout (tensors compare elementwise, so a
+#: WeakKeyDictionary cannot hold them; the view's own attributes would count as uses, so the layout is kept)
+_WATCHED: dict[int, tuple[weakref.ref, tuple[Any, ...], Tensor]] = {}
 
 
 def watched_view(param: Tensor, primal: Tensor) -> Tensor:
     """A :class:`_Watched` view of ``primal`` (the parameter's data), made once per parameter and reused
-    while it shares the parameter's storage, shape, strides and dtype (``p.data = ...`` makes a new one)."""
-    entry = _WATCHED.get(id(param))
-    w = entry[1] if entry is not None and entry[0]() is param else None
-    if (
-        w is None or w.data_ptr() != primal.data_ptr() or w.shape != primal.shape or w.stride() != primal.stride()
-        or w.dtype != primal.dtype or w.device != primal.device
-    ):
-        w = Tensor._make_subclass(_Watched, primal.detach(), False)
-        key = id(param)
-        _WATCHED[key] = (weakref.ref(param, lambda _, key=key: _WATCHED.pop(key, None)), w)
+    while the data keeps its storage, shape, strides, dtype and device (``p.data = ...`` makes a new one)."""
+    layout = (primal.data_ptr(), primal.shape, primal.stride(), primal.dtype, primal.device)
+    key = id(param)
+    entry = _WATCHED.get(key)
+    if entry is not None and entry[0]() is param and entry[1] == layout:
+        return entry[2]
+    w = Tensor._make_subclass(_Watched, primal.detach(), False)
+    _WATCHED[key] = (weakref.ref(param, lambda _, key=key: _WATCHED.pop(key, None)), layout, w)
     return w
 
 
