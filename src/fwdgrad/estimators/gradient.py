@@ -157,15 +157,21 @@ class ImplicitGradient(Gradient):
         # d_k / K, once per dtype (no per-tensor ops)
         scales = {dtype: (self.dirs.to(dtype) / k_total).unbind() for dtype in {p.dtype for p in params}}
 
+        # TangentSource's in-place adder and early release; other DirectionSources may lack them
+        add_scaled, release = getattr(src, "add_scaled", None), getattr(src, "release", None)
+
         def add(i: int) -> None:
             p = params[i]
             with torch.no_grad():  # grad mode is per thread
                 if p.grad is None:
                     g = src.mean(i, self.dirs)
                     p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
-                else:
-                    src.add_scaled(i, p.grad, self.dirs, scales.get(p.grad.dtype) or scales[p.dtype])
-                src.release(i)
+                elif add_scaled is not None:
+                    add_scaled(i, p.grad, self.dirs, scales.get(p.grad.dtype) or scales[p.dtype])
+                else:  # any DirectionSource (e.g. the ranks' ConcatSource): its weighted sum, in place
+                    src.weighted_sum(i, self.dirs, out=p.grad, alpha=1.0 / k_total)
+                if release is not None:
+                    release(i)
 
         _for_each_tensor(add, params, src, k_total)
 
@@ -189,7 +195,7 @@ class ImplicitGradient(Gradient):
         _for_each_tensor(update, params, src, k_total)
 
 
-def _for_each_tensor(fn: Callable[[int], None], params: Sequence[Tensor], src: TangentSource, k_total: int) -> None:
+def _for_each_tensor(fn: Callable[[int], None], params: Sequence[Tensor], src: DirectionSource, k_total: int) -> None:
     """``fn(i)`` for every tensor; on several threads when each draws its tangents again from its own seed
     (independent generators: the numbers do not depend on the threads) and the draws are large."""
     workers = min(torch.get_num_threads(), len(params))
