@@ -6,6 +6,7 @@ convention of ``torch.func`` and ``torch.optim``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -69,3 +70,31 @@ def make_generator(where: str, seed: int | None, generator: torch.Generator | No
     if not 0 <= seed < 2**63:
         raise ValueError(f"{where}: seed must be in [0, 2**63), got {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def check_number(
+    where: str, name: str, value: Any, *, bound: str | None = None, say_finite: bool = False
+) -> float:
+    """``value`` as a float, or a ``ValueError`` naming it unless it is a finite real number within ``bound``.
+
+    ``bound``: ``None``, ``"> 0"``, ``">= 0"`` or ``"in [0, 1)"``. The message says ``{name} must be a finite
+    number`` for a non-number or NaN/inf and ``{name} must be {bound}`` for a value out of bounds; with
+    ``say_finite`` both read ``{name} must be a finite number {bound}``.
+
+    >>> check_number("demo", "lr", 3, bound="> 0")
+    3.0
+    >>> check_number("demo", "lr", 0.0, bound="> 0")
+    Traceback (most recent call last):
+    ...
+    ValueError: demo: lr must be > 0, got 0.0
+    """
+    tests = {None: lambda v: True, "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0,
+             "in [0, 1)": lambda v: 0 <= v < 1}
+    if bound not in tests:
+        raise ValueError(f"fwdgrad._validation.check_number: unknown bound {bound!r}")
+    finite = f"a finite number {bound}" if say_finite and bound else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: {name} must be {finite}, got {value!r}")
+    if not tests[bound](value):
+        raise ValueError(f"{where}: {name} must be {finite if say_finite else bound}, got {value!r}")
+    return float(value)

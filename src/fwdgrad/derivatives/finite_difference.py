@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from fwdgrad._validation import check_real_scalar
+from fwdgrad._validation import check_number, check_real_scalar
 from fwdgrad.directions import draw_tensor, tensor_seeds
 
 Tensor = torch.Tensor
@@ -64,11 +64,7 @@ RESTORE_MODES = ("regenerate", "snapshot")
 
 def check_eps(where: str, eps: object) -> float:
     """``eps`` as a float; ``ValueError`` naming it unless it is a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
-    return float(eps)
+    return check_number(where, "eps", eps, bound="> 0", say_finite=True)
 
 
 def check_restore(where: str, restore: object) -> str:

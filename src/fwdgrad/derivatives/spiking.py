@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from fwdgrad._validation import check_number
+
 Tensor = torch.Tensor
 
 DEFAULT_SLOPES: dict[str, float] = {"fast-sigmoid": 10.0, "triangle": 1.0, "arctan": 2.0}
@@ -47,9 +49,7 @@ def check_surrogate(where: str, name: object, slope: object = None) -> tuple[str
         raise ValueError(f"{where}: unknown surrogate {name!r}; choose one of {list(SURROGATES)}")
     if slope is None:
         return name, DEFAULT_SLOPES[name]
-    if isinstance(slope, bool) or not isinstance(slope, int | float) or not math.isfinite(slope) or slope <= 0:
-        raise ValueError(f"{where}: slope must be a positive finite number, got {slope!r}")
-    return name, float(slope)
+    return name, check_number(where, "slope", slope, bound="> 0", say_finite=True)
 
 
 def surrogate_derivative(x: Tensor, name: str, slope: float | None = None) -> Tensor:

@@ -16,14 +16,13 @@ the estimators that draw random tangents: it validates ``num_directions``, ``tan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives import call_with_parameters
 from fwdgrad.directions import check_sampler_name
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
@@ -45,13 +44,9 @@ def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter
 
 
 def check_rate(where: str, name: str, value: object, *, strictly_positive: bool, below_one: bool = False) -> float:
-    """``value`` as a float, or a ``ValueError`` naming it unless finite, >= 0 (> 0), and < 1 if asked."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}")
-    if value < 0 or (strictly_positive and value == 0) or (below_one and value >= 1):
-        bound = "in [0, 1)" if below_one else ("> 0" if strictly_positive else ">= 0")
-        raise ValueError(f"{where}: {name} must be {bound}, got {value!r}")
-    return float(value)
+    """A step's rate (lr, weight decay, momentum) checked by :func:`fwdgrad._validation.check_number`."""
+    bound = "in [0, 1)" if below_one else ("> 0" if strictly_positive else ">= 0")
+    return check_number(where, name, value, bound=bound)
 
 
 class Estimator:

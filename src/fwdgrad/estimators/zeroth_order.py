@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from fwdgrad._validation import check_positive_int, make_generator
+from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives.finite_difference import (
     FD_SAMPLERS,
     Perturbation,
@@ -31,12 +31,6 @@ from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
-
-
-def _check_rate(where: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @register_estimator("zo", claims=("no-backward", "grad", "fused"))
@@ -169,9 +163,9 @@ class ZerothOrder(Estimator):
             True
         """
         where = f"{type(self).__name__}.sgd_step"
-        lr = _check_rate(where, "lr", lr)
-        weight_decay = _check_rate(where, "weight_decay", weight_decay)
-        momentum = _check_rate(where, "momentum", momentum)
+        lr = check_number(where, "lr", lr, bound=">= 0", say_finite=True)  # lr = 0: the drift measurement
+        weight_decay = check_number(where, "weight_decay", weight_decay, bound=">= 0", say_finite=True)
+        momentum = check_number(where, "momentum", momentum, bound="in [0, 1)", say_finite=True)
         if momentum >= 1:
             raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum!r}")
         if momentum:

@@ -28,19 +28,18 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fwdgrad._validation import check_number
+
 Tensor = torch.Tensor
 
 
 def _check_radius(where: str, radius: Any) -> float:
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
-        raise ValueError(f"{where}: radius must be a finite number > 0, got {radius!r}")
-    return float(radius)
+    return check_number(where, "radius", radius, bound="> 0", say_finite=True)
 
 
 def lmo_l1(g: Tensor, radius: float = 1.0) -> Tensor:
@@ -66,8 +65,7 @@ def lmo_box(g: Tensor, lower: float = -1.0, upper: float = 1.0) -> Tensor:
     """``argmin ⟨g, s⟩`` over the box ``lower ≤ s ≤ upper``, entry by entry."""
     where = "fwdgrad.optim.lmo_box"
     for name, v in (("lower", lower), ("upper", upper)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{where}: {name} must be a finite number, got {v!r}")
+        check_number(where, name, v)
     if not lower < upper:
         raise ValueError(f"{where}: lower must be < upper, got lower={lower!r}, upper={upper!r}")
     return torch.where(g > 0, torch.full_like(g, float(lower)), torch.full_like(g, float(upper)))

@@ -18,10 +18,11 @@ forward-gradient estimators of the rest of fwdgrad. See ``docs/odice.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
+
+from fwdgrad._validation import check_number
 
 Tensor = torch.Tensor
 
@@ -50,8 +51,7 @@ def orthogonal_gradient(
         tensor([1., 2.])
     """
     where = "fwdgrad.optim.orthogonal_gradient"
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"{where}: eta must be a finite number >= 0, got {eta!r}")
+    check_number(where, "eta", eta, bound=">= 0", say_finite=True)
     single = isinstance(g_forward, Tensor)
     if single != isinstance(g_backward, Tensor):
         raise TypeError(f"{where}: g_forward and g_backward must both be tensors or both be lists of tensors")
