@@ -42,7 +42,8 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.derivatives.rules import LayerRule, fast_rule, global_hooks_active
+from fwdgrad.derivatives import mha as _mha  # noqa: F401  (registers nn.MultiheadAttention's ModuleRule)
+from fwdgrad.derivatives.rules import LayerRule, fast_rule, global_hooks_active, module_rule
 from fwdgrad.derivatives.watch import USES, LossFn, ModulePass, restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
 
@@ -96,6 +97,13 @@ class BatchedPass(ModulePass):
             rule = fast_rule(m, global_hooks=hooks)
             if rule is not None:
                 self.rules[m] = rule
+        # a module whose rule reads a child's parameters (nn.MultiheadAttention's out_proj): no vmap form of
+        # such rules yet, and the pass would only find out at the end (a watched use): the windowed pass runs it
+        self.declines = any(
+            owner is not m and any(s.name == attr for s in self.slots.get(owner, ()))
+            for m in model.modules() if (mrule := module_rule(m, global_hooks=hooks)) is not None
+            for owner, attr in mrule.parameters(m).values()
+        )
         self.generic_index = sorted({s.index for m, ss in self.slots.items() if m not in self.rules for s in ss})
         self.fast_index = sorted({s.index for m in self.rules for s in self.slots[m]})
         self._trigger: Tensor | None = None
@@ -161,6 +169,8 @@ class BatchedPass(ModulePass):
 
     def run(self, loss_fn: LossFn, start: int, stop: int, where: str) -> tuple[Tensor, Tensor] | None:
         """``(loss, dirs [stop - start])``, or ``None`` when this pass cannot handle the model or loss."""
+        if self.declines:
+            return None
         generic_primals = [self.source.primals[i] for i in self.generic_index]
         ones = torch.ones((), dtype=self.source.primals[0].dtype, device=self.source.primals[0].device)
 

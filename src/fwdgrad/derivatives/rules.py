@@ -120,6 +120,54 @@ def fast_rule(m: nn.Module, *, global_hooks: bool | None = None) -> LayerRule | 
     return rule
 
 
+# --- whole-module rules (several inputs, parameters of child modules) ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleRule:
+    r"""The forward-mode rule of a module that a :class:`LayerRule` cannot describe: several inputs, keyword
+    arguments, a tuple output, or parameters of child modules used directly (``nn.MultiheadAttention`` reads
+    ``out_proj.weight`` inside ``F.multi_head_attention_forward``, never calling ``out_proj``).
+
+    * ``parameters(m)``: ``{name: (owner, attribute)}`` of every tensor the rule reads, ``owner`` being ``m``
+      or one of its children (``"out_proj.weight": (m.out_proj, "weight")``);
+    * ``jvp(m, args, kwargs, values)``: the call ``m(*args, **kwargs)`` under forward AD, the inputs possibly
+      dual: its output with every tangent set (dual tensors), given ``values[name] = (primal, tangent)``
+      (``tangent`` ``None`` for a frozen tensor; a matrix's may come as rank-1 factors ``(u, v)``). It
+      returns ``None`` for a call it does not support (a mask carrying a tangent, dropout in training...):
+      that call then runs the module's own forward with dual parameters, PyTorch's forward-AD rules;
+    * ``eligible(m)``: whether the rule describes this instance (its children's types, its settings).
+    """
+
+    parameters: Callable[[nn.Module], dict[str, tuple[nn.Module, str]]]
+    jvp: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], dict[str, tuple[Any, Any]]], Any | None]
+    eligible: Callable[[nn.Module], bool] = lambda m: True
+
+
+MODULE_RULES: dict[type, ModuleRule] = {}
+
+
+def register_module_rule(cls: type, rule: ModuleRule) -> None:
+    """Register a :class:`ModuleRule` for modules of exactly type ``cls`` (once per type, else ``ValueError``)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"fwdgrad.derivatives.register_module_rule: {cls!r} is not an nn.Module subclass")
+    if cls in MODULE_RULES:
+        raise ValueError(f"fwdgrad.derivatives.register_module_rule: {cls.__name__} already has a rule")
+    MODULE_RULES[cls] = rule
+
+
+def module_rule(m: nn.Module, *, global_hooks: bool | None = None) -> ModuleRule | None:
+    """The :class:`ModuleRule` of ``m`` when it describes ``m`` exactly (the tests of :func:`fast_rule`: exact
+    type, no ``forward`` of its own instance, no hooks of its own, no foreign global hooks, ``eligible``),
+    else ``None``."""
+    rule = MODULE_RULES.get(type(m))
+    if rule is None or not rule.eligible(m) or has_hidden_behaviour(m):
+        return None
+    if global_hooks_active() if global_hooks is None else global_hooks:
+        return None
+    return rule
+
+
 # --- nn.Linear ------------------------------------------------------------------------------------------
 
 

@@ -118,18 +118,18 @@ class ModulePass:
         try:
             for m in self.slots:
                 self._watch(m)
-                if m in forwards:
-                    m.forward = forwards[m]
-                else:
+                if m not in forwards:
                     handles.append(m.register_forward_pre_hook(self._open))
                     handles.append(m.register_forward_hook(self._close, always_call=True))
+            for m, fn in forwards.items():  # a replaced module may own no trainable tensor itself
+                m.forward = fn
             yield
         finally:
             for h in handles:
                 h.remove()
+            for m in forwards:
+                m.__dict__.pop("forward", None)
             for m, slots in self.slots.items():
-                if m in forwards:
-                    m.__dict__.pop("forward", None)
                 for s in slots:
                     m._parameters[s.name] = s.param
             self._reset()

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +38,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.derivatives.rules import LayerRule, fast_rule, global_hooks_active
-from fwdgrad.derivatives.watch import USES, LossFn, ModulePass
+from fwdgrad.derivatives import mha as _mha  # noqa: F401  (registers nn.MultiheadAttention's ModuleRule)
+from fwdgrad.derivatives.rules import LayerRule, ModuleRule, fast_rule, global_hooks_active, module_rule
+from fwdgrad.derivatives.watch import USES, LossFn, ModulePass, Slot
 from fwdgrad.directions import TangentSource
 
 Tensor = torch.Tensor
@@ -65,6 +67,19 @@ class WindowedPass(ModulePass):
                 rule = fast_rule(m, global_hooks=hooks)
                 if rule is not None:
                     self.rules[m] = rule
+        # modules with a whole-module rule (nn.MultiheadAttention): (rule, [(name, owner, attribute, slot)])
+        self.module_rules: dict[nn.Module, tuple[ModuleRule, list[tuple[str, nn.Module, str, Slot | None]]]] = {}
+        if fast_modules:
+            for m in model.modules():
+                mrule = module_rule(m, global_hooks=hooks)
+                if mrule is None:
+                    continue
+                covered = [
+                    (name, owner, attr, next((s for s in self.slots.get(owner, ()) if s.name == attr), None))
+                    for name, (owner, attr) in mrule.parameters(m).items()
+                ]
+                if any(c[3] is not None for c in covered):
+                    self.module_rules[m] = (mrule, covered)
         self._direction = 0
         self._input_tangent: dict[nn.Module, Tensor | None] = {}
 
@@ -104,6 +119,30 @@ class WindowedPass(ModulePass):
             term = rule.add_input_tangent(m, term, x_t, m.weight)
         return fwAD.make_dual(out, term)
 
+    def _rule_forward(self, m: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``m``'s forward under its :class:`~fwdgrad.derivatives.rules.ModuleRule`: every tensor it reads
+        (its own and its children's, such as ``out_proj.weight``) with its tangent of this direction; a call
+        the rule declines runs ``m``'s own forward with those tensors dual (PyTorch's forward-AD rules)."""
+        rule, covered = self.module_rules[m]
+        k = self._direction
+        values: dict[str, tuple[Any, Any]] = {}
+        for name, owner, attr, slot in covered:
+            if slot is None:  # frozen: the module's own tensor, no tangent
+                values[name] = (owner._parameters[attr], None)
+            else:
+                values[name] = (slot.primal, self.source.direction(slot.index, k))
+        out = rule.jvp(m, args, kwargs, values)
+        if out is not None:
+            return out
+        slots = [(owner, slot) for _, owner, _, slot in covered if slot is not None]
+        try:
+            for owner, slot in slots:
+                owner._parameters[slot.name] = fwAD.make_dual(slot.primal, self.source.dense(slot.index, k))
+            return type(m).forward(m, *args, **kwargs)
+        finally:
+            for owner, slot in slots:
+                owner._parameters[slot.name] = slot.watched
+
     def _reset(self) -> None:
         super()._reset()
         self._input_tangent.clear()
@@ -112,7 +151,8 @@ class WindowedPass(ModulePass):
         """``(loss, ⟨∇L, v_k⟩, clean)``; ``clean`` is ``False`` when a parameter was used outside a window."""
         self._direction = direction
         before = USES.hits
-        with torch.no_grad(), fwAD.dual_level(), self.installed():
+        forwards = {m: functools.partial(self._rule_forward, m) for m in self.module_rules}
+        with torch.no_grad(), fwAD.dual_level(), self.installed(forwards):
             out = check_real_scalar(where, loss_fn(self.model))
             primal, tangent = fwAD.unpack_dual(out)
             tangent = torch.zeros_like(primal) if tangent is None else tangent
