@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.derivatives import mha as _mha  # noqa: F401  (registers nn.MultiheadAttention's ModuleRule)
+from fwdgrad.derivatives import transformer as _transformer  # noqa: F401  (registers the attention ModuleRules)
 from fwdgrad.derivatives.rules import LayerRule, fast_rule, global_hooks_active, module_rule
 from fwdgrad.derivatives.watch import USES, LossFn, ModulePass, restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource

@@ -186,8 +186,10 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
 
 
 def _linear_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
-    if inplace and x_t.dim() == 2 and term.dim() == 2 and term.is_contiguous():
-        return term.addmm_(x_t, weight.t())
+    if inplace and term.dim() >= 2 and term.is_contiguous() and x_t.shape[:-1] == term.shape[:-1]:
+        # [..., out] as [rows, out]: one addmm into the fresh term, no second output-sized buffer
+        term.view(-1, term.shape[-1]).addmm_(x_t.reshape(-1, x_t.shape[-1]), weight.t())
+        return term
     return term + F.linear(x_t, weight)
 
 

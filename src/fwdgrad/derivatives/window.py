@@ -38,7 +38,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.derivatives import mha as _mha  # noqa: F401  (registers nn.MultiheadAttention's ModuleRule)
+from fwdgrad.derivatives import transformer as _transformer  # noqa: F401  (registers the attention ModuleRules)
 from fwdgrad.derivatives.rules import LayerRule, ModuleRule, fast_rule, global_hooks_active, module_rule
 from fwdgrad.derivatives.watch import USES, LossFn, ModulePass, Slot
 from fwdgrad.directions import TangentSource
@@ -78,7 +78,7 @@ class WindowedPass(ModulePass):
                     (name, owner, attr, next((s for s in self.slots.get(owner, ()) if s.name == attr), None))
                     for name, (owner, attr) in mrule.parameters(m).items()
                 ]
-                if any(c[3] is not None for c in covered):
+                if not covered or any(c[3] is not None for c in covered):  # a structural rule, or tangents
                     self.module_rules[m] = (mrule, covered)
         self._direction = 0
         self._input_tangent: dict[nn.Module, Tensor | None] = {}

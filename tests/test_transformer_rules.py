@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention``'s forward-mode rule (``fwdgrad.derivatives.mha``) and the windowed path it opens.
+"""Forward-mode rules of `nn.MultiheadAttention` and `nn.TransformerEncoderLayer` (``fwdgrad.derivatives.transformer``)
 
 Float64 throughout. The rule against ``torch.func.jvp`` through the module on PyTorch's math path (output,
 attention weights and both tangents, 1e-12 absolute on O(1) values) for self- and cross-attention, both
@@ -21,8 +21,8 @@ import fwdgrad
 from fwdgrad.derivatives import reference as reference_module
 from fwdgrad.derivatives import window as window_module
 from fwdgrad.derivatives.attention import forward_mode_attention
-from fwdgrad.derivatives.mha import mha_jvp
 from fwdgrad.derivatives.rules import module_rule
+from fwdgrad.derivatives.transformer import encoder_layer_jvp, mha_jvp
 from fwdgrad.directions import TangentSource
 
 DT = torch.float64
@@ -293,7 +293,7 @@ def test_the_windowed_path_runs_the_rule_on_an_encoder_layer(monkeypatch: pytest
     with forward_mode_attention(model, quiet=True):
         got = window_module.windowed_directions(model, loss_fn, params, source, where="test")
     assert got is not None  # clean: no parameter used outside its window
-    assert calls == [nn.MultiheadAttention]
+    assert calls == [nn.TransformerEncoderLayer, nn.MultiheadAttention]
     _, d = got
     # against autograd: the same lean tangents, drawn again
     grads = torch.autograd.grad(loss_fn(model), params)
@@ -305,8 +305,13 @@ def test_declined_calls_run_the_module_with_dual_tensors_in_its_window(monkeypat
     """Dropout in training mode: the rule declines, the layer's own forward runs with dual parameters (no
     fallback to the reference path), and the estimate is the reference's for the same seed and RNG state."""
     def run(fast: bool):
-        model, loss_fn = _problem("encoder")
-        model.layer.self_attn.dropout = 0.3
+        torch.manual_seed(0)
+        model = _Encoder(False, dropout=0.3).to(DT)  # dropout in the attention and in the layer's own modules
+        x, y = _x(3, 5, 8, seed=11), torch.tensor([0, 2, 1])
+
+        def loss_fn(m):
+            return F.cross_entropy(m(x), y)
+
         torch.manual_seed(9)
         est = fwdgrad.ForwardGradient(1, "gaussian", seed=5, fast_paths=fast)
         with forward_mode_attention(model, quiet=True):
@@ -318,3 +323,28 @@ def test_declined_calls_run_the_module_with_dual_tensors_in_its_window(monkeypat
     _no_reference(monkeypatch)
     for a, b in zip(run(True), ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_rule_is_the_layer_bit_for_bit(activation: str) -> None:
+    """The layer rule only reorders the activation's tangent (same kernels): output and tangent bit for bit."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=activation, batch_first=True).to(DT)
+    x, x_t = _x(3, 5, 8), _x(3, 5, 8, seed=2)
+    assert module_rule(layer) is not None
+    with torch.no_grad(), forward_mode_attention(layer, quiet=True), fwAD.dual_level():
+        want = [t.clone() for t in fwAD.unpack_dual(layer(fwAD.make_dual(x, x_t)))]
+        got = [t.clone() for t in fwAD.unpack_dual(encoder_layer_jvp(layer, (fwAD.make_dual(x, x_t),), {}, {}))]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_encoder_layer_rule_declines_what_it_cannot_see() -> None:
+    own = nn.TransformerEncoderLayer(8, 2, 16, activation=nn.GELU())  # a module activation: no rule needed
+    assert module_rule(own) is None
+    lam = nn.TransformerEncoderLayer(8, 2, 16, activation=lambda t: t.tanh())
+    assert module_rule(lam) is None
+    over = nn.TransformerEncoderLayer(8, 2, 16)
+    over._ff_block = lambda t: t
+    assert module_rule(over) is None
+    assert module_rule(type("Mine", (nn.TransformerEncoderLayer,), {})(8, 2, 16)) is None

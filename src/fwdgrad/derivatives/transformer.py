@@ -31,7 +31,7 @@ parameters', nested tensors, shapes the module would refuse.
 Example:
     >>> import torch
     >>> import torch.autograd.forward_ad as fwAD
-    >>> from fwdgrad.derivatives.mha import mha_jvp
+    >>> from fwdgrad.derivatives.transformer import mha_jvp
     >>> mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
     >>> x = torch.randn(2, 3, 4, dtype=torch.float64)
     >>> values = {n: (p.detach(), None) for n, p in mha.named_parameters()}
@@ -319,3 +319,61 @@ def _dual(x: Tensor, t: Tensor | None) -> Tensor:
 
 
 register_module_rule(nn.MultiheadAttention, ModuleRule(parameters=_parameters, jvp=mha_jvp, eligible=_eligible))
+
+
+# -- nn.TransformerEncoderLayer: the feed-forward block in tangent-lean order ------------------------------
+
+# activation → the kernel of PyTorch's own forward-AD formula for it: tangent = kernel(x_t, x) elementwise
+_ACTIVATION_TANGENT = {
+    F.gelu: lambda t, x: torch.ops.aten.gelu_backward(t, x),  # gelu'(x) ⊙ t (derivatives.yaml: gelu)
+    F.relu: lambda t, x: torch.ops.aten.threshold_backward(t, x, 0),  # t where x > 0 (same mask as relu(x) > 0)
+}
+
+
+def _layer_parameters(m: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    return {}  # the children read their own tensors, each in its own module call
+
+
+def _layer_eligible(m: nn.Module) -> bool:
+    return "_ff_block" not in m.__dict__ and any(m.activation is f for f in _ACTIVATION_TANGENT)
+
+
+def encoder_layer_jvp(
+    m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], values: dict[str, tuple[Any, Any]],
+) -> Any:
+    r"""``nn.TransformerEncoderLayer``'s own forward, its feed-forward block run in an order that holds
+    three hidden-sized tensors where PyTorch's forward AD holds four.
+
+    With ``A = linear1(x)`` and its tangent ``A_t``, PyTorch's dual activation keeps ``A``, ``A_t``, ``σ(A)``
+    and ``σ'(A) ⊙ A_t`` alive together. Here the tangent is formed first by the same kernel
+    (``gelu_backward(A_t, A)``, ``threshold_backward(A_t, A, 0)``), ``A_t`` is released, then ``σ(A)`` is
+    formed and ``A`` released: the same values, bit for bit, one hidden-sized buffer less at the peak
+    (the feed-forward width is usually 4× the model's, so this buffer is the largest of the layer). The
+    child modules (norms, attention, linears, dropouts) are called as modules, so their own rules, windows
+    and hooks apply as in the layer's forward."""
+    tangent_of = next(k for f, k in _ACTIVATION_TANGENT.items() if m.activation is f)
+
+    def ff_block(x: Tensor) -> Tensor:
+        h = m.linear1(x)
+        a, a_t = fwAD.unpack_dual(h)
+        del h
+        if a_t is None:
+            y = m.activation(a)
+        else:
+            y_t = tangent_of(a_t, a)
+            del a_t
+            y = fwAD.make_dual(m.activation(a), y_t)
+            del y_t
+        del a
+        return m.dropout2(m.linear2(m.dropout(y)))
+
+    m._ff_block = ff_block
+    try:
+        return type(m).forward(m, *args, **kwargs)
+    finally:
+        del m._ff_block
+
+
+register_module_rule(nn.TransformerEncoderLayer, ModuleRule(
+    parameters=_layer_parameters, jvp=encoder_layer_jvp, eligible=_layer_eligible,
+))
