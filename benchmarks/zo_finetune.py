@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="rewrite table and plot from <out>/results.json")
     p.add_argument("--interleaved", type=int, default=0,
                    help="only time the methods taking turns in one process, this many rounds; print JSON")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only measure each method's step memory and time (a fresh process each); print JSON")
     args = p.parse_args(argv)
     if args.interleaved:
         torch.set_num_threads(args.threads)
@@ -402,6 +404,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(spec["threads"])
         result = _measure(spec["label"], spec["batch"], spec["steps"], spec["trainable"])
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.memory_only:
+        memory = {label: measure_in_subprocess(label, args) for label in ["forward", *args.methods.split(",")]}
+        for m in memory.values():
+            m["extra_over_forward"] = m["extra_mb"] / memory["forward"]["extra_mb"]
+        print(json.dumps(memory, indent=1))
         return
     torch.set_num_threads(args.threads)
     args.lr = {k: float(v) for k, v in (s.split("=") for s in args.lr)}

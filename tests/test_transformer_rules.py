@@ -1,4 +1,4 @@
-"""Forward-mode rules of `nn.MultiheadAttention` and `nn.TransformerEncoderLayer` (``fwdgrad.derivatives.transformer``)
+"""The forward-mode rules of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` and the windowed path.
 
 Float64 throughout. The rule against ``torch.func.jvp`` through the module on PyTorch's math path (output,
 attention weights and both tangents, 1e-12 absolute on O(1) values) for self- and cross-attention, both

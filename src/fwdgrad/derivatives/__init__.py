@@ -9,7 +9,9 @@ the tangents of a :class:`fwdgrad.directions.TangentSource`. It picks, in order:
    ``functional_call``, the tangents of ``chunk_size`` directions materialised at a time),
 
 falling back, buffers restored, whenever a faster path cannot vouch for the model (a parameter used
-outside its module, a module updating buffers under ``vmap``). Whatever the path, buffers move as in one
+outside its module, a module updating buffers under ``vmap``). ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` run the windowed pass through whole-module rules
+(:mod:`~fwdgrad.derivatives.transformer`). Whatever the path, buffers move as in one
 forward (:func:`~fwdgrad.derivatives.watch.once_per_step`), and a missing forward-AD rule raises
 :class:`fwdgrad.ForwardADNotSupportedError` naming the operation and module. Per-layer rules live in one
 registry (:mod:`~fwdgrad.derivatives.rules`). Finite differences and forward mode through time join as
@@ -41,12 +43,16 @@ from fwdgrad.derivatives.attention import forward_mode_attention
 from fwdgrad.derivatives.batched import batched_directions
 from fwdgrad.derivatives.reference import call_with_parameters, directional_derivatives, reference_directions
 from fwdgrad.derivatives.rules import (
+    MODULE_RULES,
     RULES,
     ActivityLayer,
     LayerRule,
+    ModuleRule,
     fast_rule,
     is_activity_layer,
     local_weight_grads,
+    module_rule,
+    register_module_rule,
     register_rule,
 )
 from fwdgrad.derivatives.watch import LossFn, once_per_step, restore_buffers, snapshot_buffers
@@ -122,9 +128,11 @@ def module_directions(
 
 
 __all__ = [
+    "MODULE_RULES",
     "RULES",
     "ActivityLayer",
     "LayerRule",
+    "ModuleRule",
     "call_with_parameters",
     "directional_derivatives",
     "fast_directions",
@@ -133,8 +141,10 @@ __all__ = [
     "is_activity_layer",
     "local_weight_grads",
     "module_directions",
+    "module_rule",
     "once_per_step",
     "reference_directions",
+    "register_module_rule",
     "register_rule",
     "uses_fast_loop",
 ]

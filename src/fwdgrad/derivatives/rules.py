@@ -16,6 +16,10 @@ hooks are active (other than fwdgrad's own, marked benign), and the rule's ``eli
 Conv2d test: zero padding given as numbers). Anything else takes the general path: PyTorch's own
 forward-AD rules through the module as it runs, hooks included.
 
+Modules that one input and one weight do not describe (several inputs, keyword arguments, tuple outputs,
+a child's parameters read directly: ``nn.MultiheadAttention``) have a :class:`ModuleRule` instead
+(:func:`register_module_rule`, :func:`module_rule`), used by the windowed pass under the same tests.
+
 User layers join in one of two ways: register a :class:`LayerRule` for their type
 (:func:`register_rule`), or implement the :class:`ActivityLayer` protocol (``activity_weight_grads``), which
 activity perturbation uses to perturb the layer as a whole.

@@ -1,4 +1,6 @@
-r"""The forward-mode rule of ``nn.MultiheadAttention``: primal and tangent of one call, on the math path.
+r"""Whole-module forward-mode rules for transformers: ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``.
+
+**nn.MultiheadAttention**: primal and tangent of one call, on the math path.
 
 ``nn.MultiheadAttention`` reads its output projection's parameters inside
 ``F.multi_head_attention_forward``, never calling ``out_proj``; the per-module passes of
@@ -27,6 +29,11 @@ float masks and ``is_causal`` follow ``F.multi_head_attention_forward`` exactly.
 describe run the module's own forward with dual parameters instead (``None`` from :func:`mha_jvp`): dropout
 in training mode, a mask carrying a tangent, masks of mixed kinds, inputs of a dtype other than the
 parameters', nested tensors, shapes the module would refuse.
+
+**nn.TransformerEncoderLayer** (:func:`encoder_layer_jvp`): the layer's own forward, its children called as
+modules, with the feed-forward activation's tangent formed before its output (the same kernels as PyTorch's
+forward AD, bit for bit) so that the layer's largest tensors, ``linear1``'s output and tangent and the
+activation's output and tangent, are never all alive at once: three hidden-sized buffers at the peak, not four.
 
 Example:
     >>> import torch

@@ -12,7 +12,10 @@ with a plain weight would also multiply the input by a zero weight tangent, a wa
 .. math:: y_t = x_t W^\top + x W_t^\top + b_t, \qquad x W_t^\top = (x v)\,u^\top \text{ when } W_t = u v^\top,
 
 so with ``rank1`` tangents the weight's term costs ``O(B·(in + out))`` and ``u vᵀ`` is never formed. Any
-other module gets dual parameters and PyTorch's own forward-AD rules, hooks included.
+other module gets dual parameters and PyTorch's own forward-AD rules, hooks included. A module with a
+whole-module rule (:class:`fwdgrad.derivatives.rules.ModuleRule`: ``nn.MultiheadAttention``, which reads
+``out_proj``'s tensors outside ``out_proj``'s forward, and ``nn.TransformerEncoderLayer``) runs that rule in
+place of its forward, with the tangents of every tensor it reads drawn from the same source.
 
 Example:
     >>> import torch
