@@ -150,6 +150,8 @@ def test_calls_the_rule_does_not_describe_are_declined() -> None:
         assert mha_jvp(_mha(), (x, x, x), {"is_causal": True}, values) is None  # PyTorch raises
         assert mha_jvp(_mha(), (x.float(),) * 3, {}, values) is None  # dtype other than the parameters'
         assert mha_jvp(_mha(), (x[..., :6],) * 3, {}, values) is None  # a shape the module refuses
+        two_d = {"key_padding_mask": torch.zeros(1, 4, dtype=torch.bool)}
+        assert mha_jvp(_mha(), (x[0],) * 3, two_d, values) is None  # unbatched takes a 1-D padding mask
     hooked = _mha()
     hooked.register_forward_hook(lambda m, a, o: o)
     assert module_rule(hooked) is None

@@ -200,7 +200,9 @@ def mha_jvp(
     if xk.shape[2] != m.kdim or xv.shape[2] != m.vdim or (m._qkv_same_embed_dim and xk.shape != xv.shape):
         return None
     if kpm is not None:
-        kpm = kpm.unsqueeze(0) if not batched and kpm.dim() == 1 else kpm
+        if kpm.dim() != (2 if batched else 1):
+            return None
+        kpm = kpm if batched else kpm.unsqueeze(0)
         if kpm.shape != (n, src):
             return None
         kpm = _float_mask(kpm, dtype)
@@ -362,6 +364,8 @@ def encoder_layer_jvp(
 
     def ff_block(x: Tensor) -> Tensor:
         h = m.linear1(x)
+        if not isinstance(h, Tensor):  # a replaced linear1: the layer's own block
+            return m.dropout2(m.linear2(m.dropout(m.activation(h))))
         a, a_t = fwAD.unpack_dual(h)
         del h
         if a_t is None:
