@@ -16,7 +16,16 @@ from fwdgrad.distributed.comm import (
     ReplicaMismatchError,
 )
 from fwdgrad.distributed.launch import free_port, init_from_env, spawn_local
-from fwdgrad.distributed.replay import ReplayLog, read_header, record_bytes, records, replay, replay_file
+from fwdgrad.distributed.replay import (
+    ReplayLog,
+    load_initial_state,
+    read_header,
+    record_bytes,
+    records,
+    replay,
+    replay_file,
+    running_buffers,
+)
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
 from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
 
@@ -34,11 +43,13 @@ __all__ = [
     "digest",
     "free_port",
     "init_from_env",
+    "load_initial_state",
     "read_header",
     "record_bytes",
     "records",
     "replay",
     "replay_file",
+    "running_buffers",
     "shard",
     "spawn_local",
     "step_seed",

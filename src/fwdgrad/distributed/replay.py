@@ -1,27 +1,57 @@
 r"""A compact log of seed-sharing training, and the replay that rebuilds the final weights from it.
 
 Everything a seed-sharing step does to the weights is a function of the initial weights, the base seed,
-the step number and the step's scalars. The log holds exactly that:
+the step number, the step's scalars and the update rule. The log holds exactly that, in one of two kinds:
 
-* a header (JSON, written once): the configuration of :meth:`SeedSharingSGD.config
-  <fwdgrad.distributed.SeedSharingSGD.config>` (estimator, tangents, K, mode, base seed, world size,
-  parameter names, shapes and dtypes), the digest of the initial weights, torch's version and thread count;
-* one fixed-size record per step: ``step`` (uint64), ``lr``, ``weight_decay``, ``momentum``, ``loss`` and the
-  ``S`` scalars the update used (float64; ``S = K`` in data mode, ``K·W`` in tangent mode), i.e.
-  ``40 + 8·S`` bytes per step, whatever the model's size.
+* ``"fused-sgd"`` (:meth:`SeedSharingSGD.step <fwdgrad.distributed.SeedSharingSGD.step>` with
+  ``SeedSharingSGD(..., log=ReplayLog(path, opt))``): one record per step of ``step`` (uint64), ``lr``,
+  ``weight_decay``, ``momentum``, ``loss`` and the ``S`` scalars the update used (float64; ``S = K`` in data
+  mode, ``K·W`` in tangent mode): ``40 + 8·S`` bytes per step;
+* ``"optimizer"`` (:meth:`SeedSharingSGD.accumulate <fwdgrad.distributed.SeedSharingSGD.accumulate>` then a
+  ``torch.optim`` optimizer's step, as ``fwdgrad train --replay-log`` does;
+  ``ReplayLog(path, opt, optimizer=..., clip_grad_norm=...)`` and :meth:`ReplayLog.append_optimizer_step`):
+  the header holds the optimizer's class and hyper-parameters and the clipping norm, and one record per
+  step holds ``step`` (uint64), the ``lr`` the optimizer used (a schedule's value), ``loss`` and the ``S``
+  scalars: ``24 + 8·S`` bytes per step.
 
-:func:`replay` re-runs the same update kernels (:class:`~fwdgrad.estimators.gradient.ImplicitGradient`'s
-``sgd_``) on the same regenerated directions, so on the same software and hardware the result is bit for bit
-the trained model (``fwdgrad replay LOG --init INIT.pt --out MODEL.pt``). Models whose forward pass changes
-buffers (BatchNorm running statistics) are not covered: only trainable parameters are replayed.
+The header (JSON, written once) also holds the configuration of :meth:`SeedSharingSGD.config
+<fwdgrad.distributed.SeedSharingSGD.config>` (estimator, tangents, K, mode, base seed, world size, parameter
+names, shapes and dtypes), the digests of the initial trainable parameters and of everything else in the
+model's state (buffers, frozen parameters: copied unchanged by the replay), torch's version and thread count.
+Models whose forward pass updates a buffer (BatchNorm's running statistics) are refused: the replay would
+copy those buffers from the initial state, so the rebuilt model would not be the trained one.
+
+:func:`replay` re-runs the same kernels on the same regenerated directions — the fused update, or the
+estimate written into ``.grad`` (:meth:`ImplicitGradient.accumulate
+<fwdgrad.estimators.gradient.ImplicitGradient.accumulate>`), ``clip_grad_norm_`` and a fresh optimizer of
+the same class stepping with each step's recorded lr — so on the same software and hardware the result is
+bit for bit the trained model (``fwdgrad replay LOG --init INIT.pt --out MODEL.pt``). The loss itself is
+never evaluated again, so randomness inside it (dropout) needs no record: the scalars carry its effect.
 
 File layout: ``b"FWDGRPL1"``, a little-endian uint32 header length, the header, then the records.
+
+Example:
+    >>> import tempfile, pathlib, torch, torch.nn.functional as F
+    >>> from fwdgrad.distributed import SeedSharingSGD, ReplayLog, replay
+    >>> model = torch.nn.Linear(3, 2); init = {k: v.clone() for k, v in model.state_dict().items()}
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    >>> shared, adam = SeedSharingSGD(model, seed=0), torch.optim.Adam(model.parameters(), lr=1e-2)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     log = ReplayLog(pathlib.Path(d) / "run.log", shared, optimizer=adam)
+    ...     for _ in range(3):
+    ...         adam.zero_grad(); loss = shared.accumulate(lambda m: F.cross_entropy(m(x), y)); adam.step()
+    ...         log.append_optimizer_step(shared.step_count - 1, adam.param_groups[0]["lr"], loss,
+    ...                                   shared.last_scalars)
+    ...     log.close(); out = replay(log.path, init)
+    >>> all(torch.equal(out[k], v) for k, v in model.state_dict().items())
+    True
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -29,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fwdgrad._io import write_atomic
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_source
@@ -36,12 +67,63 @@ from fwdgrad.estimators import ImplicitGradient
 
 Tensor = torch.Tensor
 MAGIC = b"FWDGRPL1"
-RECORD = struct.Struct("<Q4d")  # step, lr, weight_decay, momentum, loss
+RECORD = struct.Struct("<Q4d")  # fused SGD: step, lr, weight_decay, momentum, loss
+OPTIMIZER_RECORD = struct.Struct("<Q2d")  # accumulate + torch.optim: step, lr, loss
+KINDS = ("fused-sgd", "optimizer")
 
 
-def record_bytes(scalars: int) -> int:
-    """Bytes of one step's record with ``scalars`` scalars: ``40 + 8·scalars``."""
-    return RECORD.size + 8 * scalars
+def record_bytes(scalars: int, kind: str = "fused-sgd") -> int:
+    """Bytes of one step's record with ``scalars`` scalars: ``40 + 8·scalars`` (fused SGD) or ``24 + 8·scalars``
+    (``kind="optimizer"``)."""
+    if kind not in KINDS:
+        raise ValueError(f"fwdgrad.distributed.record_bytes: kind must be one of {KINDS}, got {kind!r}")
+    return (RECORD.size if kind == "fused-sgd" else OPTIMIZER_RECORD.size) + 8 * scalars
+
+
+def running_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers that the forward pass of ``model`` updates in training mode: the running
+    statistics of BatchNorm/InstanceNorm layers with ``track_running_stats``."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            out.extend(f"{name}.{b}" if name else b for b, t in m.named_buffers(recurse=False) if t is not None)
+    return out
+
+
+def _frozen(state: Mapping[str, Any], names: list[str]) -> list[tuple[str, Tensor]]:
+    """The tensors of a state dict that are not replayed (buffers, frozen parameters), by name."""
+    skip = set(names)
+    return [(k, v) for k, v in sorted(state.items()) if k not in skip and isinstance(v, Tensor)]
+
+
+def _jsonable(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, tuple | list):
+        return all(_jsonable(v) for v in value)
+    return False
+
+
+def optimizer_spec(where: str, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> dict[str, Any]:
+    """``{"class": name, "options": {...}}`` of a ``torch.optim`` optimizer with one parameter group holding
+    exactly ``params`` in order; ``ValueError`` naming what cannot be rebuilt from it."""
+    cls = type(optimizer)
+    if not isinstance(optimizer, torch.optim.Optimizer) or getattr(torch.optim, cls.__name__, None) is not cls:
+        raise ValueError(f"{where}: optimizer {cls.__name__!r} is not a torch.optim class; the replay rebuilds the "
+                         "optimizer by its torch.optim name")
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"{where}: the optimizer has {len(optimizer.param_groups)} parameter groups; the replay "
+                         "supports one")
+    group = optimizer.param_groups[0]
+    if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params, strict=False)):
+        raise ValueError(f"{where}: the optimizer's parameters are not the seed-shared parameters in their order")
+    options = {k: group[k] for k in optimizer.defaults if k in group and k != "lr"}
+    bad = sorted(k for k, v in options.items() if not _jsonable(v))
+    if bad:
+        raise ValueError(f"{where}: optimizer option {bad[0]}={options[bad[0]]!r} cannot be recorded in the log")
+    return {"class": cls.__name__, "options": options}
 
 
 class ReplayLog:
@@ -52,36 +134,98 @@ class ReplayLog:
         opt: the :class:`~fwdgrad.distributed.SeedSharingSGD` whose steps are logged; its weights now are the
             initial weights of the log (``opt.step_count`` must be 0), unless ``resume`` is given.
         resume: continue an existing log at this step: records from this step on are cut off (a checkpoint
-            taken at step ``resume``), the header must match ``opt``'s configuration.
+            taken at step ``resume``), the header must match ``opt``'s configuration (and ``optimizer``'s).
+        optimizer: for a log of ``accumulate`` + ``optimizer.step()`` (kind ``"optimizer"``; append with
+            :meth:`append_optimizer_step`); ``None``: a log of fused SGD steps (:meth:`append`).
+        clip_grad_norm: the ``max_norm`` of ``torch.nn.utils.clip_grad_norm_`` applied to ``.grad`` before
+            every optimizer step, or ``None``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], opt: Any, resume: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], opt: Any, resume: int | None = None, *,
+        optimizer: torch.optim.Optimizer | None = None, clip_grad_norm: float | None = None,
+    ) -> None:
         where = "fwdgrad.distributed.ReplayLog"
         self.path = Path(path)
+        self.kind = "fused-sgd" if optimizer is None else "optimizer"
+        if optimizer is None and clip_grad_norm is not None:
+            raise ValueError(f"{where}: clip_grad_norm={clip_grad_norm!r} applies to an optimizer's .grad; "
+                             "the fused SGD step has none")
+        clip = clip_grad_norm
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
+                                 or not 0 < clip < math.inf):
+            raise ValueError(f"{where}: clip_grad_norm must be a positive finite number, got {clip_grad_norm!r}")
+        running = running_buffers(opt.model)
+        if running:
+            raise ValueError(f"{where}: the model updates buffer(s) {running[:3]} in its forward pass (running "
+                             "statistics); a replay rebuilds the trainable parameters only, so it would not give "
+                             "the trained model (use GroupNorm/LayerNorm, or track_running_stats=False)")
         config = opt.config()
+        names = list(opt.params)
         self.scalars = config["num_directions"] * (config["world"] if config["mode"] == "tangent" else 1)
+        self.dtype = str(next(iter(opt.params.values())).dtype)
+        header: dict[str, Any] = {
+            "format": 1, "kind": self.kind, "config": config, "init_digest": opt.weights_digest(),
+            "frozen_digest": digest(_frozen(opt.model.state_dict(), names)), "dtype": self.dtype,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "scalars": self.scalars,
+        }
+        if optimizer is not None:
+            header["optimizer"] = optimizer_spec(where, optimizer, list(opt.params.values()))
+            header["clip_grad_norm"] = None if clip_grad_norm is None else float(clip_grad_norm)
         if resume is None:
             if opt.step_count != 0:
                 raise ValueError(f"{where}: a new log starts at step 0, the optimizer is at step {opt.step_count}")
-            header = {"format": 1, "config": config, "init_digest": opt.weights_digest(),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__, "scalars": self.scalars}
             raw = json.dumps(header).encode()
             write_atomic(self.path, MAGIC + struct.pack("<I", len(raw)) + raw)
         else:
-            header, start = read_header(self.path)
-            if header["config"] != json.loads(json.dumps(config)):
-                raise ValueError(f"{where}: {self.path} was written by a different configuration")
+            if not self.path.is_file():
+                raise ValueError(f"{where}: cannot resume the replay log {self.path}: there is no such file")
+            old, start = read_header(self.path)
+            for key in ("kind", "config", "optimizer", "clip_grad_norm", "dtype"):
+                if key not in old and key != "kind":  # a log written before the key existed
+                    continue
+                if old.get(key, "fused-sgd") != json.loads(json.dumps(header.get(key))):
+                    raise ValueError(f"{where}: {self.path} was written with a different {key} "
+                                     f"({old.get(key)!r}, now {header.get(key)!r})")
+            have = (self.path.stat().st_size - start) // record_bytes(self.scalars, self.kind)
+            if have < resume:
+                raise ValueError(f"{where}: {self.path} holds {have} steps, fewer than the {resume} to resume after")
             with open(self.path, "r+b") as f:
-                f.truncate(start + resume * record_bytes(self.scalars))
+                f.truncate(start + resume * record_bytes(self.scalars, self.kind))
+        self._start = read_header(self.path)[1]
         self._file = open(self.path, "ab")
 
-    def append(self, step: int, lr: float, weight_decay: float, momentum: float, loss: float, dirs: Tensor) -> None:
-        """Write one step's record and flush it."""
+    def _values(self, where: str, dirs: Tensor) -> bytes:
         values = dirs.detach().double().cpu().contiguous()
         if values.numel() != self.scalars:
-            raise ValueError(f"fwdgrad.distributed.ReplayLog.append: {values.numel()} scalars, expected {self.scalars}")
-        self._file.write(RECORD.pack(step, lr, weight_decay, momentum, loss) + values.numpy().tobytes())
+            raise ValueError(f"{where}: {values.numel()} scalars, expected {self.scalars}")
+        return values.numpy().tobytes()
+
+    def append(self, step: int, lr: float, weight_decay: float, momentum: float, loss: float, dirs: Tensor) -> None:
+        """Write one fused SGD step's record and flush it."""
+        where = "fwdgrad.distributed.ReplayLog.append"
+        if self.kind != "fused-sgd":
+            raise ValueError(f"{where}: this is a log of optimizer steps; use append_optimizer_step")
+        self._file.write(RECORD.pack(step, lr, weight_decay, momentum, loss) + self._values(where, dirs))
         self._file.flush()
+
+    def append_optimizer_step(self, step: int, lr: float, loss: float | Tensor, dirs: Tensor) -> None:
+        """Write the record of step ``step`` of ``accumulate`` + ``optimizer.step()`` (``lr``: the lr the
+        optimizer used, ``dirs``: the exchanged scalars, :attr:`SeedSharingSGD.last_scalars
+        <fwdgrad.distributed.SeedSharingSGD.last_scalars>`) and flush it."""
+        where = "fwdgrad.distributed.ReplayLog.append_optimizer_step"
+        if self.kind != "optimizer":
+            raise ValueError(f"{where}: this is a log of fused SGD steps; use append")
+        if isinstance(lr, Tensor) or not isinstance(lr, int | float):
+            raise ValueError(f"{where}: lr must be a float, got {lr!r}")
+        loss_value = float(loss.detach().double().mean()) if isinstance(loss, Tensor) else float(loss)
+        self._file.write(OPTIMIZER_RECORD.pack(step, lr, loss_value) + self._values(where, dirs))
+        self._file.flush()
+
+    def truncate(self, steps: int) -> None:
+        """Keep the first ``steps`` records only (a run that restores earlier weights)."""
+        self._file.flush()
+        self._file.truncate(self._start + steps * record_bytes(self.scalars, self.kind))
 
     def close(self) -> None:
         self._file.close()
@@ -94,13 +238,23 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
         if len(head) < 12 or head[:8] != MAGIC:
             raise ValueError(f"fwdgrad replay: {path} is not a fwdgrad replay log")
         (size,) = struct.unpack("<I", head[8:])
-        return json.loads(f.read(size)), 12 + size
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            raise ValueError(f"fwdgrad replay: {path} has a damaged header") from None
+        kind = header.get("kind", "fused-sgd") if isinstance(header, dict) else None
+        if kind not in KINDS or not isinstance(header.get("config"), dict):
+            raise ValueError(f"fwdgrad replay: {path} has a header of unknown kind {kind!r}")
+        return header, 12 + size
 
 
-def records(path: str | os.PathLike[str]) -> Iterator[tuple[int, float, float, float, float, Tensor]]:
-    """The records of a log: ``(step, lr, weight_decay, momentum, loss, scalars [S] float64)``."""
+def records(path: str | os.PathLike[str]) -> Iterator[tuple[Any, ...]]:
+    """The records of a log: ``(step, lr, weight_decay, momentum, loss, scalars [S] float64)`` for a fused
+    SGD log, ``(step, lr, loss, scalars [S] float64)`` for an optimizer log."""
     header, start = read_header(path)
-    size = record_bytes(header["scalars"])
+    kind = header.get("kind", "fused-sgd")
+    head = RECORD if kind == "fused-sgd" else OPTIMIZER_RECORD
+    size = record_bytes(header["scalars"], kind)
     with open(path, "rb") as f:
         f.seek(start)
         while True:
@@ -109,19 +263,34 @@ def records(path: str | os.PathLike[str]) -> Iterator[tuple[int, float, float, f
                 if raw:
                     raise ValueError(f"fwdgrad replay: {path} ends with a truncated record")
                 return
-            step, lr, wd, mom, loss = RECORD.unpack_from(raw)
-            yield step, lr, wd, mom, loss, torch.frombuffer(bytearray(raw[RECORD.size:]), dtype=torch.float64)
+            yield *head.unpack_from(raw), torch.frombuffer(bytearray(raw[head.size:]), dtype=torch.float64)
+
+
+def _source(config: dict[str, Any], params: list[Tensor], step: int) -> Any:
+    streams = range(config["world"]) if config["mode"] == "tangent" else range(1)
+    parts = [step_source(config["tangents"], params, config["num_directions"], config["seed"], step, s)
+             for s in streams]
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+
+
+def _optimizer(where: str, spec: dict[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, spec["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"{where}: the log names optimizer {spec['class']!r}, which torch.optim does not have")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()}
+    return cls(params, lr=1.0, **options)  # the lr of every step is set from its record
 
 
 def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The state dict ``init`` with its trainable parameters advanced through every step of log ``path``.
 
-    ``init`` must hold the parameters the log names, with the initial weights' digest; anything else in
-    it (buffers) is copied unchanged. Runs with the thread count the training used.
+    ``init`` must hold the parameters the log names, with the initial weights' digest, and the tensors the log
+    does not replay (buffers, frozen parameters) as they were at the start; those are copied unchanged. Runs
+    with the thread count the training used.
     """
     where = "fwdgrad replay"
     header, _ = read_header(path)
-    config = header["config"]
+    config, kind = header["config"], header.get("kind", "fused-sgd")
     names = [n for n, _, _ in config["params"]]
     missing = [n for n in names if n not in init]
     if missing:
@@ -129,34 +298,62 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
     state = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in init.items()}
     params = [state[n] for n in names]
     if digest(list(zip(names, params, strict=True))) != header["init_digest"]:
-        raise ValueError(f"{where}: the initial weights do not match the digest recorded in {path}")
-    tangents, k, base = config["tangents"], config["num_directions"], config["seed"]
-    streams = range(config["world"]) if config["mode"] == "tangent" else range(1)
-    buffers: dict[Tensor, Tensor] = {}
+        raise ValueError(f"{where}: the initial weights do not match the digest recorded in {path} (initial "
+                         f"parameters digest {header['init_digest']:016x}, these have "
+                         f"{digest(list(zip(names, params, strict=True))):016x})")
+    if "frozen_digest" in header and digest(_frozen(state, names)) != header["frozen_digest"]:
+        raise ValueError(f"{where}: the buffers or frozen parameters of the initial state do not match the digest "
+                         f"recorded in {path} (give the whole initial state dict of the run)")
+    dtype = getattr(torch, header["dtype"].removeprefix("torch.")) if "dtype" in header else params[0].dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(header["threads"])
     try:
         expected = 0
-        for step, lr, wd, mom, loss, dirs in records(path):
-            if step != expected:
-                raise ValueError(f"{where}: {path} jumps from step {expected} to step {step}")
-            parts = [step_source(tangents, params, k, base, step, s) for s in streams]
-            source = parts[0] if len(parts) == 1 else ConcatSource(parts)
-            grad = ImplicitGradient(torch.tensor(loss, dtype=params[0].dtype), dirs.to(params[0].dtype), source)
-            grad.sgd_(where, params, lr, wd, mom, buffers)  # type: ignore[arg-type]
-            expected += 1
+        if kind == "fused-sgd":
+            buffers: dict[Tensor, Tensor] = {}
+            for step, lr, wd, mom, loss, dirs in records(path):
+                if step != expected:
+                    raise ValueError(f"{where}: {path} jumps from step {expected} to step {step}")
+                grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), _source(config, params, step))
+                grad.sgd_(where, params, lr, wd, mom, buffers)  # type: ignore[arg-type]
+                expected += 1
+        else:
+            optimizer = _optimizer(where, header["optimizer"], params)
+            clip = header.get("clip_grad_norm")
+            for step, lr, loss, dirs in records(path):
+                if step != expected:
+                    raise ValueError(f"{where}: {path} jumps from step {expected} to step {step}")
+                for p in params:
+                    p.grad = None
+                grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), _source(config, params, step))
+                grad.accumulate(where, params, names)
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                optimizer.param_groups[0]["lr"] = lr
+                optimizer.step()
+                expected += 1
+            for p in params:
+                p.grad = None
     finally:
         torch.set_num_threads(threads)
     return state
 
 
-def replay_file(log: str | os.PathLike[str], init: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
-    """``fwdgrad replay``: read ``init`` (a state dict saved by ``torch.save``), replay ``log``, save the result
-    to ``out`` atomically; returns the number of steps replayed."""
-    state = torch.load(init, map_location="cpu", weights_only=True)
+def load_initial_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The state dict in ``path``: a ``torch.save``-d state dict, or a file written by ``fwdgrad train
+    --save-model``/``--replay-log`` (``{"state_dict": ...}``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping) and "format" in state:
+        state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"fwdgrad replay: {init} does not hold a state dict")
-    final = replay(log, state)
+        raise ValueError(f"fwdgrad replay: {path} does not hold a state dict")
+    return dict(state)
+
+
+def replay_file(log: str | os.PathLike[str], init: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """``fwdgrad replay``: read ``init`` (see :func:`load_initial_state`), replay ``log``, save the resulting
+    state dict to ``out`` atomically; returns the number of steps replayed."""
+    final = replay(log, load_initial_state(init))
     buf = io.BytesIO()
     torch.save(final, buf)
     write_atomic(out, buf.getvalue())

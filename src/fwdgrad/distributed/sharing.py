@@ -88,6 +88,7 @@ class SeedSharingSGD:
 
     Attributes:
         step_count: steps taken (the next step's number).
+        last_scalars: the exchanged scalars of the last :meth:`accumulate` (float64 ``[S]``; ``None`` before).
         comm: the collectives (``comm.bytes_total`` counts what was exchanged).
         seconds: wall-clock seconds spent per phase since start-up: ``estimate`` (this rank's forward passes),
             ``exchange`` (collectives, waiting for peers included), ``update`` (regeneration and update;
@@ -136,6 +137,7 @@ class SeedSharingSGD:
                             "seed sharing needs directions it can regenerate")
         self.params = trainable_parameters(where, model)
         self.step_count = 0
+        self.last_scalars: Tensor | None = None
         self._buffers: dict[Tensor, Tensor] = {}
         self._checked_source = False
         self.options = {k: v for k, v in sorted(options.items())}
@@ -260,8 +262,10 @@ class SeedSharingSGD:
     def accumulate(self, loss_fn: Callable[[nn.Module], Tensor]) -> Tensor:
         """The shared estimate added into every parameter's ``.grad`` (as ``loss.backward()`` would), for any
         ``torch.optim`` optimizer to step on: every rank holds the same ``.grad`` and the same optimizer
-        state, so the replicas stay identical. Counts as one step (directions, weight check). A replay log
-        covers only :meth:`step` (the fused SGD update), so this refuses to run with one.
+        state, so the replicas stay identical. Counts as one step (directions, weight check). The scalars the
+        estimate was formed from are left in :attr:`last_scalars` (float64, what a
+        :class:`~fwdgrad.distributed.replay.ReplayLog` of kind ``"optimizer"`` records); ``log=`` (fused SGD
+        records) is refused here.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -273,11 +277,13 @@ class SeedSharingSGD:
         """
         where = "fwdgrad.distributed.SeedSharingSGD.accumulate"
         if self.log is not None:
-            raise ValueError(f"{where}: a replay log records fused SGD steps only; use step(), or no log")
-        update, _ = self._shared_gradient(where, loss_fn)
+            raise ValueError(f"{where}: log= records fused SGD steps only; for accumulate() and an optimizer use "
+                             "ReplayLog(path, shared, optimizer=...) and its append_optimizer_step")
+        update, dirs = self._shared_gradient(where, loss_fn)
         clock = time.perf_counter()
         update.accumulate(where, list(self.params.values()), list(self.params))
         self._tick("update", clock)
+        self.last_scalars = dirs
         self._finish()
         return update.loss
 
