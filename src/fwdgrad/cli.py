@@ -181,6 +181,12 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--save-model", action="store_true", default=S,
                    help="write each run's trained weights to RUN_DIR/models/<method>_seed<k>.pt, for "
                         "`fwdgrad evaluate` (default: off)")
+    g.add_argument("--replay-log", action="store_true", default=S,
+                   help="write each run's replay log RUN_DIR/replay/<method>_seed<k>.log (per step: the step, the K "
+                        "scalars, the loss and the lr used; 24 + 8·K bytes in data mode) and its initial weights "
+                        "<method>_seed<k>.init.pt, from which `fwdgrad replay LOG --init INIT.pt --out MODEL.pt` "
+                        "rebuilds the trained weights bit for bit; the steps are seed-shared, so this implies "
+                        "--parallel data unless --parallel is given (default: off)")
     g.add_argument("--tensorboard", action="store_true", default=S,
                    help="also write TensorBoard scalars to RUN_DIR/tensorboard (needs: pip install "
                         "'fwdgrad[tensorboard]') (default: off)")
@@ -210,6 +216,8 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
         config = config_from_mapping(given, config, where)
         if methods:
             config = dataclasses.replace(config, methods=methods)
+        if config.replay_log and config.parallel is None:  # a replayable step is a seed-shared one
+            config = dataclasses.replace(config, parallel="data")
         if args.command == "train" and (len(config.methods) != 1 or config.methods[0].name == "all"):
             raise ValueError(f"{where}: train runs one method, got {[m.display for m in config.methods]}; "
                              "use `fwdgrad compare` for several")
@@ -497,7 +505,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _add_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("log", metavar="LOG", help="replay log written by seed-sharing training (fwdgrad.distributed)")
-    p.add_argument("--init", required=True, metavar="INIT.pt", help="initial weights (a state dict, torch.save)")
+    p.add_argument("--init", required=True, metavar="INIT.pt",
+                   help="initial weights: a state dict (torch.save), e.g. the <method>_seed<k>.init.pt that "
+                        "`fwdgrad train --replay-log` writes beside the log")
     p.add_argument("--out", required=True, metavar="MODEL.pt", help="where to write the rebuilt state dict")
 
 

@@ -315,6 +315,8 @@ class RunConfig:
     plots: bool = True
     quiet: bool = False
     save_model: bool = False  # write the trained weights of every run (models/<method>_seed<k>.pt)
+    # write replay/<method>_seed<k>.log (seeds, scalars, lrs) and .init.pt; needs parallel (seed-shared steps)
+    replay_log: bool = False
     tensorboard: bool = False  # also write TensorBoard scalars under <run>/tensorboard (needs tensorboard)
 
     def validate(self, where: str = "fwdgrad.RunConfig") -> RunConfig:
@@ -378,6 +380,8 @@ class RunConfig:
             raise ValueError(f"{where}: max_skip_fraction must be in [0, 1], got {f!r}")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             raise ValueError(f"{where}: parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.replay_log and self.parallel is None:
+            raise ValueError(f"{where}: replay_log needs seed-shared steps: set parallel to one of {PARALLEL_MODES}")
         if not self.methods:
             raise ValueError(f"{where}: methods is empty")
         labels = [m.display for m in self.methods]

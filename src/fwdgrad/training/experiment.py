@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from fwdgrad.models import num_parameters
 from fwdgrad.training.checkpoint import CHECKPOINT_FORMAT
 from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import DatasetLike, Splits, initial_model, split_dataset
-from fwdgrad.training.loop import STOPPED_NONFINITE, Log, RunResult, make_estimator, train_run
+from fwdgrad.training.loop import STOPPED_NONFINITE, Log, RunResult, check_replayable, make_estimator, train_run
 from fwdgrad.training.lr import default_lr
 from fwdgrad.training.parallel import check_shareable
 
@@ -215,6 +216,7 @@ def run_experiment(
     on_model_trained: Callable[[RunResult, nn.Module], None] | None = None,
     resume: dict[str, Any] | None = None,
     comm: Any = None,
+    replay_log: Callable[[str, int], Path] | None = None,
 ) -> Experiment:
     """Run every method for every seed on one dataset and model.
 
@@ -224,6 +226,8 @@ def run_experiment(
     model)`` after each run with its trained model. ``resume``: a checkpoint written from
     :meth:`Experiment.checkpoint` with the same config. ``comm``: the world's collectives when
     ``config.parallel`` is set (:mod:`fwdgrad.training.parallel`); default a world of one.
+    ``replay_log(method, seed)``: the path of each run's replay log (see :func:`~fwdgrad.training.loop.
+    train_run`); ``None``: no log (the lr sweep's trials never write one).
     """
     config.validate()
     if config.threads is not None:
@@ -231,6 +235,8 @@ def run_experiment(
     data = dataset if dataset is not None else load_data(config)
     splits = split_dataset(data, config.val_fraction, config.train_subset, config.seed)
     probe_model = initial_model(config, splits, config.seed)
+    if config.replay_log:
+        check_replayable(probe_model)  # before any training (an lr sweep included)
     exp = Experiment(
         config=config, command=command,
         splits_info={"name": splits.name, "source": splits.source, "num_classes": splits.num_classes,
@@ -268,7 +274,8 @@ def run_experiment(
             run = train_run(config, spec, exp.methods[-1]["lr"], splits, seed, lr_source=exp.methods[-1]["lr_source"],
                             progress=progress, log=log, heartbeat_s=None if config.quiet else 10.0,
                             on_epoch_end=epoch_hook, resume=state, model=model,
-                            on_start=lambda r: setattr(exp, "current", r), comm=comm)
+                            on_start=lambda r: setattr(exp, "current", r), comm=comm,
+                            replay_log=None if replay_log is None else replay_log(spec.display, seed))
             exp.current = None
             exp.runs.append(run)
             if model is not None and on_model_trained is not None:

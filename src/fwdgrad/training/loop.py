@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators import Estimator, estimator, estimator_options
 from fwdgrad.models import num_parameters
+from fwdgrad.training import checkpoint as ckpt
 from fwdgrad.training.checkpoint import estimator_state, rng_state, set_estimator_state, set_rng_state
 from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import Splits, derived_seed, epoch_order, initial_model, order_digest, weights_digest
@@ -179,6 +181,42 @@ def _params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def replay_init_path(log: str | Path) -> Path:
+    """Where :func:`train_run` saves the initial state dict of the replay log ``log``: ``NAME.init.pt``."""
+    log = Path(log)
+    return log.with_name(log.stem + ".init.pt")
+
+
+def check_replayable(model: nn.Module) -> None:
+    """``ValueError`` when a replay log of ``model``'s training could not rebuild it: a forward pass that
+    updates buffers (BatchNorm's running statistics), which the replay copies from the initial state."""
+    from fwdgrad.distributed import running_buffers
+
+    running = running_buffers(model)
+    if running:
+        raise ValueError(f"fwdgrad: --replay-log: the model updates buffer(s) {running[:3]} in its forward pass "
+                         "(running statistics); a replay rebuilds the trainable parameters only, so it would not "
+                         "give the trained model (use GroupNorm/LayerNorm, or track_running_stats=False)")
+
+
+def _open_replay_log(
+    path: Path, shared: Any, opt: torch.optim.Optimizer, config: RunConfig, model: nn.Module, resumed: bool
+) -> Any:
+    from fwdgrad.distributed import ReplayLog
+
+    where = f"fwdgrad: --replay-log {path}"
+    check_replayable(model)
+    try:
+        if resumed:
+            return ReplayLog(path, shared, resume=shared.step_count, optimizer=opt,
+                             clip_grad_norm=config.clip_grad_norm)
+        log = ReplayLog(path, shared, optimizer=opt, clip_grad_norm=config.clip_grad_norm)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {str(exc).removeprefix('fwdgrad.distributed.ReplayLog: ')}") from None
+    ckpt.save(replay_init_path(path), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return log
+
+
 def train_run(
     config: RunConfig,
     spec: MethodSpec,
@@ -196,6 +234,7 @@ def train_run(
     resume: dict[str, Any] | None = None,
     on_start: Callable[[RunResult], None] | None = None,
     comm: Any = None,
+    replay_log: str | Path | None = None,
 ) -> RunResult:
     """Train one method from the seed's initial weights for ``epochs`` (default ``config.epochs``),
     evaluating on the validation and test sets after every epoch.
@@ -207,6 +246,10 @@ def train_run(
     the run continues after its last complete epoch. ``on_start(result)``: sees the live result first (an
     interrupted run's partial report shows it). ``comm``: the collectives of the world when
     ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one).
+    ``replay_log``: with ``config.parallel`` set, rank 0 writes there the replay log of the run's steps
+    (:class:`fwdgrad.distributed.ReplayLog`, kind ``"optimizer"``) and, on a new run, the initial state dict
+    next to it (``<log>.init.pt`` with the ``.log`` suffix replaced); a resumed run continues the log from its
+    checkpoint. ``fwdgrad replay LOG --init INIT.pt`` then rebuilds the trained weights bit for bit.
     """
     epochs = config.epochs if epochs is None else epochs
     device, bs = config.device, config.batch_size
@@ -265,6 +308,12 @@ def train_run(
     result.steps_per_epoch = steps_per_epoch
     if shared is not None:
         result.world, result.mode = comm.world, config.parallel
+    rlog = None
+    if replay_log is not None:
+        if shared is None:
+            raise ValueError("fwdgrad: a replay log needs seed-shared steps (config.parallel 'data' or 'tangent')")
+        if comm.rank == 0:
+            rlog = _open_replay_log(Path(replay_log), shared, opt, config, model, resume is not None)
     result.status, result.message = COMPLETED, ""
     if resume is not None and resume["estimator"].get("unsaved"):
         note = (f"resumed after epoch {first_epoch - 1}; the estimator's state {resume['estimator']['unsaved']} "
@@ -286,6 +335,7 @@ def train_run(
             order = epoch_order(n, seed, epoch)
             order_hash.update(order.numpy().tobytes())
             snapshot = copy.deepcopy(model.state_dict())
+            logged_at_start = shared.step_count if shared is not None else 0
             model.train()
             losses: list[float] = []
             skipped = 0
@@ -331,12 +381,18 @@ def train_run(
                 if config.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
                 opt.step()
+                if rlog is not None:
+                    assert shared is not None and shared.last_scalars is not None
+                    rlog.append_optimizer_step(shared.step_count - 1, opt.param_groups[0]["lr"], loss,
+                                               shared.last_scalars)
                 sched.step()
                 result.train_time_s += time.perf_counter() - t0
                 if probe is not None:
                     result.peak_step_memory_bytes = probe()
                 if not _params_finite(model):
                     model.load_state_dict(snapshot)
+                    if rlog is not None:  # the log ends where the restored weights were
+                        rlog.truncate(logged_at_start)
                     result.status = STOPPED_NONFINITE
                     result.message = (
                         f"the weights became non-finite at epoch {epoch}, step {step + 1} (lr {lr:g}); they were "
@@ -398,6 +454,8 @@ def train_run(
     finally:
         if bar is not None:
             bar.close()
+        if rlog is not None:
+            rlog.close()
     assert _params_finite(model), "fwdgrad.training: internal error, non-finite weights survived"
     if log is not None and result.message:
         log(f"{spec.display} seed {seed}: {result.message}")

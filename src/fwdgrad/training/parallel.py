@@ -16,7 +16,7 @@ Example:
     >>> check_shareable(MethodSpec("bp"), "data")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: fwdgrad: method 'bp' cannot train with --parallel/--nproc (seed sharing): ...
+    ValueError: fwdgrad: method 'bp' cannot train with --parallel/--nproc/--replay-log (seed sharing): ...
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def make_shared(spec: MethodSpec, seed: int, model: nn.Module, mode: str, comm: 
     try:
         return SeedSharingSGD(model, spec.name, seed=shared_seed(seed), mode=mode, comm=comm, **spec.options)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc (seed sharing): "
+        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc/--replay-log "
+                         "(seed sharing): "
                          f"{str(exc).splitlines()[0]}") from None
 
 
@@ -56,7 +57,8 @@ def check_shareable(spec: MethodSpec, mode: str) -> None:
 
     needs = getattr(recipe(spec.name), "needs", None)
     if needs is not None:  # local losses, sequence models: their steps are not one global loss's scalars
-        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc (seed sharing): it "
+        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc/--replay-log "
+                         "(seed sharing): it "
                          f"needs a {needs} model; seed sharing covers estimators of one global loss whose "
                          "directions can be regenerated from a seed (e.g. fg-w)")
     gen = torch.Generator().manual_seed(0)
@@ -66,7 +68,8 @@ def check_shareable(spec: MethodSpec, mode: str) -> None:
     try:
         shared.accumulate(lambda m: nn.functional.cross_entropy(m(x), y))
     except Exception as exc:  # whatever stops the step stops the run: say so now, with the method's name
-        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc (seed sharing): "
+        raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc/--replay-log "
+                         "(seed sharing): "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 

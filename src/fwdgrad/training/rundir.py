@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # pragma: no cover - Windows: the lock is the O_EXC
 LOCK_FILE = ".lock"
 # Everything a run writes; --overwrite deletes these and refuses a folder holding anything else.
 RUN_FILES = frozenset({LOCK_FILE, "results.json", "results.md", "checkpoint.pt", "curves_epoch.png",
-                       "curves_time.png", "logs", "models", "tensorboard"})
+                       "curves_time.png", "logs", "models", "replay", "tensorboard"})
 
 
 class RunFolderError(ValueError):

@@ -65,6 +65,11 @@ def model_file(folder: Path, run: RunResult) -> Path:
     return folder / "models" / f"{report.safe_filename(run.method)}_seed{run.seed}.pt"
 
 
+def replay_file(folder: Path, method: str, seed: int) -> Path:
+    """The replay log of a run (``--replay-log``); its initial state dict is ``replay/<method>_seed<k>.init.pt``."""
+    return folder / "replay" / f"{report.safe_filename(method)}_seed{seed}.log"
+
+
 def load_resume(run_dir: str | Path) -> dict[str, Any]:
     """The checkpoint of the run in ``run_dir`` (``ValueError`` when there is none)."""
     path = Path(run_dir) / ckpt.CHECKPOINT_FILE
@@ -157,7 +162,8 @@ def execute(
                 exp = run_experiment(
                     config, command, dataset=dataset, log=log, on_run_done=on_run_done, on_epoch_end=on_epoch_end,
                     on_model_trained=on_model_trained if config.save_model else None, resume=state,
-                    comm=comm,
+                    comm=comm, replay_log=(lambda method, seed: replay_file(out, method, seed)) if config.replay_log
+                    else None,
                 )
             except KeyboardInterrupt:
                 how = "SIGTERM" if seen["signal"] == signal.SIGTERM else "SIGINT"
