@@ -170,3 +170,50 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(tmp_path: Path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     r = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert r["complete"] and r["world"] == 2 and r["runs"][0]["steps"] == 36
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: Path) -> None:
+    """SIGTERM to `fwdgrad train --nproc 2` is forwarded: both ranks stop, rank 0 writes its partial report,
+    the launcher exits with 143 and a line saying so, and no rank is left running."""
+    import signal
+    import time
+
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(user_module)])}
+    environ.pop("RANK", None)
+    args = ["train", *ARGS, "--epochs", "100000", "--out-dir", str(tmp_path), "--name", "long", "--nproc", "2"]
+    launcher = subprocess.Popen([sys.executable, "-m", "fwdgrad", *args], env=environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "long" / "checkpoint.pt").exists():  # the ranks are training (epoch 1 done)
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1]
+            time.sleep(0.1)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)  # the ranks' grace period is 10 s
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 143, err
+    assert "fwdgrad train: SIGTERM: forwarded to the 2 ranks, which stopped" in err, err
+    assert "--resume RUN_DIR --nproc 2" in err
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], "a rank outlived the launcher"
+    assert "interrupted (SIGTERM); partial report in" in err, err  # rank 0 stopped cleanly
+    assert f"`fwdgrad train --resume {tmp_path / 'long'} --nproc 2` continues" in err, err
+    assert (tmp_path / "long" / "results.md").exists()

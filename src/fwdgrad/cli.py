@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -316,7 +317,7 @@ def _parallel_config(config: RunConfig, world: int) -> RunConfig:
 
 def _spawn(args: argparse.Namespace, nproc: int) -> int:
     """Run the same command without ``--nproc`` in ``nproc`` local processes; 0 when every rank returned 0."""
-    from fwdgrad.distributed import spawn_local
+    from fwdgrad.distributed import LaunchInterrupted, spawn_local
 
     child: list[str] = []
     skip = False
@@ -329,10 +330,13 @@ def _spawn(args: argparse.Namespace, nproc: int) -> int:
             child.append(token)
     try:
         codes = spawn_local(nproc, [sys.executable, "-m", "fwdgrad", *child], timeout_s=math.inf)
-    except KeyboardInterrupt:  # Ctrl-C reaches the ranks too: each stops, rank 0 writes the partial report
-        _log(f"fwdgrad {args.command}: interrupted; the ranks stop on their own (`--resume RUN_DIR --nproc "
-             f"{nproc}` continues)")
-        return 130
+    except LaunchInterrupted as exc:  # Ctrl-C or SIGTERM, forwarded to the ranks: each stopped (rank 0 wrote
+        # the partial report and kept its last checkpoint), or was killed after the grace period
+        name = signal.Signals(exc.signum).name
+        _log(f"fwdgrad {args.command}: {name}: forwarded to the {nproc} ranks, which stopped (exit status by rank: "
+             f"{exc.codes}); `fwdgrad {args.command} --resume RUN_DIR --nproc {nproc}` continues from the last "
+             "checkpoint")
+        return 128 + exc.signum
     bad = [r for r, c in enumerate(codes) if c != 0]
     if not bad:
         return 0

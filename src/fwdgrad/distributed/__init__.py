@@ -15,7 +15,7 @@ from fwdgrad.distributed.comm import (
     RankLostError,
     ReplicaMismatchError,
 )
-from fwdgrad.distributed.launch import free_port, init_from_env, spawn_local
+from fwdgrad.distributed.launch import LaunchInterrupted, free_port, init_from_env, spawn_local
 from fwdgrad.distributed.replay import (
     ReplayLog,
     load_initial_state,
@@ -35,6 +35,7 @@ __all__ = [
     "Comm",
     "ConcatSource",
     "DistributedError",
+    "LaunchInterrupted",
     "LocalComm",
     "RankLostError",
     "ReplayLog",

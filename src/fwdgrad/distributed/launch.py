@@ -4,16 +4,23 @@
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and returns a counted :class:`~fwdgrad.distributed.comm.Comm`;
 :func:`spawn_local` starts ``nproc`` copies of a command with those variables set (what ``fwdgrad train
 --nproc N`` is meant to call), waits for all of them within a deadline, and stops the others once one fails.
+A SIGINT or SIGTERM sent to the launching process is forwarded to every copy, which then stops on its own
+(:class:`LaunchInterrupted` tells the caller); the copies run in their own session, so a terminal's Ctrl-C
+reaches them once, through the launcher, and on Linux they receive SIGTERM if the launcher dies (even by
+SIGKILL): no copy outlives it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -56,6 +63,36 @@ def init_from_env(timeout_s: float = 60.0, backend: str | None = None, probe_s: 
     return Comm(store=store, probe_s=probe_s)
 
 
+class LaunchInterrupted(Exception):
+    """:func:`spawn_local` received ``signum`` (SIGINT or SIGTERM), forwarded it to every copy and waited for
+    them: ``codes`` are their exit codes by rank (``-9``: killed after the grace period)."""
+
+    def __init__(self, signum: int, codes: list[int]) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: forwarded to the {len(codes)} processes; exit status by "
+                         f"rank: {codes}")
+        self.signum, self.codes = signum, codes
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child SIGTERM when its parent dies (``PR_SET_PDEATHSIG``);
+    ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request: stop now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def spawn_local(
     nproc: int, command: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
     grace_s: float = 10.0,
@@ -66,14 +103,54 @@ def spawn_local(
     A copy that fails gives the others ``grace_s`` seconds to stop on their own (they should, with an error
     naming the lost rank), then they are killed; past ``timeout_s`` in all every copy still running is
     killed (exit code ``-9``).
+
+    SIGINT or SIGTERM received while waiting (main thread only) is sent on to every running copy; the copies
+    get ``grace_s`` seconds to stop (writing what they write when interrupted), then are killed, and
+    :class:`LaunchInterrupted` is raised with their exit codes. A second signal kills them at once. Each copy
+    runs in a new session (``start_new_session``): signals reach it through this function only, once.
     """
     port = free_port()
     base = dict(os.environ if env is None else env)
-    procs = []
-    for r in range(nproc):
-        e = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(list(command), env=e))
+    procs: list[subprocess.Popen[bytes]] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                if len(received) == 1:
+                    p.send_signal(signum)
+                else:
+                    p.kill()
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+    try:
+        for r in range(nproc):
+            if received:  # a signal came while starting (and reached the copies started): start no more
+                break
+            e = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen(list(command), env=e, start_new_session=True,
+                                          preexec_fn=_die_with_parent()))
+        codes = _wait(procs, timeout_s, grace_s, received)
+    finally:
+        for p in procs:  # whatever went wrong here, no copy is left running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise LaunchInterrupted(received[0], codes)
+    return codes
+
+
+def _wait(procs: list[subprocess.Popen[bytes]], timeout_s: float, grace_s: float, received: list[int]) -> list[int]:
     deadline = time.monotonic() + timeout_s
     failed_at: float | None = None
     while True:
@@ -81,7 +158,7 @@ def spawn_local(
         if all(c is not None for c in codes):
             return [int(c) for c in codes]  # type: ignore[arg-type]
         now = time.monotonic()
-        if failed_at is None and any(c not in (None, 0) for c in codes):
+        if failed_at is None and (received or any(c not in (None, 0) for c in codes)):
             failed_at = now
         if now > deadline or (failed_at is not None and now > failed_at + grace_s):
             for p in procs:

@@ -43,11 +43,15 @@ class Outcome:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[dict[str, int]]:
-    """While active, SIGTERM raises ``KeyboardInterrupt`` like SIGINT; yields ``{"signal": number}``."""
+    """While active, SIGTERM raises ``KeyboardInterrupt`` like SIGINT, once (a second SIGTERM, e.g. one sent
+    to the whole process group and one forwarded by ``--nproc``'s launcher, does not interrupt the partial
+    report); yields ``{"signal": number}``."""
     seen = {"signal": int(signal.SIGINT)}
 
     def handler(signum: int, frame: Any) -> None:
-        seen["signal"] = signum
+        if seen.get("terminated"):
+            return
+        seen["signal"], seen["terminated"] = signum, 1
         raise KeyboardInterrupt
 
     try:
@@ -102,11 +106,12 @@ def execute(
     others (reading ``resume_dir``'s checkpoint) but claims no folder and writes nothing."""
     state = load_resume(resume_dir) if resume_dir is not None else None
     if comm is not None and comm.rank != 0:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as seen:
             try:
                 exp = run_experiment(config, command, dataset=dataset, resume=state, comm=comm)
             except KeyboardInterrupt:
-                raise Interrupted(f"rank {comm.rank} interrupted", 130) from None
+                how = "SIGTERM" if seen["signal"] == signal.SIGTERM else "SIGINT"
+                raise Interrupted(f"rank {comm.rank} interrupted ({how})", 128 + seen["signal"]) from None
         folder_path = Path(resume_dir) if resume_dir is not None else Path(config.out_dir)
         return Outcome(exp, folder_path, "")
     if config.tensorboard:
@@ -167,6 +172,8 @@ def execute(
                 )
             except KeyboardInterrupt:
                 how = "SIGTERM" if seen["signal"] == signal.SIGTERM else "SIGINT"
+                world = getattr(comm, "world", 1)
+                nproc = f" --nproc {world}" if world > 1 else ""
                 exp = holder.get("exp")
                 if exp is None:
                     raise Interrupted(f"interrupted ({how}) before an epoch ended; {out} keeps its last "
@@ -174,7 +181,7 @@ def execute(
                 report.write_report(exp, out, name, command_line, plots=False, argv=argv)
                 raise Interrupted(
                     f"interrupted ({how}); partial report in {out / 'results.md'}; `fwdgrad {command} --resume "
-                    f"{out}` continues from {holder['saved']}", 128 + seen["signal"]) from None
+                    f"{out}{nproc}` continues from {holder['saved']}", 128 + seen["signal"]) from None
         report.write_report(exp, out, name, command_line, plots=config.plots, argv=argv)
         return Outcome(exp, out, name)
     finally:
