@@ -5,6 +5,7 @@ replayed is refused with a message naming it."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -207,6 +208,11 @@ def test_replay_refuses_bad_input(tmp_path: Path, user_module: Path, capsys: pyt
     (tmp_path / "junk.log").write_bytes(b"FWDGRPL1" + struct.pack("<I", 3) + b"{x}")
     assert "has a damaged header" in replay(tmp_path / "junk.log", init)
     assert "is not a fwdgrad replay log" in replay(init, init)
+    header, start = read_header(log)
+    if not torch.cuda.is_available():  # a log of a GPU run is replayed on a GPU (the same kernels) or refused
+        raw_header = json.dumps({**header, "device": "cuda"}).encode()
+        (tmp_path / "gpu.log").write_bytes(raw[:8] + struct.pack("<I", len(raw_header)) + raw_header + raw[start:])
+        assert "was written by a run on 'cuda'; bit-identical replay needs" in replay(tmp_path / "gpu.log", init)
     # the replay follows the recorded scalars: one changed by 2^-20 of itself (bit 32 of the float64, which the
     # cast to the model's float32 keeps) gives other weights
     first = 12 + size + struct.calcsize("<Q2d")

@@ -163,10 +163,12 @@ class ReplayLog:
         config = opt.config()
         names = list(opt.params)
         self.scalars = config["num_directions"] * (config["world"] if config["mode"] == "tangent" else 1)
-        self.dtype = str(next(iter(opt.params.values())).dtype)
+        first = next(iter(opt.params.values()))
+        self.dtype = str(first.dtype)
         header: dict[str, Any] = {
             "format": 1, "kind": self.kind, "config": config, "init_digest": opt.weights_digest(),
             "frozen_digest": digest(_frozen(opt.model.state_dict(), names)), "dtype": self.dtype,
+            "device": first.device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "scalars": self.scalars,
         }
         if optimizer is not None:
@@ -305,6 +307,12 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
         raise ValueError(f"{where}: the buffers or frozen parameters of the initial state do not match the digest "
                          f"recorded in {path} (give the whole initial state dict of the run)")
     dtype = getattr(torch, header["dtype"].removeprefix("torch.")) if "dtype" in header else params[0].dtype
+    device = header.get("device", "cpu")
+    if device != "cpu":  # the same kernels as the training: on a device of the same type (untested: no GPU here)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{where}: {path} was written by a run on {device!r}; bit-identical replay needs the "
+                             "same kind of device, and none is available here")
+        params = [p.to(device) for p in params]
     threads = torch.get_num_threads()
     torch.set_num_threads(header["threads"])
     try:
@@ -336,6 +344,8 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
                 p.grad = None
     finally:
         torch.set_num_threads(threads)
+    for n, p in zip(names, params, strict=True):
+        state[n] = p.to(state[n].device) if p.device != state[n].device else p
     return state
 
 
