@@ -24,7 +24,8 @@ TIMEOUT_S = 120
 
 MODULE = textwrap.dedent('''
     """Tiny data and a float32 model with dropout (the loss draws from torch's RNG: the log needs only the
-    scalars); STOP_AT_STEP=n raises KeyboardInterrupt at the n-th training forward pass; make_bn_net has
+    scalars); STOP_AT_STEP=n raises KeyboardInterrupt at the n-th training forward pass, NAN_AT_STEP=a,b
+    makes the a-th and b-th give NaN; make_bn_net has
     BatchNorm (running statistics: refused)."""
     import os
 
@@ -52,13 +53,15 @@ MODULE = textwrap.dedent('''
         def __init__(self, *layers):
             super().__init__(*layers)
             self.calls, self.stop = 0, int(os.environ.get("STOP_AT_STEP", "0"))
+            self.nan_at = {int(n) for n in os.environ.get("NAN_AT_STEP", "").split(",") if n}
 
         def forward(self, x):
             if self.training:
                 self.calls += 1
                 if self.calls == self.stop:
                     raise KeyboardInterrupt
-            return super().forward(x)
+            out = super().forward(x)
+            return out * float("nan") if self.training and self.calls in self.nan_at else out
 
 
     def make_net(input_shape, num_classes, width=16):
@@ -145,6 +148,39 @@ def test_resumed_run_replays_to_the_uninterrupted_weights(
     whole, cut = _trained(tmp_path / "whole"), _trained(tmp_path / "cut")
     _assert_bit_identical(whole, cut)
     _assert_bit_identical(_replayed(tmp_path / "cut", capsys), cut)
+
+
+def test_skipped_and_restored_steps_leave_a_log_that_replays(
+    tmp_path: Path, user_module: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fwdgrad.training import loop
+
+    opts = ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--epochs", "2", "--out-dir", str(tmp_path)]
+    # a NaN loss at the 3rd and 20th forward passes: those steps are skipped, nothing is logged for them and
+    # the next step draws the skipped step's directions (its seed), as in training
+    monkeypatch.setenv("NAN_AT_STEP", "3,20")
+    sys.modules.pop("rdata", None)
+    assert cli.main(["train", *ARGS, *opts, "--on-nonfinite", "skip", "--max-skip-fraction", "0.5", "--name",
+                     "skip"]) == 0
+    log = tmp_path / "skip" / "replay" / f"{RUN}.log"
+    assert [r[0] for r in records(log)] == list(range(24 - 2))
+    _assert_bit_identical(_replayed(tmp_path / "skip", capsys), _trained(tmp_path / "skip"))
+    monkeypatch.delenv("NAN_AT_STEP")
+    sys.modules.pop("rdata", None)
+    # weights found non-finite after the 17th step (5th of epoch 2): the run restores the weights of the start
+    # of epoch 2 and stops; the log is cut back to the 12 steps of epoch 1
+    calls = []
+
+    def finite_until_17th(model: torch.nn.Module) -> bool:
+        calls.append(1)
+        return len(calls) != 17
+
+    monkeypatch.setattr(loop, "_params_finite", finite_until_17th)
+    assert cli.main(["train", *ARGS, *opts, "--name", "restored"]) == 1  # a run stopped on non-finite weights
+    assert "the weights became non-finite at epoch 2, step 5" in capsys.readouterr().err
+    log = tmp_path / "restored" / "replay" / f"{RUN}.log"
+    assert [r[0] for r in records(log)] == list(range(12))
+    _assert_bit_identical(_replayed(tmp_path / "restored", capsys), _trained(tmp_path / "restored"))
 
 
 def test_two_processes_write_the_log_on_rank_0_and_it_replays(
