@@ -261,3 +261,26 @@ def test_replay_refuses_bad_input(tmp_path: Path, user_module: Path, capsys: pyt
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     _assert_bit_identical(a, _trained(tmp_path / "r"))
     assert not torch.equal(a["0.weight"], b["0.weight"])
+
+
+def test_a_fused_sgd_log_with_the_older_header_still_replays(tmp_path: Path) -> None:
+    """Logs written before the header gained kind/frozen_digest/dtype/device replay as before."""
+    import torch.nn.functional as F
+
+    from fwdgrad.distributed import ReplayLog, SeedSharingSGD, replay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 1, 0])
+    opt = SeedSharingSGD(model, seed=3, num_directions=2)
+    opt.log = ReplayLog(tmp_path / "new.log", opt)
+    for _ in range(5):
+        opt.step(lambda m: F.cross_entropy(m(x), y), lr=0.1, momentum=0.5)
+    opt.log.close()
+    header, start = read_header(tmp_path / "new.log")
+    raw = (tmp_path / "new.log").read_bytes()
+    old = json.dumps({k: v for k, v in header.items() if k not in ("kind", "frozen_digest", "dtype", "device")})
+    (tmp_path / "old.log").write_bytes(raw[:8] + struct.pack("<I", len(old)) + old.encode() + raw[start:])
+    for name in ("new.log", "old.log"):
+        _assert_bit_identical(replay(tmp_path / name, init), model.state_dict())
