@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fwdgrad import cli
+from fwdgrad.distributed import read_header
 from fwdgrad.training import rundir
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -97,7 +98,7 @@ def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
 ) -> None:
     out = ["--epochs", "2", "--out-dir", str(tmp_path)]
     assert cli.main(["train", *ARGS, *out, "--parallel", "data", "--name", "one"]) == 0
-    two = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "two"], user_module)
+    two = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "two", "--replay-log"], user_module)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("report:") == 1  # rank 0 alone reports
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -115,6 +116,13 @@ def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
     assert run2["figures"]["train_loss"] == pytest.approx(run1["figures"]["train_loss"], rel=1e-12)
     # only rank 0 wrote: the run folder holds one run's files
     assert {p.name for p in (tmp_path / "two").iterdir()} <= rundir.RUN_FILES | {"results.md", "results.json"}
+    # its replay log (rank 0's) rebuilds the 2-process weights bit for bit in one process
+    log, init = (tmp_path / "two" / "replay" / f"fg-w_num_directions-2_seed0{s}" for s in (".log", ".init.pt"))
+    assert sorted(p.name for p in log.parent.iterdir()) == [init.name, log.name]
+    assert read_header(log)[0]["config"]["world"] == 2
+    assert cli.main(["replay", str(log), "--init", str(init), "--out", str(tmp_path / "replayed.pt")]) == 0
+    replayed = torch.load(tmp_path / "replayed.pt", weights_only=True)
+    assert all(torch.equal(replayed[k], b[k]) for k in b)
 
 
 @pytest.mark.parametrize("method", ["bp", "fg-a", "fg-w:directions=momentum", "l-fg-w"])

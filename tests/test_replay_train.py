@@ -183,6 +183,7 @@ def test_skipped_and_restored_steps_leave_a_log_that_replays(
     _assert_bit_identical(_replayed(tmp_path / "restored", capsys), _trained(tmp_path / "restored"))
 
 
+@pytest.mark.slow  # the default run replays a 2-process log in tests/test_parallel_cli.py (plain SGD)
 def test_two_processes_write_the_log_on_rank_0_and_it_replays(
     tmp_path: Path, user_module: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
