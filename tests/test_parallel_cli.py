@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -193,18 +195,27 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
-def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: Path) -> None:
-    """SIGTERM to `fwdgrad train --nproc 2` is forwarded: both ranks stop, rank 0 writes its partial report,
-    the launcher exits with 143 and a line saying so, and no rank is left running."""
-    import signal
-    import time
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an orphan may stay a zombie until its new parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: Path, sig: int) -> None:
+    """SIGTERM to `fwdgrad train --nproc 2` is forwarded: both ranks stop, rank 0 writes its partial report,
+    the launcher exits with 143 and a line saying so, and no rank is left running. SIGKILL cannot be
+    forwarded: the kernel sends each rank SIGTERM (PR_SET_PDEATHSIG), and they stop all the same."""
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(user_module)])}
     environ.pop("RANK", None)
     args = ["train", *ARGS, "--epochs", "100000", "--out-dir", str(tmp_path), "--name", "long", "--nproc", "2"]
     launcher = subprocess.Popen([sys.executable, "-m", "fwdgrad", *args], env=environ, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+    ranks: list[int] = []
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while not (tmp_path / "long" / "checkpoint.pt").exists():  # the ranks are training (epoch 1 done)
@@ -212,16 +223,23 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: P
             time.sleep(0.1)
         ranks = _children(launcher.pid)
         assert len(ranks) == 2, ranks
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(sig)
         _, err = launcher.communicate(timeout=60)  # the ranks' grace period is 10 s
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        stop = time.monotonic() + 30
+        while any(_running(pid) for pid in ranks) and time.monotonic() < stop:
+            time.sleep(0.1)
+        assert not [pid for pid in ranks if _running(pid)], "a rank outlived the launcher"
+    finally:  # a failed test leaves nothing running
+        for proc in [launcher.pid, *ranks]:
+            if _running(proc):
+                os.kill(proc, signal.SIGKILL)
+        launcher.wait()
+    assert (tmp_path / "long" / "results.md").exists()  # rank 0 stopped cleanly, with its partial report
+    if sig == signal.SIGKILL:
+        assert launcher.returncode == -9
+        return
     assert launcher.returncode == 143, err
     assert "fwdgrad train: SIGTERM: forwarded to the 2 ranks, which stopped" in err, err
     assert "--resume RUN_DIR --nproc 2" in err
-    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], "a rank outlived the launcher"
-    assert "interrupted (SIGTERM); partial report in" in err, err  # rank 0 stopped cleanly
+    assert "interrupted (SIGTERM); partial report in" in err, err
     assert f"`fwdgrad train --resume {tmp_path / 'long'} --nproc 2` continues" in err, err
-    assert (tmp_path / "long" / "results.md").exists()

@@ -15,7 +15,7 @@ from fwdgrad.distributed.comm import (
     RankLostError,
     ReplicaMismatchError,
 )
-from fwdgrad.distributed.launch import LaunchInterrupted, free_port, init_from_env, spawn_local
+from fwdgrad.distributed.launch import LaunchInterrupted, die_with_launcher, free_port, init_from_env, spawn_local
 from fwdgrad.distributed.replay import (
     ReplayLog,
     load_initial_state,
@@ -41,6 +41,7 @@ __all__ = [
     "ReplayLog",
     "ReplicaMismatchError",
     "SeedSharingSGD",
+    "die_with_launcher",
     "digest",
     "free_port",
     "init_from_env",

@@ -6,8 +6,8 @@
 --nproc N`` is meant to call), waits for all of them within a deadline, and stops the others once one fails.
 A SIGINT or SIGTERM sent to the launching process is forwarded to every copy, which then stops on its own
 (:class:`LaunchInterrupted` tells the caller); the copies run in their own session, so a terminal's Ctrl-C
-reaches them once, through the launcher, and on Linux they receive SIGTERM if the launcher dies (even by
-SIGKILL): no copy outlives it.
+reaches them once, through the launcher. On Linux a copy that calls :func:`init_from_env` also asks the
+kernel for SIGTERM when the launcher dies, even by SIGKILL (:func:`die_with_launcher`): no rank outlives it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ def init_from_env(timeout_s: float = 60.0, backend: str | None = None, probe_s: 
         probe_s: see :class:`~fwdgrad.distributed.comm.Comm`.
 
     Rank 0 hosts the store, unless an agent (``torchrun``) already does (``TORCHELASTIC_USE_AGENT_STORE``).
+    A process started by :func:`spawn_local` first calls :func:`die_with_launcher`.
     """
     import torch.distributed as dist
 
@@ -52,6 +53,7 @@ def init_from_env(timeout_s: float = 60.0, backend: str | None = None, probe_s: 
         addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{where}: RANK, WORLD_SIZE and MASTER_PORT must be set to integers ({exc})") from exc
+    die_with_launcher()
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     timeout = default_timeout(timeout_s)
     store = dist.TCPStore(addr, port, world, is_master=(rank == 0 and not agent), timeout=timeout)
@@ -73,24 +75,28 @@ class LaunchInterrupted(Exception):
         self.signum, self.codes = signum, codes
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send the child SIGTERM when its parent dies (``PR_SET_PDEATHSIG``);
-    ``None`` elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
+LAUNCHER_ENV = "FWDGRAD_LAUNCHER_PID"
+
+
+def die_with_launcher() -> bool:
+    """In a process started by :func:`spawn_local` (``FWDGRAD_LAUNCHER_PID`` set) on Linux: ask the kernel to
+    send this process SIGTERM when the launcher dies (``prctl(PR_SET_PDEATHSIG)``), and send it now when the
+    launcher is already gone. Returns whether the request was made (no-op elsewhere, e.g. under torchrun).
+
+    Done here, in the child, rather than in a ``preexec_fn`` between fork and exec, which is unsafe in a
+    process with threads (torch's)."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if not launcher.isdigit() or not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the request: stop now
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+        return False
+    if prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        return False
+    if os.getppid() != int(launcher):  # the launcher died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def spawn_local(
@@ -134,9 +140,8 @@ def spawn_local(
             if received:  # a signal came while starting (and reached the copies started): start no more
                 break
             e = {**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            procs.append(subprocess.Popen(list(command), env=e, start_new_session=True,
-                                          preexec_fn=_die_with_parent()))
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), LAUNCHER_ENV: str(os.getpid())}
+            procs.append(subprocess.Popen(list(command), env=e, start_new_session=True))
         codes = _wait(procs, timeout_s, grace_s, received)
     finally:
         for p in procs:  # whatever went wrong here, no copy is left running
