@@ -285,3 +285,41 @@ def test_a_fused_sgd_log_with_the_older_header_still_replays(tmp_path: Path) -> 
     (tmp_path / "old.log").write_bytes(raw[:8] + struct.pack("<I", len(old)) + old.encode() + raw[start:])
     for name in ("new.log", "old.log"):
         _assert_bit_identical(replay(tmp_path / name, init), model.state_dict())
+
+
+def test_replay_log_refuses_what_it_cannot_rebuild(tmp_path: Path) -> None:
+    """Through the API: optimizers the replay could not rebuild, a clipping norm without an optimizer, and
+    initial buffers other than the run's."""
+    from fwdgrad.distributed import ReplayLog, SeedSharingSGD, replay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model.register_buffer("scale", torch.ones(2))
+    shared = SeedSharingSGD(model, seed=1)
+    params = list(model.parameters())
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    with pytest.raises(ValueError, match=r"optimizer 'MySGD' is not a torch\.optim class"):
+        ReplayLog(tmp_path / "a.log", shared, optimizer=MySGD(params, lr=0.1))
+    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    with pytest.raises(ValueError, match="the optimizer has 2 parameter groups"):
+        ReplayLog(tmp_path / "a.log", shared, optimizer=torch.optim.SGD(groups, lr=0.1))
+    with pytest.raises(ValueError, match="not the seed-shared parameters in their order"):
+        ReplayLog(tmp_path / "a.log", shared, optimizer=torch.optim.SGD(params[::-1], lr=0.1))
+    with pytest.raises(ValueError, match=r"optimizer option weight_decay=tensor\(0\.0100\) cannot be recorded"):
+        sgd = torch.optim.SGD(params, lr=0.1, weight_decay=torch.tensor(0.01))
+        ReplayLog(tmp_path / "a.log", shared, optimizer=sgd)
+    with pytest.raises(ValueError, match=r"clip_grad_norm=1\.0 applies to an optimizer's \.grad"):
+        ReplayLog(tmp_path / "a.log", shared, clip_grad_norm=1.0)
+    with pytest.raises(ValueError, match="clip_grad_norm must be a positive finite number, got -1"):
+        ReplayLog(tmp_path / "a.log", shared, optimizer=torch.optim.SGD(params, lr=0.1), clip_grad_norm=-1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    log = ReplayLog(tmp_path / "a.log", shared, optimizer=torch.optim.SGD(params, lr=0.1))
+    log.close()
+    assert all(torch.equal(v, init[k]) for k, v in replay(tmp_path / "a.log", init).items())  # no step: init
+    with pytest.raises(ValueError, match="the buffers or frozen parameters of the initial state do not match"):
+        replay(tmp_path / "a.log", {**init, "scale": torch.zeros(2)})
+    with pytest.raises(ValueError, match="this is a log of optimizer steps; use append_optimizer_step"):
+        log.append(0, 0.1, 0.0, 0.0, 1.0, torch.zeros(1))
