@@ -166,7 +166,8 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(tmp_path: Path,
     whole = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "whole"], user_module)
     assert whole.returncode == 0, whole.stderr
     # both ranks stop (KeyboardInterrupt) in the 5th step of epoch 2; rank 0 keeps the checkpoint of epoch 1
-    cut = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "cut"], user_module, STOP_AT_STEP=str(12 + 5))
+    cut = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "cut", "--replay-log"], user_module,
+                   STOP_AT_STEP=str(12 + 5))
     assert cut.returncode == 130, cut.stderr
     assert "--resume" in cut.stderr
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
@@ -180,6 +181,11 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(tmp_path: Path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     r = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert r["complete"] and r["world"] == 2 and r["runs"][0]["steps"] == 36
+    # the replay log of the interrupted and resumed run rebuilds the uninterrupted run's weights
+    log, init = (tmp_path / "cut" / "replay" / f"fg-w_num_directions-2_seed0{s}" for s in (".log", ".init.pt"))
+    assert cli.main(["replay", str(log), "--init", str(init), "--out", str(tmp_path / "replayed.pt")]) == 0
+    replayed = torch.load(tmp_path / "replayed.pt", weights_only=True)
+    assert all(torch.equal(replayed[k], a[k]) for k in a)
 
 
 def _children(pid: int) -> list[int]:
