@@ -75,3 +75,58 @@ class MomentumDirections:
             return None
         scale = 1.0 / math.sqrt(sq)
         return [m * scale for m in state.average]
+
+
+class BoundMomentum:
+    """A :class:`MomentumDirections` state bound to one model's parameters, with a checkpoint round trip.
+
+    :meth:`bind` returns the state for a list of parameters, starting a fresh one when the parameters (by
+    identity) change; a state restored by :meth:`load_state_dict` binds to the first parameters of matching
+    shapes it meets (and moves to their device).
+
+    Example:
+        >>> import torch
+        >>> p = [torch.nn.Parameter(torch.zeros(2))]
+        >>> bound = BoundMomentum(MomentumDirections(0.5))
+        >>> bound.state_dict() is None
+        True
+        >>> state = bound.update(bound.bind(p), [torch.tensor([3.0, 4.0])])
+        >>> bound.state_dict()["count"]
+        1
+    """
+
+    def __init__(self, source: MomentumDirections) -> None:
+        self.source = source
+        self._ids: list[int] | None = None
+        self._state: MomentumState | None = None
+
+    def bind(self, params: Sequence[Tensor]) -> MomentumState:
+        """The state of ``params`` (zero averages the first time, or after the parameters changed)."""
+        ids = [id(p) for p in params]
+        if self._state is not None and self._ids is None:  # restored from a checkpoint
+            if [m.shape for m in self._state.average] == [p.shape for p in params]:
+                self._state.average = [m.to(p.device) for m, p in zip(self._state.average, params)]
+                self._ids = ids
+        if self._state is None or self._ids != ids:
+            self._state, self._ids = self.source.init([p.detach() for p in params]), ids
+        return self._state
+
+    def update(self, state: MomentumState, estimate: Sequence[Tensor]) -> MomentumState:
+        """:meth:`MomentumDirections.update`."""
+        return self.source.update(state, estimate)
+
+    def state_dict(self) -> dict[str, object] | None:
+        """``{"average": [tensors], "count": int}``, or ``None`` before the first step."""
+        if self._state is None:
+            return None
+        return {"average": [m.clone() for m in self._state.average], "count": self._state.count}
+
+    def load_state_dict(self, state: dict[str, object] | None) -> None:
+        """Restore :meth:`state_dict`; it binds to the parameters at the next :meth:`bind`."""
+        if state is None:
+            self._state, self._ids = None, None
+            return
+        average = state["average"]
+        assert isinstance(average, list)
+        self._state = MomentumState([t.clone() for t in average], int(state["count"]))  # type: ignore[arg-type]
+        self._ids = None

@@ -54,9 +54,17 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad import local
-from fwdgrad.derivatives import RULES, forward_mode, is_activity_layer, local_weight_grads, once_per_step
+from fwdgrad.derivatives import (
+    RULES,
+    forward_mode,
+    is_activity_layer,
+    local_weight_grads,
+    module_directions,
+    once_per_step,
+)
 from fwdgrad.derivatives.watch import UsesOutside
-from fwdgrad.directions import SAMPLERS
+from fwdgrad.directions import SAMPLERS, TangentSource
+from fwdgrad.directions.stateful import BoundMomentum, MomentumDirections, MomentumState
 from fwdgrad.estimators.base import LossFn, SampledEstimator
 from fwdgrad.estimators.registry import register_estimator
 
@@ -273,6 +281,15 @@ class ActivityForwardGradient(SampledEstimator):
             gradient: ``∂ℓ_b/∂output_b`` comes from ``C`` forward-mode passes through the criterion alone
             (:func:`fwdgrad.local.criterion_gradient`), then the module's local rule. As in the paper, whose
             classification layer is always trained with its exact gradient.
+        directions: ``"sampled"`` (fresh activity tangents every step) or ``"momentum"`` (Silver et al. 2022,
+            carried to activity perturbation): the unit direction ``u`` of a running average (decay
+            ``direction_beta``) of past *weight-space* estimates is a guess; one more forward-mode pass gives
+            the exact derivative along it, ``⟨∇L, u⟩``, by a weight tangent, and the step is
+            ``ĝ = ĝ_A + (⟨∇L,u⟩ − ⟨ĝ_A,u⟩) u = ⟨∇L,u⟩u + (I − uuᵀ)ĝ_A`` with ``ĝ_A`` the activity estimate
+            above: unbiased for any ``u`` (``E[ĝ_A] = ∇L``), exact along ``u``, K + 1 passes. ``u`` covers
+            the parameters with a noisy estimate only (an ``exact_output`` read-out keeps its exact
+            gradient). Why the weight space: docs/directions.md.
+        direction_beta: the decay of the running average for ``directions="momentum"``, in ``[0, 1)``.
         seed, generator: the source of randomness (exclusive).
 
     A trainable parameter that the perturbed modules cannot reach (registered in no perturbed module, tied
@@ -301,26 +318,85 @@ class ActivityForwardGradient(SampledEstimator):
         skip_inactive: bool = True,
         shared_noise: bool = False,
         exact_output: bool = True,
+        directions: str = "sampled",
+        direction_beta: float = 0.9,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_directions, tangents, seed=seed, generator=generator)
+        where = type(self).__name__
+        if directions not in DIRECTIONS:
+            raise ValueError(f"{where}: directions must be one of {DIRECTIONS}, got {directions!r}")
+        if (isinstance(direction_beta, bool) or not isinstance(direction_beta, int | float)
+                or not 0 <= direction_beta < 1):
+            raise ValueError(f"{where}: direction_beta must be a float in [0, 1), got {direction_beta!r}")
         self.modules = modules
         self.skip_inactive = bool(skip_inactive)
         self.shared_noise = bool(shared_noise)
         self.exact_output = bool(exact_output)
+        self._momentum: BoundMomentum | None = None
+        if directions != "sampled":  # non-default choices only: the default repr stays as it was
+            self.directions = directions
+            self.direction_beta = float(direction_beta)
+            self._momentum = BoundMomentum(MomentumDirections(direction_beta))
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The state of stateful directions (``directions="momentum"``), for checkpoints; ``None`` otherwise."""
+        return None if self._momentum is None else self._momentum.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict`; it binds to the model's parameters at the next step."""
+        if self._momentum is None:
+            if state is not None:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no state "
+                                 "(directions='sampled'), got a saved state")
+            return
+        self._momentum.load_state_dict(state)
 
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         where = f"{type(self).__name__}.__call__"
+        step_loss = once_per_step(model, loss_fn)
+        loss, grads, exact = self._sampled(where, model, step_loss, loss_fn, params)
+        if self._momentum is not None:
+            self._add_guess(where, model, step_loss, params, grads, exact)
+        return loss, grads
+
+    def _add_guess(
+        self, where: str, model: nn.Module, step_loss: LossFn, params: dict[str, nn.Parameter],
+        grads: dict[str, Tensor], exact: set[str],
+    ) -> None:
+        """``ĝ ← ĝ + (⟨∇L,u⟩ − ⟨ĝ,u⟩) u`` on the noisy parameters (in place), then the average's update."""
+        assert self._momentum is not None
+        state = self._momentum.bind(list(params.values()))
+        noisy = [i for i, n in enumerate(params) if n not in exact]
+        names = list(params)
+        u = self._momentum.source.guess(MomentumState([state.average[i] for i in noisy], state.count))
+        if u is not None:
+            sub = {names[i]: params[names[i]] for i in noisy}
+            along = TangentSource.given([p.detach() for p in sub.values()], [t.unsqueeze(0) for t in u])
+            _, du = module_directions(model, lambda m: step_loss(m).mean(), sub, along, where=where)
+            c = sum((grads[n].to(t.dtype) * t).sum() for n, t in zip(sub, u))
+            alpha = float(du[0] - c)
+            for n, t in zip(sub, u):
+                grads[n].add_(t.to(grads[n].dtype), alpha=alpha)
+        if all(bool(torch.isfinite(g).all()) for g in grads.values()):  # a non-finite step leaves the state
+            self._momentum.update(state, [grads[n] for n in names])
+
+    def _sampled(
+        self, where: str, model: nn.Module, step_loss: LossFn, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor], set[str]]:
+        """The activity estimate averaged over K passes, and the names of the parameters it gives exactly
+        (an ``exact_output`` read-out's, in every pass)."""
         chosen = select_modules(where, model, self.modules)
         uncovered = uncovered_parameters(model, chosen, params)
         if uncovered:
             raise _coverage_error(where, uncovered)
         grads = {n: torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for n, p in params.items()}
         loss = None
-        step_loss = once_per_step(model, loss_fn)
+        exact: set[str] | None = None
+        name_of = {id(p): n for n, p in params.items()}
         for k in range(self.num_directions):
             pert = ActivityPerturbation(
                 model, chosen, self.tangents, self._generator,
@@ -355,13 +431,23 @@ class ActivityForwardGradient(SampledEstimator):
                     g_outs.append(masked(s, _spread(where, s, d, self.shared_noise)))
             accumulate_site_grads(sites, g_outs, params, grads)
             loss = primal if loss is None else loss
-        return loss, self.average(grads)
+            here = set() if output_site is None else {
+                name_of[id(p)] for p in output_site.module.parameters() if id(p) in name_of}
+            exact = here if exact is None else exact & here
+        return loss, self.average(grads), exact or set()
 
 
 
+
+DIRECTIONS = ("sampled", "momentum")
 
 register_estimator(
     "fg-a", ActivityForwardGradient, default_lr=FG_A_LR, claims=("unbiased", "no-backward", "grad", "fused")
+)
+register_estimator(
+    "fg-a-momentum", ActivityForwardGradient, preset={"directions": "momentum"}, default_lr=FG_A_LR,
+    lr_note="fg-a's default learning rates (not swept for the momentum guess)",
+    claims=("unbiased", "no-backward", "grad", "fused"),
 )
 
 
