@@ -1,6 +1,6 @@
 r"""Feedback alignment: ``fa``, ``dfa`` (random feedback) and ``fdfa`` (forward-gradient feedback).
 
-Supported models: a sequential chain of ``nn.Linear`` / ``nn.Conv2d`` layers, each optionally followed
+Supported models (``dfa`` also trains models of units, below): a sequential chain of ``nn.Linear`` / ``nn.Conv2d`` layers, each optionally followed
 directly by one element-wise activation (``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``ELU``,
 ``SiLU``, ``Softplus``, ``Hardtanh``, or a module with ``fwdgrad_elementwise = True``) and then by any of
 ``Flatten``, ``MaxPool2d``, ``AvgPool2d``, ``Identity``; ``Flatten``/pools may also come first. The last
@@ -29,6 +29,23 @@ convolutions), :math:`\hat g_{b_l} = \sum \delta_l`.
   independent with unit variance). :math:`B_l` follows :math:`M_l` with momentum: ``feedback_update="adam"``
   (the paper: Adam on the gradient :math:`B_l - M_l`, lr 1e-4) or ``"ema"``
   (:math:`B_l \leftarrow B_l + \eta (M_l - B_l)`). The step's errors use :math:`B_l` before its update.
+
+DFA on models of units (``dfa`` only). A model that contains :class:`~fwdgrad.derivatives.ActivityLayer`
+units (the LocalMixer of Ren et al. 2023: linear maps wrapped with layer normalisations, token and group
+mixing, residuals) is not a chain, but DFA needs none: every hidden unit ``l`` (every ``nn.Linear``,
+``nn.Conv2d`` and ActivityLayer, as ``fg-a`` picks them) gets :math:`\delta_l = f'(p_l) \odot (e B_l)` at
+its output, where :math:`p_l` is the input of the element-wise activation module that follows the unit
+(its output, or its output plus a residual: the first activation call after the unit whose input has the
+unit's output shape), and its weights get the unit's own local rule from :math:`\delta_l`
+(:func:`fwdgrad.derivatives.local_weight_grads`: through the unit's normalisation and linear map alone).
+The last unit must produce the model's output (the read-out) and gets its exact local gradient from
+:math:`e`. :math:`B_l` is ``[C, m_l]``, :math:`U(\pm 1/\sqrt{m_l})`, and the same at every position over
+which the unit applies the same weights (its ``fwdgrad_weight_shared_dims``; for an ``nn.Linear`` the
+dimensions between batch and features): the LocalMixer's channel and group units share their feedback over
+the patches, token units keep one per patch and channel. Parameters outside the units raise, a hidden unit
+with no visible activation after it raises (a functional activation in ``forward`` cannot be seen). The
+model runs once without a graph; no backward through it. Modules the end-to-end forward does not call
+(the LocalMixer's local heads) get zero, as under backprop. ``fa`` and ``fdfa`` still need a chain.
 
 f′ is applied by a forward-mode JVP of the activation, so ``dfa`` and ``fdfa`` run no backward through any
 model op; ``fa`` uses local VJPs of the parameter-free pools between layers. ``loss_fn`` may return a scalar
@@ -60,6 +77,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad._validation import check_seed_or_generator
+from fwdgrad.derivatives import is_activity_layer, local_weight_grads
+from fwdgrad.estimators.activity import select_modules, uncovered_parameters
 from fwdgrad.estimators.base import Estimator, LossFn
 from fwdgrad.estimators.registry import register_estimator
 
@@ -215,6 +234,79 @@ class _Runner:
         return h
 
 
+@dataclasses.dataclass
+class _Unit:
+    """One call of a unit: its inputs and output (primal, detached) and the element-wise activation that
+    consumes its output (the module and its input), if one follows before the next unit."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[Any, ...]
+    output: Tensor
+    act: tuple[nn.Module, Tensor] | None = None
+
+
+class _UnitRunner:
+    """Stands in for the model inside ``loss_fn`` for DFA on models of units: runs the model once without a
+    graph, recording every unit call and the activation after it; hands the criterion the logits as a leaf."""
+
+    def __init__(self, model: nn.Module, chosen: list[tuple[str, nn.Module]], where: str) -> None:
+        self.model, self.chosen, self.where = model, chosen, where
+        self.units: list[_Unit] = []
+        self.logits: Tensor | None = None
+        self._out: Tensor | None = None
+
+    def _on_unit(self, name: str, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{self.where}: unit {name!r} must return one tensor, got {type(out).__name__}")
+        inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        self.units.append(_Unit(name, m, inputs, out.detach()))
+        self._out = out
+
+    def _on_act(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        last = self.units[-1] if self.units else None
+        if last is None or last.act is not None or not args or not isinstance(args[0], Tensor):
+            return
+        if args[0].shape == last.output.shape:  # the unit's output itself, or it plus a residual
+            last.act = (m, args[0].detach())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.logits is not None:
+            raise ValueError(f"{self.where}: loss_fn must call its model argument once")
+        handles = [m.register_forward_hook(lambda m, a, o, _n=n: self._on_unit(_n, m, a, o))
+                   for n, m in self.chosen]
+        handles += [m.register_forward_pre_hook(self._on_act) for m in self.model.modules() if _is_elementwise(m)]
+        try:
+            with torch.no_grad():
+                y = self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        if (not isinstance(y, Tensor) or y.dim() != 2 or not self.units or y is not self._out):
+            raise ValueError(f"{self.where}: dfa needs the model's output [B, C] to be the output of its last "
+                             "Linear/ActivityLayer unit (the read-out)")
+        self.logits = y.detach().requires_grad_(True)
+        return self.logits
+
+    def check(self, value: Any) -> None:
+        if self.logits is None:
+            raise ValueError(f"{self.where}: loss_fn must call its model argument (as m(x))")
+        if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+            raise TypeError(f"{self.where}: loss_fn must return a floating-point tensor, got {type(value).__name__}")
+
+
+def _shared_dims(module: nn.Module, out: Tensor) -> tuple[int, ...]:
+    """The output dimensions (batch excluded) over which ``module`` applies the same weights: its
+    ``fwdgrad_weight_shared_dims`` when it declares them, every dimension between the batch and the features
+    for an ``nn.Linear``, none otherwise."""
+    declared = getattr(module, "fwdgrad_weight_shared_dims", None)
+    if declared is not None:
+        return tuple(int(d) for d in declared)
+    if isinstance(module, nn.Linear):
+        return tuple(range(1, out.dim() - 1))
+    return ()
+
+
 def _check_positive(where: str, name: str, v: Any) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{where}: {name} must be a finite float > 0, got {v!r}")
@@ -307,6 +399,8 @@ class FeedbackAlignment(Estimator):
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         where = f"{type(self).__name__}.__call__"
+        if self.mode == "dfa" and any(is_activity_layer(m) for m in model.modules()):
+            return self._estimate_units(where, model, loss_fn, params)
         pre, stages = parse_chain(where, model)
         runner = _Runner(self, model, pre, stages, where)
         value = loss_fn(runner)
@@ -350,6 +444,52 @@ class FeedbackAlignment(Estimator):
             b = self._feedback(where, stages[i].name, shape, a, init)
             deltas[i] = _act_jvp(stages[i].act, r.zs[i], (e @ b).reshape(a.shape))
         return deltas
+
+    def _estimate_units(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """DFA unit by unit (models built from :class:`~fwdgrad.derivatives.ActivityLayer` units, no chain
+        needed): see "DFA on models of units" in the module docstring."""
+        chosen = select_modules(where, model, None)
+        uncovered = uncovered_parameters(model, chosen, params)
+        if uncovered:
+            listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
+            raise ValueError(f"{where}: dfa updates the parameters of Linear/Conv2d/ActivityLayer units only; "
+                             f"{len(uncovered)} parameter(s) are outside them: {listed}")
+        runner = _UnitRunner(model, chosen, where)
+        value = loss_fn(runner)
+        runner.check(value)
+        with torch.enable_grad():
+            loss = value.mean()
+            (e,) = torch.autograd.grad(loss, runner.logits)  # the criterion alone: logits are a leaf
+        e = e.detach()
+        name_of = {id(p): n for n, p in params.items()}
+        grads: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p in params.items()}
+        seen: dict[str, int] = {}
+        for unit in runner.units:
+            if unit is runner.units[-1]:
+                delta = e  # the read-out: its exact local gradient
+            else:
+                if unit.act is None:
+                    raise ValueError(
+                        f"{where}: unit {unit.name!r} ({type(unit.module).__name__}) is not followed by an "
+                        "element-wise activation module before the next unit; dfa needs f' of every hidden unit "
+                        "(a functional activation in forward cannot be seen)")
+                calls = seen.get(unit.name, 0)
+                seen[unit.name] = calls + 1
+                key = unit.name if calls == 0 else f"{unit.name}#{calls}"
+                out = unit.output
+                shared = _shared_dims(unit.module, out)
+                per_example = [n for d, n in enumerate(out.shape) if d > 0 and d not in shared]
+                b = self._feedback(where, key, (e.shape[1], math.prod(per_example)), out, "uniform")
+                view = [out.shape[0]] + [1 if d in shared else n for d, n in enumerate(out.shape) if d > 0]
+                sig = (e @ b).reshape(view).expand(out.shape)
+                delta = _act_jvp(unit.act[0], unit.act[1], sig)
+            for pname, g in local_weight_grads(unit.module, unit.inputs, delta).items():
+                n = name_of.get(id(unit.module.get_parameter(pname)))
+                if n is not None:
+                    grads[n] = grads[n] + g.to(grads[n].dtype)
+        return loss.detach(), grads
 
     @staticmethod
     def _post_vjp(st: Stage, a: Tensor, g: Tensor) -> Tensor:

@@ -94,6 +94,8 @@ def _init(weight: Tensor, fan_in: int) -> None:
 class ChannelLinear(nn.Module):
     """``LN(x Wᵀ + b)`` over the last dimension ``[B, P, in] → [B, P, out]``; ``out`` splits into ``groups``."""
 
+    #: the same weights at every patch (output dimension 1): ``dfa`` shares its feedback over it
+    fwdgrad_weight_shared_dims = (1,)
 
     def __init__(self, in_features: int, out_features: int, groups: int) -> None:
         super().__init__()
@@ -123,6 +125,8 @@ class ChannelLinear(nn.Module):
 class GroupLinear(nn.Module):
     """Per-group ``LN(x_g W_g + b_g)``: ``[B, P, G, c_in] → [B, P, G, c_out]``; weight ``[G, c_in, c_out]``."""
 
+    #: the same weights at every patch (output dimension 1): ``dfa`` shares its feedback over it
+    fwdgrad_weight_shared_dims = (1,)
 
     def __init__(self, groups: int, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -150,6 +154,9 @@ class GroupLinear(nn.Module):
 class TokenLinear(nn.Module):
     """Token mixing ``[B, P, D] → [B, P, D]``: ``z[b, q, :] = Σ_p W[q, p] x[b, p, :] + b[q]``, then LN over D."""
 
+    #: its weights are shared over the channels, but its output is normalised over them: a feedback shared
+    #: over the channels would be removed by the normalisation, so ``dfa`` keeps one per token and channel
+    fwdgrad_weight_shared_dims = ()
 
     def __init__(self, num_tokens: int) -> None:
         super().__init__()
