@@ -1,12 +1,13 @@
 r"""Feedback alignment: ``fa``, ``dfa`` (random feedback) and ``fdfa`` (forward-gradient feedback).
 
-Supported models (``dfa`` also trains models of units, below): a sequential chain of ``nn.Linear`` / ``nn.Conv2d`` layers, each optionally followed
-directly by one element-wise activation (``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``ELU``,
-``SiLU``, ``Softplus``, ``Hardtanh``, or a module with ``fwdgrad_elementwise = True``) and then by any of
-``Flatten``, ``MaxPool2d``, ``AvgPool2d``, ``Identity``; ``Flatten``/pools may also come first. The last
-layer is an ``nn.Linear`` producing the logits. The model's forward must apply its leaf modules in
-registration order (checked once against the model's own output). ``fwdgrad.models`` ``fdfa-mlp``,
-``fdfa-cnn`` and ``mlp`` have this form. Anything else raises ``ValueError`` naming the module.
+Supported models (``dfa`` also trains models of units, below): a sequential chain of ``nn.Linear`` /
+``nn.Conv2d`` layers, each optionally followed directly by one element-wise activation (``ReLU``,
+``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``ELU``, ``SiLU``, ``Softplus``, ``Hardtanh``, or a module
+with ``fwdgrad_elementwise = True``) and then by any of ``Flatten``, ``MaxPool2d``, ``AvgPool2d``,
+``Identity``; ``Flatten``/pools may also come first. The last layer is an ``nn.Linear`` producing the logits.
+The model's forward must apply its leaf modules in registration order (checked once against the model's own
+output). ``fwdgrad.models`` ``fdfa-mlp``, ``fdfa-cnn`` and ``mlp`` have this form. Anything else raises
+``ValueError`` naming the module.
 
 Write layer :math:`l` as :math:`z_l = W_l x_l + b_l` (or a convolution), :math:`a_l = f_l(z_l)`,
 :math:`x_{l+1} = \text{post}_l(a_l)`, logits :math:`y = z_L`, output error :math:`e = \partial L/\partial y`
