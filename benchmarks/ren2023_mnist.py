@@ -45,8 +45,12 @@ PAPER = {
     ("s1", "fg-a"): (3.24, 1.53), ("m1-16", "fg-a"): (3.76, 1.75),
     ("s1", "lg-fg-w"): (9.25, 8.93), ("m1-16", "lg-fg-w"): (5.66, 4.59),
     ("s1", "lg-fg-a"): (3.24, 1.53), ("m1-16", "lg-fg-a"): (2.55, 0.00),
+    ("s1", "fa"): (2.82, 0.00), ("m1-16", "fa"): (2.90, 0.00),
+    ("s1", "dfa"): (3.31, 0.00), ("m1-16", "dfa"): (3.17, 0.00),
 }
-DEFAULT_LR = {"bp": 0.05, "l-bp": 0.05, "lg-bp": 0.05, "fg-w": 0.001, "lg-fg-w": 0.001, "fg-a": 0.01, "lg-fg-a": 0.02}
+# dfa: bp's rate, not swept (its updates have the scale of backprop's on the read-out and of e·B_l elsewhere)
+DEFAULT_LR = {"bp": 0.05, "l-bp": 0.05, "lg-bp": 0.05, "fg-w": 0.001, "lg-fg-w": 0.001, "fg-a": 0.01, "lg-fg-a": 0.02,
+              "dfa": 0.05}
 
 
 def train_config(
