@@ -296,6 +296,44 @@ class _UnitRunner:
             raise TypeError(f"{self.where}: loss_fn must return a floating-point tensor, got {type(value).__name__}")
 
 
+class _FeedbackUnit(torch.autograd.Function):
+    """A unit inside FA's backward: the forward hands on the unit's own output; the backward adds the unit's
+    local weight gradients (true weights) to the estimate and returns the input gradient with the feedback
+    matrix in place of the weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, anchor: Tensor, info: tuple[Any, ...]) -> Tensor:
+        ctx.save_for_backward(x.detach())
+        ctx.info = info
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        module, b, where, name_of, grads = ctx.info
+        g = g.detach()
+        for pname, gr in local_weight_grads(module, (x,), g).items():
+            n = name_of.get(id(module.get_parameter(pname)))
+            if n is not None:
+                grads[n] = grads[n] + gr.to(grads[n].dtype)
+        return _unit_input_grad(where, module, x, g, b), None, None, None
+
+
+def _unit_input_grad(where: str, module: nn.Module, x: Tensor, g: Tensor, b: Tensor) -> Tensor:
+    """The unit's input gradient from ``g`` with ``b`` in place of its weight: the unit's own
+    ``feedback_input_grad(x, g, b)`` when it has one, else the rule of ``nn.Linear`` / ``nn.Conv2d``."""
+    own = getattr(module, "feedback_input_grad", None)
+    if callable(own):
+        return own(x, g, b)
+    if isinstance(module, nn.Linear):
+        return g @ b
+    if isinstance(module, nn.Conv2d):
+        return torch.nn.grad.conv2d_input(x.shape, b, g, module.stride, module.padding, module.dilation,
+                                          module.groups)
+    raise ValueError(f"{where}: fa needs unit {type(module).__name__} to define feedback_input_grad(x, g, b) (its "
+                     "input gradient with the feedback b in place of its weight)")
+
+
 def _shared_dims(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     """The output dimensions (batch excluded) over which ``module`` applies the same weights: its
     ``fwdgrad_weight_shared_dims`` when it declares them, every dimension between the batch and the features
@@ -387,6 +425,9 @@ class FeedbackAlignment(Estimator):
         if b is None:
             if init == "zero":
                 b = torch.zeros(shape, device=like.device, dtype=like.dtype)
+            elif init == "fan-in":  # a unit's weight [out, in, …] or a group weight [G, in, out]: fan-in shape[1]
+                b = self._uniform(shape, 1.0 / math.sqrt(math.prod(shape[1:]) if len(shape) != 3 else shape[1]),
+                                  like)
             else:
                 fan = math.prod(shape[1:])
                 b = self._uniform(shape, 1.0 / math.sqrt(fan), like)
@@ -400,7 +441,9 @@ class FeedbackAlignment(Estimator):
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         where = f"{type(self).__name__}.__call__"
-        if self.mode == "dfa" and any(is_activity_layer(m) for m in model.modules()):
+        if self.mode in ("dfa", "fa") and any(is_activity_layer(m) for m in model.modules()):
+            if self.mode == "fa":
+                return self._estimate_units_fa(where, model, loss_fn, params)
             return self._estimate_units(where, model, loss_fn, params)
         pre, stages = parse_chain(where, model)
         runner = _Runner(self, model, pre, stages, where)
@@ -445,6 +488,53 @@ class FeedbackAlignment(Estimator):
             b = self._feedback(where, stages[i].name, shape, a, init)
             deltas[i] = _act_jvp(stages[i].act, r.zs[i], (e @ b).reshape(a.shape))
         return deltas
+
+    def _estimate_units_fa(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """FA on models of units: one backward pass through the parameter-free operations between the units,
+        each unit an opaque step whose backward uses its feedback matrix in place of its weight (module
+        docstring, "FA on models of units")."""
+        chosen = select_modules(where, model, None)
+        uncovered = uncovered_parameters(model, chosen, params)
+        if uncovered:
+            listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
+            raise ValueError(f"{where}: fa updates the parameters of Linear/Conv2d/ActivityLayer units only; "
+                             f"{len(uncovered)} parameter(s) are outside them: {listed}")
+        name_of = {id(p): n for n, p in params.items()}
+        grads: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p in params.items()}
+        anchor = torch.zeros((), requires_grad=True)  # every unit step hangs on it: the backward reaches them all
+
+        def hook(name: str, m: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor:
+            if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+                raise ValueError(f"{where}: fa needs unit {name!r} ({type(m).__name__}) to take one tensor and "
+                                 "return one")
+            b = self._feedback(where, name, tuple(m.weight.shape), m.weight.detach(), "fan-in")
+            return _FeedbackUnit.apply(args[0], out.detach(), anchor, (m, b, where, name_of, grads))
+
+        handles = [m.register_forward_hook(lambda m, a, o, _n=n: hook(_n, m, a, o)) for n, m in chosen]
+        logits: list[Tensor] = []
+
+        def run(*args: Any, **kwargs: Any) -> Tensor:
+            if logits:
+                raise ValueError(f"{where}: loss_fn must call its model argument once")
+            with torch.enable_grad():
+                logits.append(model(*args, **kwargs))
+            return logits[0]
+
+        try:
+            value = loss_fn(run)
+        finally:
+            for h in handles:
+                h.remove()
+        if not logits:
+            raise ValueError(f"{where}: loss_fn must call its model argument (as m(x))")
+        if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+            raise TypeError(f"{where}: loss_fn must return a floating-point tensor, got {type(value).__name__}")
+        with torch.enable_grad():
+            loss = value.mean()
+            torch.autograd.grad(loss, [anchor], allow_unused=True)
+        return loss.detach(), grads
 
     def _estimate_units(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]

@@ -113,6 +113,11 @@ class ChannelLinear(nn.Module):
         gz2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
         return {"weight": gz2.T @ x2, "bias": gz2.sum(0)}
 
+    def feedback_input_grad(self, x: Tensor, g: Tensor, b: Tensor) -> Tensor:
+        """The input gradient from the output gradient ``g`` with the weight replaced by ``b`` (shape of the
+        weight) in the linear map, the normalisation's VJP at the true pre-activation (feedback alignment)."""
+        return _normalise_vjp(F.linear(x, self.weight.detach(), self.bias.detach()), g) @ b
+
     def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` per-loss derivatives → ``[B, P, out]``: channel chunk ``g`` feeds group ``g``'s loss."""
         return d.repeat_interleave(self.weight.shape[0] // d.shape[-1], dim=-1)
@@ -142,6 +147,11 @@ class GroupLinear(nn.Module):
         z = torch.einsum("bpgc,gcd->bpgd", x, self.weight.detach()) + self.bias.detach()
         gz = _normalise_vjp(z, g)
         return {"weight": torch.einsum("bpgc,bpgd->gcd", x, gz), "bias": gz.sum((0, 1))}
+
+    def feedback_input_grad(self, x: Tensor, g: Tensor, b: Tensor) -> Tensor:
+        """As :meth:`ChannelLinear.feedback_input_grad`: ``b`` ``[G, c_in, c_out]`` in place of the weight."""
+        z = torch.einsum("bpgc,gcd->bpgd", x, self.weight.detach()) + self.bias.detach()
+        return torch.einsum("bpgd,gcd->bpgc", _normalise_vjp(z, g), b)
 
     def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` → ``[B, P, G, 1]``: group ``g`` feeds its own loss only."""
@@ -174,6 +184,11 @@ class TokenLinear(nn.Module):
         """Exact weight and bias gradients of this module alone, given the gradient ``g`` of its output."""
         gz = _normalise_vjp(self._pre(x, self.weight.detach(), self.bias.detach()), g)
         return {"weight": torch.einsum("bqd,bpd->qp", gz, x), "bias": gz.sum((0, 2))}
+
+    def feedback_input_grad(self, x: Tensor, g: Tensor, b: Tensor) -> Tensor:
+        """As :meth:`ChannelLinear.feedback_input_grad`: ``b`` ``[P, P]`` in place of the weight."""
+        gz = _normalise_vjp(self._pre(x, self.weight.detach(), self.bias.detach()), g)
+        return torch.einsum("bqd,qp->bpd", gz, b)
 
     def local_loss_layout(self, d: Tensor) -> Tensor:
         """``[B, P, G]`` → ``[B, P, 1]``: a mixed token feeds every group's loss at its patch."""
