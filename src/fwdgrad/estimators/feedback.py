@@ -46,7 +46,19 @@ dimensions between batch and features): the LocalMixer's channel and group units
 the patches, token units keep one per patch and channel. Parameters outside the units raise, a hidden unit
 with no visible activation after it raises (a functional activation in ``forward`` cannot be seen). The
 model runs once without a graph; no backward through it. Modules the end-to-end forward does not call
-(the LocalMixer's local heads) get zero, as under backprop. ``fa`` and ``fdfa`` still need a chain.
+(the LocalMixer's local heads) get zero, as under backprop.
+
+FA on models of units (``fa``). FA sends the error down through every unit with a fixed random :math:`B_l`
+(the shape of the unit's weight, :math:`U(\pm 1/\sqrt{fan_{in}})`) in place of its weight, and through the
+parameter-free operations between units (normalisations, reshapes, activations, residuals, pooling) by
+their true derivatives. The model runs once with autograd on; a forward hook replaces every unit's output
+by the output of an opaque step whose backward (a) adds the unit's local weight gradient, from the error
+at its output and the true weights, to the estimate and (b) returns the input error with :math:`B_l` in
+place of the weight (the unit's ``feedback_input_grad(x, g, b)``: for the LocalMixer's units, the
+normalisation's VJP at the true pre-activation, then the transposed linear map with :math:`B_l`; the rule
+of ``nn.Linear`` / ``nn.Conv2d`` otherwise). One backward pass over that graph gives every unit's update;
+with :math:`B_l = W_l` it is backprop. This is a backward pass through the network's parameter-free
+operations (FA propagates errors layer by layer), not a "no backward" method. ``fdfa`` still needs a chain.
 
 f′ is applied by a forward-mode JVP of the activation, so ``dfa`` and ``fdfa`` run no backward through any
 model op; ``fa`` uses local VJPs of the parameter-free pools between layers. ``loss_fn`` may return a scalar
