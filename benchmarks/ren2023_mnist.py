@@ -48,9 +48,9 @@ PAPER = {
     ("s1", "fa"): (2.82, 0.00), ("m1-16", "fa"): (2.90, 0.00),
     ("s1", "dfa"): (3.31, 0.00), ("m1-16", "dfa"): (3.17, 0.00),
 }
-# dfa: bp's rate, not swept (its updates have the scale of backprop's on the read-out and of e·B_l elsewhere)
+# fa, dfa: bp's rate, not swept (their read-out gets backprop's gradient; the units below get errors of its scale)
 DEFAULT_LR = {"bp": 0.05, "l-bp": 0.05, "lg-bp": 0.05, "fg-w": 0.001, "lg-fg-w": 0.001, "fg-a": 0.01, "lg-fg-a": 0.02,
-              "dfa": 0.05}
+              "fa": 0.05, "dfa": 0.05}
 
 
 def train_config(
