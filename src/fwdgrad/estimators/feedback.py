@@ -328,7 +328,8 @@ class _FeedbackUnit(torch.autograd.Function):
             n = name_of.get(id(module.get_parameter(pname)))
             if n is not None:
                 grads[n] = grads[n] + gr.to(grads[n].dtype)
-        return _unit_input_grad(where, module, x, g, b), None, None, None
+        gx = _unit_input_grad(where, module, x, g, b) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None
 
 
 def _unit_input_grad(where: str, module: nn.Module, x: Tensor, g: Tensor, b: Tensor) -> Tensor:
