@@ -232,3 +232,63 @@ def spsa_directional_derivatives(
         return base, (plus - base) / eps
     minus = torch.stack(losses_minus)
     return ((plus + minus) / 2).mean(), (plus - minus) / (2 * eps)
+
+
+class PerturbationSource:
+    r"""A :class:`Perturbation` handed out as a direction source (what
+    :class:`~fwdgrad.estimators.gradient.ImplicitGradient` and seed sharing need of one), so that
+    ``ImplicitGradient(loss, d, PerturbationSource(p))`` is the SPSA estimate ``(1/K) Σ_k d_k z_k`` formed from
+    the very draws that perturbed the parameters.
+
+    Sources index tensor first: ``dense(i, k)`` is ``p.direction(k, i)``, i.e. ``z_{k,i}``. Every direction
+    is drawn again from its seed when it is used (nothing stored); a :class:`Perturbation` built from the same
+    generator state on another process (a rank of :class:`fwdgrad.distributed.SeedSharingSGD`, the replay)
+    hands out the same directions bit for bit, whatever K and the distribution (``sphere`` included: its
+    scales come from the same draws).
+
+    Example:
+        >>> import torch
+        >>> w = torch.zeros(3, 2)
+        >>> make = lambda: PerturbationSource(Perturbation("gaussian", [w], 2, torch.Generator().manual_seed(0)))
+        >>> a, b = make(), make()
+        >>> bool(torch.equal(a.dense(0, 1), b.perturbation.direction(1, 0)))
+        True
+    """
+
+    stored = False
+    factored = False
+    regenerable = True  # each tensor's directions come from its own seeds (threads may draw tensors apart)
+
+    def __init__(self, perturbation: Perturbation) -> None:
+        self.perturbation = perturbation
+        self.name = perturbation.name
+        self.primals = [p.detach() for p in perturbation.params]
+        self.num_directions = perturbation.num_directions
+
+    def direction(self, index: int, k: int) -> Tensor:
+        """``z_{k,index}`` (a fresh tensor)."""
+        return self.perturbation.direction(k, index)
+
+    def dense(self, index: int, k: int) -> Tensor:
+        return self.perturbation.direction(k, index)
+
+    def materialise(self) -> list[Tensor]:
+        """Every direction, ``[K, *θ_i.shape]`` per tensor."""
+        return self.perturbation.materialise()
+
+    def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+        """``out + alpha · Σ_k weights[k] · z_{k,index}`` (``out`` updated in place; ``None``: a new tensor), one
+        direction drawn at a time; no weight is read on the host."""
+        w = weights.to(self.primals[index].dtype)
+        for k in range(self.num_directions):
+            z = self.perturbation.direction(k, index)
+            if out is None:
+                out = z * w[k] if alpha == 1.0 else z * (w[k] * alpha)
+            else:
+                out.addcmul_(z, w[k], value=alpha)
+        assert out is not None
+        return out
+
+    def mean(self, index: int, dirs: Tensor) -> Tensor:
+        """``(1/K) Σ_k dirs[k] · z_{k,index}``."""
+        return self.weighted_sum(index, dirs, alpha=1.0 / self.num_directions)

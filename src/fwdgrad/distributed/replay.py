@@ -49,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import math
@@ -62,8 +63,8 @@ import torch
 from torch import nn
 
 from fwdgrad._io import write_atomic
-from fwdgrad.distributed.seeds import ConcatSource, digest, step_source
-from fwdgrad.estimators import ImplicitGradient
+from fwdgrad.distributed.seeds import ConcatSource, digest, shared_source
+from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_class
 
 Tensor = torch.Tensor
 MAGIC = b"FWDGRPL1"
@@ -268,11 +269,39 @@ def records(path: str | os.PathLike[str]) -> Iterator[tuple[Any, ...]]:
             yield *head.unpack_from(raw), torch.frombuffer(bytearray(raw[head.size:]), dtype=torch.float64)
 
 
-def _source(config: dict[str, Any], params: list[Tensor], step: int) -> Any:
+def _estimator(where: str, config: dict[str, Any]) -> Any:
+    """The logged run's estimator when it has seed-sharing hooks of its own (``zo``, ``zo-sign``: their
+    directions and ``post_exchange``), rebuilt from the options in the header and checked against the
+    recorded ``estimator_config``; ``None`` for estimators drawing ``TangentSource`` directions (``fg-w``)."""
+    name = config["estimator"]
+    try:
+        cls = estimator_class(name)
+    except (KeyError, ValueError):
+        raise ValueError(f"{where}: the log names estimator {name!r}, which is not registered here") from None
+    if not hasattr(cls, "shared_source"):
+        return None
+    try:
+        options = {k: ast.literal_eval(v) for k, v in config["options"].items()}
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{where}: the log's options {config['options']} of {name!r} cannot be read back") from None
+    est = estimator(name, generator=torch.Generator(), **options)
+    if json.loads(json.dumps(est.shared_config())) != config.get("estimator_config"):
+        raise ValueError(f"{where}: {name} rebuilt from the log's options has the settings {est.shared_config()}, "
+                         f"the log records {config.get('estimator_config')}")
+    return est
+
+
+def _gradient(est: Any, config: dict[str, Any], params: list[Tensor], step: int, loss: float, dirs: Tensor,
+              dtype: torch.dtype) -> Gradient:
+    """Step ``step``'s update from its logged scalars: the directions of every stream drawn again, and the
+    estimator's ``post_exchange`` (zo-sign's sign) as the training applied it."""
     streams = range(config["world"]) if config["mode"] == "tangent" else range(1)
-    parts = [step_source(config["tangents"], params, config["num_directions"], config["seed"], step, s)
+    parts = [shared_source(est, config["tangents"], params, config["num_directions"], config["seed"], step, s)
              for s in streams]
-    return parts[0] if len(parts) == 1 else ConcatSource(parts)
+    source = parts[0] if len(parts) == 1 else ConcatSource(parts)  # type: ignore[arg-type]
+    grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
+    post = getattr(est, "post_exchange", None)
+    return post(grad) if post is not None else grad
 
 
 def _optimizer(where: str, spec: dict[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:
@@ -313,6 +342,7 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
             raise ValueError(f"{where}: {path} was written by a run on {device!r}; bit-identical replay needs the "
                              "same kind of device, and none is available here")
         params = [p.to(device) for p in params]
+    est = _estimator(where, config)
     threads = torch.get_num_threads()
     torch.set_num_threads(header["threads"])
     try:
@@ -322,8 +352,8 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
             for step, lr, wd, mom, loss, dirs in records(path):
                 if step != expected:
                     raise ValueError(f"{where}: {path} jumps from step {expected} to step {step}")
-                grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), _source(config, params, step))
-                grad.sgd_(where, params, lr, wd, mom, buffers)  # type: ignore[arg-type]
+                grad = _gradient(est, config, params, step, loss, dirs, dtype)
+                grad.sgd_(where, params, lr, wd, mom, buffers)
                 expected += 1
         else:
             optimizer = _optimizer(where, header["optimizer"], params)
@@ -333,8 +363,7 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
                     raise ValueError(f"{where}: {path} jumps from step {expected} to step {step}")
                 for p in params:
                     p.grad = None
-                grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), _source(config, params, step))
-                grad.accumulate(where, params, names)
+                _gradient(est, config, params, step, loss, dirs, dtype).accumulate(where, params, names)
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 optimizer.param_groups[0]["lr"] = lr

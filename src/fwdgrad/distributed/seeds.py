@@ -44,6 +44,19 @@ def step_source(
     return TangentSource(tangents, primals, num_directions, gen, lean=TangentSource.lean_possible(tangents))
 
 
+def shared_source(
+    estimator: object, tangents: str, primals: Sequence[Tensor], num_directions: int, base: int, step: int,
+    stream: int,
+) -> object:
+    """The directions of ``(base, step, stream)`` as ``estimator`` draws them: its ``shared_source(primals,
+    generator)`` when it has one (the zeroth-order estimators: their perturbation's directions), else
+    :func:`step_source` (a :class:`~fwdgrad.directions.TangentSource`, ``fg-w``)."""
+    make = getattr(estimator, "shared_source", None)
+    if make is None:
+        return step_source(tangents, primals, num_directions, base, step, stream)
+    return make(list(primals), torch.Generator().manual_seed(step_seed(base, step, stream)))
+
+
 class ConcatSource:
     r"""Several sources over the same parameters as one: direction ``j = r·K + k`` is ``parts[r]``'s
     direction ``k``. It offers what :class:`~fwdgrad.estimators.gradient.ImplicitGradient` needs of a source,

@@ -25,8 +25,19 @@ and the initial weights of all ranks (one ``all_gather`` of 16 bytes per rank).
 
 Which estimators: those whose step yields an :class:`~fwdgrad.estimators.gradient.ImplicitGradient`
 drawing its tangents as ``TangentSource(tangents, primals, K, generator)`` from the generator they are given
-(``fg-w``; checked on the first step). This is the scheme of MeZO's distributed pull request (zeroth order,
-K = 1) carried over to forward gradients.
+(``fg-w``; checked on the first step), and those that offer the seed-sharing hooks (``zo``, ``zo-sign``):
+
+* ``shared_step(model, loss_fn, params)``: the step's implicit gradient (loss, the K scalars, the source);
+* ``shared_source(primals, generator)``: the same directions drawn again from the generator's state (another
+  rank's, a replayed step's), checked against the step's own on the first step;
+* ``shared_config()``: what the ranks must agree on (compared at start-up; an option given that contradicts
+  it is refused);
+* ``post_exchange(grad)``: the update from the exchanged estimate (``zo-sign``: its entry-wise sign, taken
+  after the exchange so that it is the sign of the whole batch's or of all ``K·W`` directions' estimate);
+* ``unshareable``: why the steps cannot be rebuilt from scalars (``zo-cons``), refused at construction.
+
+This is the scheme of MeZO's distributed pull request (zeroth order, K = 1), with K directions, tangent
+parallelism and a replay, carried over to forward gradients.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -50,8 +61,8 @@ import torch
 from torch import nn
 
 from fwdgrad.distributed.comm import LocalComm, ReplicaMismatchError
-from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
-from fwdgrad.estimators import ImplicitGradient, estimator, estimator_options
+from fwdgrad.distributed.seeds import ConcatSource, digest, shared_source, step_seed
+from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_options
 from fwdgrad.estimators.base import check_rate, trainable_parameters
 
 Tensor = torch.Tensor
@@ -76,7 +87,8 @@ class SeedSharingSGD:
 
     Args:
         model: the replica on this rank (identical on every rank; checked).
-        name: a registered estimator whose step yields an implicit gradient (``"fg-w"``).
+        name: a registered estimator whose step yields an implicit gradient (``"fg-w"``), or one with the
+            seed-sharing hooks (``"zo"``, ``"zo-sign"``; see the module docstring).
         seed: the base seed, shared by all ranks (checked).
         mode: ``"data"`` or ``"tangent"``.
         comm: a :class:`~fwdgrad.distributed.comm.Comm` (default: :class:`~fwdgrad.distributed.comm.
@@ -118,6 +130,16 @@ class SeedSharingSGD:
                             "regenerated; seed sharing needs one that does (e.g. 'fg-w')")
         self._gen = torch.Generator()
         self.estimator = estimator(name, generator=self._gen, **options)
+        why = getattr(self.estimator, "unshareable", None)
+        if why:
+            raise ValueError(f"{where}: {name} cannot be shared by seed: {why}")
+        fixed = getattr(self.estimator, "shared_config", None)
+        self._estimator_config = fixed() if fixed is not None else None
+        for key, value in (self._estimator_config or {}).items():
+            if key in options and options[key] != value:
+                raise ValueError(f"{where}: {name} with {key}={options[key]!r} cannot be shared by seed: its "
+                                 f"seed-shared step uses {key}={value!r} (every rank, and a replay, must rebuild "
+                                 "the parameters bit for bit)")
         # fg-w's choices that seed sharing cannot honour: stateful directions (their state would follow each
         # rank's own derivatives), an exact read-out (an explicit gradient per rank), and in tangent mode a
         # projection (the mean of per-rank projections is not the projection onto all K·W directions)
@@ -148,12 +170,15 @@ class SeedSharingSGD:
     # ----------------------------------------------------------------------------------------- checks
     def config(self) -> dict[str, Any]:
         """What must be identical on every rank, as JSON-able data."""
-        return {
+        config = {
             "estimator": self.name, "options": {k: repr(v) for k, v in self.options.items()},
             "tangents": self.tangents, "num_directions": self.num_directions, "mode": self.mode,
             "seed": self.seed, "world": self.comm.world,
             "params": [[n, list(p.shape), str(p.dtype)] for n, p in self.params.items()],
         }
+        if self._estimator_config is not None:  # the estimator's own settings, defaults included (zo: eps, ...)
+            config["estimator_config"] = self._estimator_config
+        return config
 
     def weights_digest(self) -> int:
         """A 63-bit digest of the trainable parameters (names, shapes, dtypes, bytes)."""
@@ -198,20 +223,29 @@ class SeedSharingSGD:
         if not isinstance(grad, ImplicitGradient):
             raise TypeError(f"{where}: estimator {self.name!r} returned {type(grad).__name__}; seed sharing "
                             "needs an ImplicitGradient (directions it can regenerate)")
-        again = step_source(self.tangents, primals, self.num_directions, self.seed, self.step_count, self._stream())
-        if again.num_directions != grad.source.num_directions or not torch.equal(again.dense(0, 0),
-                                                                                 grad.source.dense(0, 0)):
+        again = self._source(primals, self.step_count, self._stream())
+        last = self.num_directions - 1
+        if again.num_directions != grad.source.num_directions or not all(  # type: ignore[attr-defined]
+                torch.equal(again.dense(i, k), grad.source.dense(i, k))  # type: ignore[attr-defined]
+                for i in (0, len(primals) - 1) for k in (0, last)):
             raise TypeError(f"{where}: estimator {self.name!r} draws its directions differently from "
-                            "TangentSource(tangents, primals, K, generator); they cannot be regenerated here")
+                            "TangentSource(tangents, primals, K, generator) or its shared_source; they cannot "
+                            "be regenerated here")
         self._checked_source = True
 
-    def _shared_gradient(self, where: str, loss_fn: Callable[[nn.Module], Tensor]) -> tuple[ImplicitGradient, Tensor]:
+    def _source(self, primals: list[Tensor], step: int, stream: int) -> Any:
+        return shared_source(self.estimator, self.tangents, primals, self.num_directions, self.seed, step, stream)
+
+    def _shared_gradient(self, where: str, loss_fn: Callable[[nn.Module], Tensor]) -> tuple[Gradient, Tensor]:
         """This step's estimate on this rank, the exchange, and the gradient every rank will apply:
-        ``(ImplicitGradient, exchanged scalars in float64)``."""
+        ``(gradient, exchanged scalars in float64)``: the implicit gradient of the exchanged scalars, through
+        the estimator's ``post_exchange`` when it has one."""
         t, comm = self.step_count, self.comm
         clock = time.perf_counter()
         self._gen.manual_seed(step_seed(self.seed, t, self._stream()))
-        grad = self.estimator.step(self.model, loss_fn, self.params, lean=True)
+        own = getattr(self.estimator, "shared_step", None)
+        grad = (own(self.model, loss_fn, self.params) if own is not None
+                else self.estimator.step(self.model, loss_fn, self.params, lean=True))
         primals = [p.detach() for p in self.params.values()]
         if not self._checked_source:
             self._check_source(grad, primals)
@@ -227,12 +261,12 @@ class SeedSharingSGD:
             if comm.world > 1:
                 gathered = comm.all_gather(grad.dirs.detach().double(), f"the tangent-parallel all_gather of step {t}")
             loss, dirs = grad.loss.detach().double(), gathered.reshape(-1)
-            parts = [grad.source if r == comm.rank else
-                     step_source(self.tangents, primals, self.num_directions, self.seed, t, r)
-                     for r in range(comm.world)]
+            parts = [grad.source if r == comm.rank else self._source(primals, t, r) for r in range(comm.world)]
             source = parts[0] if comm.world == 1 else ConcatSource(parts)
         self._tick("exchange", clock)
-        return ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source), dirs  # type: ignore[arg-type]
+        update: Gradient = ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
+        post = getattr(self.estimator, "post_exchange", None)
+        return (post(update) if post is not None else update), dirs
 
     def _finish(self) -> None:
         self.step_count += 1

@@ -208,6 +208,35 @@ def _for_each_tensor(fn: Callable[[int], None], params: Sequence[Tensor], src: D
             fn(i)
 
 
+class MappedGradient(Gradient):
+    r"""``ĝ_i = fn(inner.tensor(i))``: an entry-wise map of another gradient's estimate, tensor by tensor (e.g.
+    ``Tensor.sign_`` for ZO-SGD-Sign). Seed sharing applies it *after* the ranks' scalars were exchanged
+    (:meth:`~fwdgrad.estimators.zeroth_order.ZerothOrder.post_exchange`), so the map sees the estimate of
+    the whole batch (data parallel) or of all ``K·W`` directions (tangent parallel).
+
+    ``fn`` gets a fresh estimate of one tensor and may work on it in place. The finiteness check is
+    ``inner``'s (a finite estimate stays finite under the maps used here).
+
+    Example:
+        >>> import torch
+        >>> g = MappedGradient(ExplicitGradient(torch.tensor(1.0), [torch.tensor([-2.0, 0.5])]), torch.Tensor.sign_)
+        >>> g.tensor(0).tolist()
+        [-1.0, 1.0]
+    """
+
+    def __init__(self, inner: Gradient, fn: Callable[[Tensor], Tensor]) -> None:
+        self.loss, self.inner, self.fn = inner.loss, inner, fn
+
+    def tensor(self, index: int) -> Tensor:
+        return self.fn(self.inner.tensor(index))
+
+    def check_finite(self, where: str, names: Sequence[str] | None = None) -> None:
+        self.inner.check_finite(where, names)
+
+    def _non_finite(self) -> list[int]:
+        return self.inner._non_finite()
+
+
 class PartlyImplicitGradient(Gradient):
     """Some tensors from an :class:`ImplicitGradient` (the perturbed ones), the others given explicitly
     (e.g. a read-out layer's exact local gradient).

@@ -20,6 +20,7 @@ from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives.finite_difference import (
     FD_SAMPLERS,
     Perturbation,
+    PerturbationSource,
     check_eps,
     check_restore,
     evaluate_loss,
@@ -28,6 +29,7 @@ from fwdgrad.derivatives.finite_difference import (
 )
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
+from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, MappedGradient
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
@@ -126,6 +128,46 @@ class ZerothOrder(Estimator):
         loss, d, source = self._differences(where, model, loss_fn, params)
         _check_finite(where, loss, d, "no gradient was written")
         return loss, {n: self._direction(source, i, d) for i, n in enumerate(params)}
+
+    # -- seed sharing (fwdgrad.distributed.SeedSharingSGD) ---------------------------------------------
+
+    #: Why this estimator's steps cannot be rebuilt from exchanged scalars (``None``: they can).
+    unshareable: str | None = None
+
+    def shared_step(self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]) -> ImplicitGradient:
+        r"""The step's SPSA differences as an implicit gradient ``(loss, d [K], source)`` for seed sharing:
+        ``ĝ = (1/K) Σ_k d_k z_k`` with ``z_k`` the very directions that perturbed the parameters
+        (:class:`~fwdgrad.derivatives.finite_difference.PerturbationSource`, which :meth:`shared_source`
+        builds again from the same generator state on any rank). ``d`` is linear in the loss, so ranks may
+        average it (data parallel) or gather it (tangent parallel). The parameters are put back by snapshot
+        whatever ``restore`` says (``restore="snapshot"`` is what :meth:`shared_config` states): the in-place
+        ``+εz − εz`` of ``"regenerate"`` leaves a rounding drift that depends on the directions, so ranks
+        drawing different directions (tangent parallel) would drift apart and a replay, which evaluates no
+        loss, could not rebuild it. Non-finite values are returned as they are (the consumer's check raises
+        after the exchange, on every rank alike)."""
+        where = f"{type(self).__name__}.shared_step"
+        tensors = list(params.values())
+        perturbation = Perturbation(self.tangents, tensors, self.num_directions, self._generator)
+        loss, d = spsa_directional_derivatives(
+            model, loss_fn, tensors, perturbation, eps=self.eps, one_sided=self.one_sided, restore="snapshot",
+            where=where,
+        )
+        return ImplicitGradient(loss, d, PerturbationSource(perturbation))
+
+    def shared_source(self, primals: list[Tensor], generator: torch.Generator) -> PerturbationSource:
+        """The directions :meth:`shared_step` draws from ``generator`` in this state, for tensors like
+        ``primals`` (another rank's, or a replayed step's)."""
+        return PerturbationSource(Perturbation(self.tangents, primals, self.num_directions, generator))
+
+    def shared_config(self) -> dict[str, object]:
+        """What every rank must agree on beyond the directions' seed: JSON data (part of the start-up check
+        and of a replay log's header)."""
+        return {"tangents": self.tangents, "num_directions": self.num_directions, "eps": self.eps,
+                "one_sided": self.one_sided, "restore": "snapshot"}
+
+    def post_exchange(self, grad: ImplicitGradient) -> Gradient:
+        """The update from the exchanged estimate (all ranks' differences): ``zo`` uses it as it is."""
+        return grad
 
     def sgd_step(
         self, model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
@@ -240,6 +282,12 @@ class ZerothOrderSign(ZerothOrder):
     def _direction(self, source: Perturbation, i: int, d: Tensor) -> Tensor:
         return super()._direction(source, i, d).sign_()
 
+    def post_exchange(self, grad: ImplicitGradient) -> Gradient:
+        """``sign(ĝ)`` entry by entry, taken after the exchange: in data parallelism the sign of the whole
+        batch's estimate (the mean of the ranks' signs would be another thing), in tangent parallelism the
+        sign of the mean over all ``K·W`` directions, as one process with ``K·W`` directions takes it."""
+        return MappedGradient(grad, Tensor.sign_)
+
 
 @register_estimator("zo-cons", claims=("no-backward", "grad"))
 class ZerothOrderConservative(ZerothOrder):
@@ -262,6 +310,13 @@ class ZerothOrderConservative(ZerothOrder):
         >>> x = torch.randn(5, 3)
         >>> loss = fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, lambda m: m(x).pow(2).mean(), lr=0.1)
     """
+
+    unshareable = (
+        "ZO-SGD-Cons picks among θ, θ − lr·ĝ and θ + lr·ĝ by evaluating the loss at each, a choice that is "
+        "not linear in the loss (the ranks' shards would choose apart and their mean is no choice) and not a "
+        "function of the exchanged differences, so it cannot be rebuilt from them; use zo (its .grad path is "
+        "ZO-SGD, which is what zo-cons writes to .grad)"
+    )
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
