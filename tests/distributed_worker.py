@@ -52,6 +52,68 @@ def reference(mode: str, world: int, steps: int, tangents: str = "gaussian", see
     return [p.detach().clone() for p in params]
 
 
+#: The zeroth-order runs of the 2- and 4-process scenarios: (estimator, mode, options).
+ZO_RUNS = [
+    ("zo", "data", {"tangents": "gaussian"}),
+    ("zo-sign", "data", {"tangents": "rademacher"}),
+    ("zo", "tangent", {"tangents": "sphere", "one_sided": True}),
+    ("zo-sign", "tangent", {"tangents": "gaussian", "eps": 1e-4}),
+]
+
+
+def zo_reference(name: str, mode: str, world: int, steps: int, seed: int = 7, **options: Any) -> list[torch.Tensor]:
+    """The parameters after ``steps`` plain SGD steps of one process on the *whole* batch with the SPSA
+    estimate over the step's directions, formed here from :class:`Perturbation` draws and
+    :func:`spsa_directional_derivatives` directly (no seed-sharing code): data: stream 0's K; tangent: the K
+    of streams 0..world-1, rank-major, ``ĝ = (1/S) Σ_j d_j z_j``; ``zo-sign`` steps along ``sign(ĝ)``."""
+    from fwdgrad.derivatives.finite_difference import Perturbation, spsa_directional_derivatives
+    from fwdgrad.distributed import step_seed
+
+    tangents, eps = options.get("tangents", "gaussian"), options.get("eps", 1e-3)
+    model, x, y = problem()
+    params = list(model.parameters())
+    streams = range(world) if mode == "tangent" else range(1)
+    for t in range(steps):
+        ds, blocks = [], []
+        for s in streams:
+            pert = Perturbation(tangents, params, K, torch.Generator().manual_seed(step_seed(seed, t, s)))
+            _, d = spsa_directional_derivatives(model, lambda m: F.cross_entropy(m(x), y), params, pert, eps=eps,
+                                                one_sided=options.get("one_sided", False), restore="snapshot")
+            ds.append(d)
+            blocks.append(pert.materialise())
+        d = torch.cat(ds)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                g = torch.tensordot(d, torch.cat([b[i] for b in blocks]), dims=1) / d.numel()
+                p -= LR * (g.sign() if name == "zo-sign" else g)
+    return [p.detach().clone() for p in params]
+
+
+def zo_runs(comm: Any, out: Path, result: dict[str, Any]) -> None:
+    """:data:`ZO_RUNS` for ``WORLD_STEPS`` steps each, then 20 data-parallel zo-sign steps with momentum, weight
+    decay, a weight check every 5 steps and a fused-SGD replay log written by rank 0."""
+    from fwdgrad.distributed import ReplayLog, SeedSharingSGD, shard
+
+    rank, world = comm.rank, comm.world
+    for name, mode, options in ZO_RUNS:
+        model, x, y = problem()
+        opt = SeedSharingSGD(model, name, seed=7, mode=mode, comm=comm, num_directions=K, **options)
+        run(opt, x, y, WORLD_STEPS, rank, world, mode)
+        torch.save([p.detach() for p in model.parameters()], out / f"{name}_{mode}_{rank}.pt")
+        result[f"{name}_{mode}_bytes_per_step"] = opt.bytes_per_step
+    model, x, y = problem()
+    if rank == 0:
+        torch.save(model.state_dict(), out / "zo_init.pt")
+    opt = SeedSharingSGD(model, "zo-sign", seed=5, mode="data", comm=comm, num_directions=K, check_every=5)
+    opt.log = ReplayLog(out / "zo_run.log", opt) if rank == 0 else None
+    xs, ys = shard(x, rank, world), shard(y, rank, world)
+    for t in range(20):
+        opt.step(lambda m: F.cross_entropy(m(xs), ys), lr=0.01 / (1 + t), weight_decay=1e-3, momentum=0.9)
+    if opt.log is not None:
+        opt.log.close()
+    torch.save(model.state_dict(), out / f"zo_long_{rank}.pt")
+
+
 def run(opt: Any, x: torch.Tensor, y: torch.Tensor, steps: int, rank: int, world: int, mode: str,
         momentum: float = 0.0) -> None:
     from fwdgrad.distributed import shard
@@ -81,14 +143,18 @@ def mismatch(comm: Any, result: dict[str, Any]) -> None:
     """Rank 1 with another base seed, then with a weight moved by 1e-12: both ranks must refuse to start."""
     from fwdgrad.distributed import ReplicaMismatchError, SeedSharingSGD
 
-    for what in ("seed", "init"):
+    for what in ("seed", "init", "eps"):
         model, _, _ = problem()
         seed = 7 + (comm.rank if what == "seed" else 0)
         if what == "init" and comm.rank == comm.world - 1:
             with torch.no_grad():
                 next(model.parameters())[0, 0] += 1e-12
         try:
-            SeedSharingSGD(model, "fg-w", seed=seed, mode="data", comm=comm, num_directions=K)
+            if what == "eps":  # zo's finite-difference step given on the last rank only (the others: default)
+                extra = {"eps": 1e-4} if comm.rank == comm.world - 1 else {}
+                SeedSharingSGD(model, "zo", seed=seed, mode="data", comm=comm, num_directions=K, **extra)
+            else:
+                SeedSharingSGD(model, "fg-w", seed=seed, mode="data", comm=comm, num_directions=K)
         except ReplicaMismatchError as exc:
             result[f"mismatch_{what}"] = str(exc)
 
@@ -155,6 +221,7 @@ def main() -> None:
         opt2.load_state_dict(ckpt[1])
         run(opt2, x, y, 50, rank, world, "tangent", momentum=0.9)
         torch.save(model2.state_dict(), out / f"resumed_{rank}.pt")
+        zo_runs(comm, out, result)
         if scenario == "equal":  # last: rank 1 is killed mid-run; rank 0 must stop with an error naming it
             kill(comm, 1, result, out)
     elif scenario in ("kill0", "kill1"):

@@ -138,6 +138,62 @@ def _header_size(path: Path) -> int:
     return read_header(path)[1]
 
 
+# ------------------------------------------------------------------------------------- zeroth order
+@pytest.mark.parametrize("name", ["zo", "zo-sign"])
+@pytest.mark.parametrize("options", [{"tangents": "gaussian"}, {"tangents": "rademacher", "one_sided": True},
+                                     {"tangents": "sphere", "eps": 1e-4}], ids=["gaussian", "rademacher-1s", "sphere"])
+def test_zo_world_of_one_equals_reference_and_replays(tmp_path: Path, name: str, options: dict) -> None:
+    """K = 2 > 1 and sphere directions: the seed-shared step regenerates the perturbation's own directions
+    (zo's per-tensor seeds are direction-major, not TangentSource's), so it equals the SPSA reference formed
+    from Perturbation draws (1e-12), and the fused log replays bit for bit."""
+    model, x, y = worker.problem()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = SeedSharingSGD(model, name, seed=7, num_directions=worker.K, **options)
+    opt.log = ReplayLog(tmp_path / "zo.log", opt)
+    for _ in range(4):
+        opt.step(lambda m: F.cross_entropy(m(x), y), lr=worker.LR)
+    opt.log.close()
+    want = worker.zo_reference(name, "data", 1, 4, **options)
+    for p, q in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-12)
+    got = replay(tmp_path / "zo.log", init)
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_zo_seed_shared_grad_equals_the_plain_estimator() -> None:
+    """The .grad the seed-shared zo writes is zo's own estimate for the same generator state (K = 3)."""
+    from fwdgrad import estimator
+    from fwdgrad.distributed import step_seed
+
+    m1, x, y = worker.problem()
+    m2, _, _ = worker.problem()
+    shared = SeedSharingSGD(m1, "zo", seed=3, num_directions=3)
+    shared.accumulate(lambda m: F.cross_entropy(m(x), y))
+    plain = estimator("zo", num_directions=3, restore="snapshot",
+                      generator=torch.Generator().manual_seed(step_seed(3, 0, 0)))
+    plain(m2, lambda m: F.cross_entropy(m(x), y))
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)  # restored bit for bit
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+def test_zo_refusals_and_config() -> None:
+    model, _, _ = worker.problem()
+    with pytest.raises(ValueError, match=r"zo-cons cannot be shared by seed: ZO-SGD-Cons picks among θ, θ − lr·ĝ "
+                                         r"and θ \+ lr·ĝ by evaluating the loss at each, a choice that is not linear"):
+        SeedSharingSGD(model, "zo-cons", seed=0)
+    with pytest.raises(ValueError, match="zo with restore='regenerate' cannot be shared by seed: its seed-shared "
+                                         "step uses restore='snapshot'"):
+        SeedSharingSGD(model, "zo", seed=0, restore="regenerate")
+    base = SeedSharingSGD(model, "zo", seed=0).config()
+    assert base["estimator_config"] == {"tangents": "gaussian", "num_directions": 1, "eps": 1e-3, "one_sided": False,
+                                        "restore": "snapshot"}
+    assert SeedSharingSGD(model, "zo", seed=0, eps=1e-3).config()["estimator_config"] == base["estimator_config"]
+    for change in ({"eps": 1e-4}, {"one_sided": True}, {"tangents": "rademacher"}):
+        assert SeedSharingSGD(model, "zo", seed=0, **change).config()["estimator_config"] != base["estimator_config"]
+    assert "estimator_config" not in SeedSharingSGD(model, "fg-w", seed=0).config()  # fg-w's header unchanged
+
+
 def test_local_comm_counts_nothing() -> None:
     comm = LocalComm()
     assert comm.all_reduce_sum(torch.ones(3)).tolist() == [1.0, 1.0, 1.0] and comm.bytes_total == 0
@@ -215,6 +271,35 @@ def test_mismatch_detected_at_start_up(equal_run: tuple[Path, list[int], list[di
     for res in results:  # both ranks refuse, with the same message
         assert "rank(s) [1] differ from rank 0 in their configuration" in res["mismatch_seed"]
         assert "rank(s) [1] start from initial weights different from rank 0's" in res["mismatch_init"]
+        assert "rank(s) [1] differ from rank 0 in their configuration" in res["mismatch_eps"]  # zo's eps
+
+
+@pytest.mark.parametrize(("name", "mode", "options"), worker.ZO_RUNS,
+                         ids=[f"{n}-{m}" for n, m, _ in worker.ZO_RUNS])
+def test_zo_parallel_equals_single_process(
+    equal_run: tuple[Path, list[int], list[dict]], name: str, mode: str, options: dict
+) -> None:
+    """zo and zo-sign over 2 processes: data parallel equals one process on the whole batch (zo-sign: the sign
+    of the averaged estimate), tangent parallel one process with K·W directions in rank-major order; both
+    ranks bit-identical; K + 1 (data) or K·W (tangent) float64 scalars per step."""
+    out, _, results = equal_run
+    want = worker.zo_reference(name, mode, 2, worker.WORLD_STEPS, **options)
+    a, b = (torch.load(out / f"{name}_{mode}_{r}.pt", weights_only=True) for r in range(2))
+    for p, q, w in zip(a, b, want, strict=True):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-12)
+    for res in results:
+        assert res[f"{name}_{mode}_bytes_per_step"] == 8 * (worker.K + 1 if mode == "data" else worker.K * 2)
+
+
+def test_zo_sign_two_ranks_bit_identical_and_replayed(equal_run: tuple[Path, list[int], list[dict]]) -> None:
+    out, _, _ = equal_run
+    a, b = (torch.load(out / f"zo_long_{r}.pt", weights_only=True) for r in range(2))
+    init = torch.load(out / "zo_init.pt", weights_only=True)
+    replayed = replay(out / "zo_run.log", init)
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], replayed[k]), k
 
 
 def _check_killed(codes: list[int], results: list[dict], victim: int) -> None:
@@ -281,6 +366,16 @@ def test_four_ranks(tmp_path: Path) -> None:
     for res in results:
         assert res["data_bytes_per_step"] == 8 * (worker.K + 1)
         assert res["tangent_bytes_per_step"] == 8 * worker.K * 4 <= 8 * worker.K * 4 + 64
+    for name, mode, options in worker.ZO_RUNS:
+        want = worker.zo_reference(name, mode, 4, worker.WORLD_STEPS, **options)
+        for r in range(4):
+            got = torch.load(tmp_path / f"{name}_{mode}_{r}.pt", weights_only=True)
+            for p, q in zip(got, want, strict=True):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    zo_replayed = replay(tmp_path / "zo_run.log", torch.load(tmp_path / "zo_init.pt", weights_only=True))
+    for r in range(4):
+        got = torch.load(tmp_path / f"zo_long_{r}.pt", weights_only=True)
+        assert all(torch.equal(got[k], zo_replayed[k]) for k in got)
     states = [torch.load(tmp_path / f"{what}_{r}.pt", weights_only=True) for what in ("long", "resumed")
               for r in range(4)]
     replayed = replay(tmp_path / "run.log", torch.load(tmp_path / "init.pt", weights_only=True))
