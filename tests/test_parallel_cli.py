@@ -127,7 +127,30 @@ def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
     assert all(torch.equal(replayed[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("method", ["bp", "fg-a", "fg-w:directions=momentum", "l-fg-w"])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["zo:num_directions=2", "zo-sign:num_directions=2"])
+def test_zeroth_order_over_two_processes_equals_one_process_and_replays(
+    tmp_path: Path, user_module: Path, method: str
+) -> None:
+    """``fwdgrad train --method zo[-sign] --nproc 2 --replay-log``: the one-process run on the whole batch (zo-sign:
+    the sign of the averaged estimate), 8·(K+1) bytes per step, and rank 0's log replays bit for bit."""
+    args = [a if a != "fg-w:num_directions=2" else method for a in ARGS]
+    out = ["--epochs", "1", "--out-dir", str(tmp_path), "--lr", "1e-3"]
+    assert cli.main(["train", *args, *out, "--parallel", "data", "--name", "one"]) == 0
+    two = _fwdgrad(["train", *args, *out, "--nproc", "2", "--name", "two", "--replay-log"], user_module)
+    assert two.returncode == 0, two.stderr
+    run = method.replace(":", "_").replace("=", "-") + "_seed0"
+    a, b = (torch.load(tmp_path / n / "models" / f"{run}.pt", weights_only=True)["state_dict"] for n in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["runs"][0]["bytes_per_step"] == 24.0
+    log, init = (tmp_path / "two" / "replay" / f"{run}{s}" for s in (".log", ".init.pt"))
+    assert cli.main(["replay", str(log), "--init", str(init), "--out", str(tmp_path / "replayed.pt")]) == 0
+    replayed = torch.load(tmp_path / "replayed.pt", weights_only=True)
+    assert all(torch.equal(replayed[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("method", ["bp", "fg-a", "fg-w:directions=momentum", "l-fg-w", "zo-cons"])
 def test_a_method_that_cannot_be_shared_is_refused_in_one_line(
     tmp_path: Path, user_module: Path, method: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -131,6 +131,33 @@ def test_train_then_replay_is_bit_identical(
     _assert_bit_identical(_replayed(folder, capsys), _trained(folder))
 
 
+@pytest.mark.parametrize(("method", "run", "options"), [
+    ("zo:num_directions=2", "zo_num_directions-2_seed0",
+     ["--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "1e-3", "--clip-grad-norm", "1.0"]),
+    ("zo-sign:num_directions=2,tangents=sphere", "zo-sign_num_directions-2_tangents-sphere_seed0",
+     ["--optimizer", "adam", "--parallel", "tangent"]),
+], ids=["zo-sgd-momentum-clip", "zo-sign-sphere-adam-tangent"])
+def test_zeroth_order_train_then_replay_is_bit_identical(
+    tmp_path: Path, user_module: Path, capsys: pytest.CaptureFixture[str], method: str, run: str, options: list[str]
+) -> None:
+    """``fwdgrad train --method zo --replay-log`` in one process: the optimizer log replays bit for bit (the
+    perturbation's own K > 1 directions regenerated; zo-sign's sign taken again)."""
+    args = [a if a != "fg-w:num_directions=3" else method for a in ARGS]
+    assert cli.main(["train", *args, *options, "--lr", "1e-3", "--epochs", "1", "--out-dir", str(tmp_path),
+                     "--name", "z"]) == 0
+    folder = tmp_path / "z"
+    log = folder / "replay" / f"{run}.log"
+    header, start = read_header(log)
+    assert header["config"]["estimator"] == method.split(":")[0] and header["config"]["estimator_config"]["eps"] == 1e-3
+    assert log.stat().st_size - start == (13 if "tangent" in options else 12) * record_bytes(2, "optimizer")
+    out = folder / "replayed.pt"
+    assert cli.main(["replay", str(log), "--init", str(folder / "replay" / f"{run}.init.pt"), "--out", str(out)]) == 0
+    trained = torch.load(folder / "models" / f"{run}.pt", weights_only=True)["state_dict"]
+    init = torch.load(folder / "replay" / f"{run}.init.pt", weights_only=True)
+    assert any(not torch.equal(trained[k], init[k]) for k in trained)
+    _assert_bit_identical(torch.load(out, weights_only=True), trained)
+
+
 def test_resumed_run_replays_to_the_uninterrupted_weights(
     tmp_path: Path, user_module: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
