@@ -60,7 +60,7 @@ def check_shareable(spec: MethodSpec, mode: str) -> None:
         raise ValueError(f"fwdgrad: method {spec.display!r} cannot train with --parallel/--nproc/--replay-log "
                          "(seed sharing): it "
                          f"needs a {needs} model; seed sharing covers estimators of one global loss whose "
-                         "directions can be regenerated from a seed (e.g. fg-w)")
+                         "directions can be regenerated from a seed (fg-w, zo, zo-sign)")
     gen = torch.Generator().manual_seed(0)
     model = nn.Linear(3, 2)
     x, y = torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 0, 1])
