@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fwdgrad
 from data_fixtures import make_idx_files
 from fwdgrad import cli
 from fwdgrad.diagnostics.output import new_run_dir
@@ -51,6 +52,60 @@ def test_test_functions_have_their_minimum_and_both_engines_agree() -> None:
         g = f._gradients(f.rosenbrock, x, "bp", torch.Generator())
         v = fwdgrad_tangents(kind, x)
         assert torch.allclose(a, (g * v).sum(1, keepdim=True) * v, rtol=1e-10, atol=1e-10)
+
+
+def test_momentum_directions_of_the_test_functions_study() -> None:
+    """fg-momentum (Silver et al. 2022, as fg-w's directions='momentum' with K = 1), row by row: the plain
+    Gaussian forward gradient while the average is 0; then exact along the guess u = m/‖m‖, the fresh
+    tangent's projected estimate off it, and the average updated to βm + (1−β)ĝ; both engines agree."""
+    f = testfunctions
+    x = torch.randn(3, 5, dtype=D, generator=torch.Generator().manual_seed(1))
+    g = f._gradients(f.rosenbrock, x, "bp", torch.Generator())
+    with pytest.raises(ValueError, match="needs state"):
+        f._gradients(f.rosenbrock, x, "fg-momentum", torch.Generator())
+    m = torch.zeros_like(x)
+    first = f._gradients(f.rosenbrock, x, "fg-momentum", torch.Generator().manual_seed(3), "library", m)
+    plain = f._gradients(f.rosenbrock, x, "fg-gaussian", torch.Generator().manual_seed(3))
+    assert torch.allclose(first, plain, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(m, (1 - f.MOMENTUM_BETA) * first, rtol=1e-12, atol=1e-12)
+    m_lib, m_jvp = m.clone(), m.clone()
+    a = f._gradients(f.rosenbrock, x, "fg-momentum", torch.Generator().manual_seed(4), "library", m_lib)
+    b = f._gradients(f.rosenbrock, x, "fg-momentum", torch.Generator().manual_seed(4), "jvp", m_jvp)
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-10) and torch.allclose(m_lib, m_jvp, rtol=1e-10, atol=1e-10)
+    u = m / m.norm(dim=1, keepdim=True)
+    v = fwdgrad.sample_tangents("gaussian", [x[0]], 3, torch.Generator().manual_seed(4))[0]
+    along = (g * u).sum(1, keepdim=True)
+    assert torch.allclose((a * u).sum(1, keepdim=True), along, rtol=1e-10, atol=1e-10)  # exact along the guess
+    off = (g * v).sum(1, keepdim=True) * (v - (v * u).sum(1, keepdim=True) * u)
+    assert torch.allclose(a - along * u, off, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(m_lib, f.MOMENTUM_BETA * m + (1 - f.MOMENTUM_BETA) * a, rtol=1e-12, atol=1e-12)
+    # a run on the sphere: with the average pointing down the gradient, momentum directions beat one plain tangent
+    starts = torch.full((2, 16), 3.0, dtype=D)
+    mom = f.run_config("sphere", 16, "sgd", "fg-momentum", starts, [0.05], 400, seed=0, engine="jvp")[0]
+    plain = f.run_config("sphere", 16, "sgd", "fg-gaussian", starts, [0.05], 400, seed=0, engine="jvp")[0]
+    assert mom["successes"] == 2 and (plain["mean_steps"] is None or mom["mean_steps"] < plain["mean_steps"])
+
+
+def test_linreg_schedules_and_the_exact_mean_error() -> None:
+    """The paper's schedule (a = log d, k₀ = a(d+2)², Bos & Schmidt-Hieber's simulation code) against the unit
+    one; expected_mse is the exact mean of the simulated chains (a Monte Carlo check with a documented
+    tolerance: 400 runs of d = 4, relative s.e. of the mean ≈ 4 %, allowed 15 %)."""
+    assert linreg.schedule_a(8, "paper") == pytest.approx(math.log(8)) and linreg.schedule_a(8, "unit") == 1.0
+    assert linreg.fg_k0(8, 1, "paper") == pytest.approx(math.log(8) * 100)
+    assert linreg.fg_k0(8, 1, "unit") == 108 and linreg.fg_k0(8, 4, "paper") == pytest.approx(math.log(8) * 33)
+    with pytest.raises(ValueError, match="'adam'"):
+        linreg.schedule_a(8, "adam")
+    with pytest.raises(ValueError, match=r"got -1\.0"):
+        linreg.simulate(4, "fg", steps=5, k0=1.0, repeats=1, a=-1.0)
+    a, k0 = math.log(4), linreg.fg_k0(4, 1, "paper")
+    sim = linreg.simulate(4, "fg", steps=300, k0=k0, repeats=400, a=a, points=4)
+    exact = linreg.expected_mse(4, 300, a=a, k0=k0)
+    for k, mse in zip(sim["k"], sim["mse"]):
+        assert mse == pytest.approx(exact[k - 1], rel=0.15)
+    # the limit k·MSE → d(d+2)·a²/(2a − 1) that makes the paper's schedule collapse under d² log d
+    d, big = 8, 200_000
+    e = linreg.expected_mse(d, big, a=math.log(d), k0=linreg.fg_k0(d, 1, "paper"))[-1]
+    assert big * e == pytest.approx(d * (d + 2) * math.log(d) ** 2 / (2 * math.log(d) - 1), rel=0.01)
 
 
 def fwdgrad_tangents(kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +170,8 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (["study", "testfunctions", "--functions", "himmelblau"], "'himmelblau'"),
     (["study", "linreg", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["study", "frankwolfe", "--budget", "0"], "--budget must be >= 1, got 0"),
+    (["study", "frankwolfe", "--directions", "0"], "--directions must be >= 1, got 0"),
+    (["study", "linreg", "--schedule", "cosine"], "'cosine'"),
     (["study", "linreg", "--dims", "1"], "--dims must be >= 2"),
     (["diagnose", "--samples", "1"], "--samples must be >= 2, got 1"),
     (["diagnose", "--methods", "nope"], "'nope'"),

@@ -35,11 +35,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the n-d functions (default 2,8,32)")
     g.add_argument("--steps-per-sample", type=_int_list, default=None, metavar="L,L,...",
                    help="ℓ forward-gradient steps per fresh sample (Dexheimer & Schmidt-Hieber 2024) (default 1,4)")
-    g.add_argument("--repeats", type=int, default=None, help="independent runs averaged per d (default 20)")
+    g.add_argument("--repeats", type=int, default=None, help="independent runs averaged per d (default 40; quick 8)")
+    g.add_argument("--schedule", default="paper", metavar="paper|unit",
+                   help="forward gradient step size a/(k + a(d+2)^2): a = log d as in Bos & Schmidt-Hieber's "
+                        "simulation (paper, default) or a = 1 (unit)")
     g = p.add_argument_group("testfunctions and frankwolfe")
     g.add_argument("--budget", type=int, default=None, help="step budget per run")
     g.add_argument("--functions", default=None, help="test functions, comma-separated (default: all)")
     g.add_argument("--data-dir", default=None, metavar="DIR", help="frankwolfe: folder with MNIST")
+    g.add_argument("--examples", type=int, default=None,
+                   help="frankwolfe: training images in the full-batch objective (default 2000; quick 256)")
+    g.add_argument("--directions", type=int, default=None,
+                   help="frankwolfe: tangent directions K per forward-gradient step (default 8; quick 1)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -47,8 +54,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    for key in ("repeats", "budget"):
-        value = getattr(args, key)
+    for key in ("repeats", "budget", "examples", "directions"):
+        value = getattr(args, key, None)
         if value is not None and value < 1:
             raise ValueError(f"--{key} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)

@@ -127,8 +127,8 @@ def run(data_dir: str | None, *, n: int, steps: int, mlp_steps: int, num_directi
 def run_from_args(args: Any) -> dict[str, Any]:
     steps = args.budget or (300 if args.quick else 10000)
     mlp_steps = min(steps, 100 if args.quick else 2000)
-    n = 256 if args.quick else 2000
-    k = 1 if args.quick else 8
+    n = getattr(args, "examples", None) or (256 if args.quick else 2000)
+    k = getattr(args, "directions", None) or (1 if args.quick else 8)
     return run(args.data_dir, n=n, steps=steps, mlp_steps=mlp_steps, num_directions=k, seed=args.seed,
                log=lambda s: print(s, file=sys.stderr, flush=True))
 

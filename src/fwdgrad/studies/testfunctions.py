@@ -9,7 +9,12 @@ Functions (all with ``f* = 0``): Beale, Booth, Matyas (2-d), and sphere, Rosenbr
 ellipsoid ``Σ i·x_i²`` in several dimensions. Gradients: ``bp`` (exact, by autograd) and the forward gradient
 ``⟨∇f, v⟩v`` under the tangent samplers that differ for a single vector parameter: ``gaussian``,
 ``rademacher`` and ``sphere`` (for a vector, ``rank1`` *is* ``rademacher`` and ``orthogonal`` with one
-direction *is* ``sphere``). Optimisers: SGD, clipped SGD (gradient norm clipped to 1) and Adam (β = 0.9,
+direction *is* ``sphere``), and ``fg-momentum``: momentum directions (Silver et al. 2022, "Learning by
+Directional Gradient Descent", as ``fwdgrad.estimator("fg-w", directions="momentum")`` with K = 1): each row
+keeps a running average ``m ← βm + (1−β)ĝ`` (β = 0.9) of its own estimates and the step's estimate is
+``ĝ = ⟨∇f, u⟩u + ⟨∇f, v⟩(I − uuᵀ)v`` with ``u = m/‖m‖`` and a fresh Gaussian ``v`` (unbiased, exact along the
+guess ``u``; two directional derivatives per step instead of one; the plain forward gradient while ``m = 0``).
+Optimisers: SGD, clipped SGD (gradient norm clipped to 1) and Adam (β = 0.9,
 0.999), each with every learning rate of a grid; per (function, optimiser, gradient) the learning rate with
 the most successes (then the fewest mean steps) is reported.
 
@@ -77,11 +82,51 @@ FUNCTIONS: dict[str, tuple[Callable[[Tensor], Tensor], int | None, tuple[float, 
     "ellipsoid": (ellipsoid, None, (-5.0, 5.0)),
 }
 OPTIMIZERS = ("sgd", "clipped-sgd", "adam")
-GRADIENTS = ("bp", "fg-gaussian", "fg-rademacher", "fg-sphere")
+GRADIENTS = ("bp", "fg-gaussian", "fg-rademacher", "fg-sphere", "fg-momentum")
+MOMENTUM_BETA = 0.9  # fwdgrad.estimator("fg-w", directions="momentum")'s default direction_beta
+
+
+def _row_directional_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, engine: str) -> Tensor:
+    """``[⟨∇f(x_r), v_r⟩]_r`` for rows ``x, v`` of shape ``[R, n]``."""
+    rows, n = x.shape
+    if engine == "jvp":
+        _, dirs = torch.func.jvp(fn, (x.detach(),), (v,))
+        return dirs
+    tangents = torch.zeros(rows, rows, n, dtype=x.dtype)  # direction r moves row r only
+    idx = torch.arange(rows)
+    tangents[idx, idx] = v
+    _, dirs, _ = fwdgrad.directional_derivatives(lambda xs: fn(xs[0]).sum(), [x.detach()], [tangents])
+    return dirs
+
+
+def _momentum_gradients(fn: Callable[[Tensor], Tensor], x: Tensor, gen: torch.Generator, engine: str,
+                        average: Tensor, beta: float = MOMENTUM_BETA) -> Tensor:
+    """Momentum-direction forward gradients of the rows of ``x`` (``[R, n]``); ``average`` (``[R, n]``, each
+    row's running average of its past estimates) is updated in place: ``m ← βm + (1−β)ĝ``.
+
+    With ``u = m/‖m‖`` (0 for a row whose ``m`` is 0) and ``v`` Gaussian:
+    ``ĝ = ⟨∇f, u⟩u + ⟨∇f, v⟩(v − ⟨v, u⟩u)``. A row whose estimate is not finite keeps its average."""
+    v = fwdgrad.sample_tangents("gaussian", [x[0]], x.shape[0], gen)[0]
+    norm = average.norm(dim=1, keepdim=True)
+    u = torch.where(norm > 0, average / norm.clamp(min=1e-300), torch.zeros_like(average))
+    if engine == "jvp":
+        d = torch.cat([_row_directional_derivatives(fn, x, v, engine), _row_directional_derivatives(fn, x, u, engine)])
+    else:  # the 2R directions as one batch (direction j moves row j mod R)
+        rows, n = x.shape
+        tangents = torch.zeros(2 * rows, rows, n, dtype=x.dtype)
+        idx = torch.arange(rows)
+        tangents[idx, idx] = v
+        tangents[rows + idx, idx] = u
+        _, d, _ = fwdgrad.directional_derivatives(lambda xs: fn(xs[0]).sum(), [x.detach()], [tangents])
+    dv, du = d.chunk(2)
+    g = du.unsqueeze(1) * u + dv.unsqueeze(1) * (v - (v * u).sum(1, keepdim=True) * u)
+    ok = torch.isfinite(g).all(1, keepdim=True)
+    average.copy_(torch.where(ok, beta * average + (1 - beta) * g, average))
+    return g
 
 
 def _gradients(fn: Callable[[Tensor], Tensor], x: Tensor, kind: str, gen: torch.Generator,
-               engine: str = "library") -> Tensor:
+               engine: str = "library", state: Tensor | None = None) -> Tensor:
     """Per-row gradient (``bp``) or forward gradient ``⟨∇f(x_r), v_r⟩·v_r`` at the rows of ``x`` ``[R, n]``.
 
     The tangents ``v_r`` come from :func:`fwdgrad.sample_tangents`. ``engine="library"`` gets the directional
@@ -89,22 +134,19 @@ def _gradients(fn: Callable[[Tensor], Tensor], x: Tensor, kind: str, gen: torch.
     JVP); ``engine="jvp"`` from one ``torch.func.jvp`` of the vector of row values ``[f(x_r)]_r`` with tangent
     ``V`` (row r of the output depends on row r of ``X`` only, so its tangent is ``⟨∇f(x_r), v_r⟩``); the two
     are equal (``tests/test_studies.py``); on a loaded 2-core machine the library path took 0.6-0.7 ms per step
-    of 5 rows in 8 dimensions and the direct one 0.4-0.5 ms."""
+    of 5 rows in 8 dimensions and the direct one 0.4-0.5 ms. ``kind="fg-momentum"`` needs ``state``, the
+    rows' running averages (:func:`_momentum_gradients`)."""
+    if kind == "fg-momentum":
+        if state is None:
+            raise ValueError("fwdgrad.studies.testfunctions._gradients: kind 'fg-momentum' needs state, got None")
+        return _momentum_gradients(fn, x, gen, engine, state)
     if kind == "bp":
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(fn(xr).sum(), xr)
         return g
-    rows, n = x.shape
-    v = fwdgrad.sample_tangents(kind.removeprefix("fg-"), [x[0]], rows, gen)[0]  # [R, n], one per row
-    if engine == "jvp":
-        _, dirs = torch.func.jvp(fn, (x.detach(),), (v,))
-    else:
-        tangents = torch.zeros(rows, rows, n, dtype=x.dtype)  # direction r moves row r only
-        idx = torch.arange(rows)
-        tangents[idx, idx] = v
-        _, dirs, _ = fwdgrad.directional_derivatives(lambda xs: fn(xs[0]).sum(), [x.detach()], [tangents])
-    return dirs.unsqueeze(1) * v
+    v = fwdgrad.sample_tangents(kind.removeprefix("fg-"), [x[0]], x.shape[0], gen)[0]  # [R, n], one per row
+    return _row_directional_derivatives(fn, x, v, engine).unsqueeze(1) * v
 
 
 def run_config(
@@ -118,6 +160,7 @@ def run_config(
     x = starts.repeat(lr_n, 1).clone()  # rows: lr-major
     lr = torch.tensor(lrs, dtype=x.dtype).repeat_interleave(s).unsqueeze(1)
     m, v = torch.zeros_like(x), torch.zeros_like(x)
+    directions = torch.zeros_like(x) if gradient == "fg-momentum" else None  # each row's running average
     done = torch.full((x.shape[0],), -1, dtype=torch.long)  # step of success, -1 = not yet
     dead = torch.zeros(x.shape[0], dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +172,7 @@ def run_config(
         for step in range(1, budget + 1):
             if not bool(active.any()):
                 break
-            g = _gradients(fn, x, gradient, gen, engine)
+            g = _gradients(fn, x, gradient, gen, engine, directions)
             if optimizer == "clipped-sgd":
                 norm = g.norm(dim=1, keepdim=True)
                 g = g * torch.clamp(1.0 / norm.clamp(min=1e-300), max=1.0)
