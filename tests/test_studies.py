@@ -128,8 +128,8 @@ def test_new_run_dir_never_reuses_a_folder(tmp_path: Path) -> None:
     assert a.name == "x" and b.name == "x-2"
 
 
-def _study(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = cli.main(["study", *args, "--out", str(tmp_path), "--name", "r", "--no-plots"])
+def _study(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str, name: str = "r") -> tuple[int, str]:
+    code = cli.main(["study", *args, "--out", str(tmp_path), "--name", name, "--no-plots"])
     return code, capsys.readouterr().out
 
 
@@ -164,6 +164,11 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert {r["method"] for r in result["runs"]} == {"true FW", "FG FW", "FG FW + VR"}
     true = next(r for r in result["runs"] if r["problem"] == "logreg-l1" and r["method"] == "true FW")
     assert true["gap"][-1] < true["gap"][0]
+    code, _ = _study(tmp_path, capsys, "frankwolfe", "--quick", "--budget", "3", "--methods", "fg-vr",
+                     "--examples", "20", "--directions", "2", "--data-dir", str(tmp_path / "data"), name="vr")
+    result = json.loads((tmp_path / "vr" / "frankwolfe.json").read_text())
+    assert code == 0 and {r["method"] for r in result["runs"]} == {"FG FW + VR"}
+    assert result["n_examples"] == 20 and result["num_directions"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -171,6 +176,7 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (["study", "linreg", "--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["study", "frankwolfe", "--budget", "0"], "--budget must be >= 1, got 0"),
     (["study", "frankwolfe", "--directions", "0"], "--directions must be >= 1, got 0"),
+    (["study", "frankwolfe", "--methods", "fg,adam"], "'fg,adam'"),
     (["study", "linreg", "--schedule", "cosine"], "'cosine'"),
     (["study", "linreg", "--dims", "1"], "--dims must be >= 2"),
     (["diagnose", "--samples", "1"], "--samples must be >= 2, got 1"),

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=None, metavar="DIR", help="frankwolfe: folder with MNIST")
     g.add_argument("--examples", type=int, default=None,
                    help="frankwolfe: training images in the full-batch objective (default 2000; quick 256)")
+    g.add_argument("--methods", default=None, metavar="M,M,...",
+                   help="frankwolfe: which of true, fg, fg-vr to run (default all); testfunctions ignores it")
     g.add_argument("--directions", type=int, default=None,
                    help="frankwolfe: tangent directions K per forward-gradient step (default 8; quick 1)")
 

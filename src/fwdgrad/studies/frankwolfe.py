@@ -35,6 +35,8 @@ from fwdgrad.optim.lmo import LMOS
 
 Tensor = torch.Tensor
 METHODS = ("true FW", "FG FW", "FG FW + VR")
+#: the names ``--methods`` takes
+METHOD_KEYS = {"true": "true FW", "fg": "FG FW", "fg-vr": "FG FW + VR"}
 
 
 def binary_mnist(
@@ -69,11 +71,11 @@ def _true_gap(model: nn.Module, loss_fn: Any, opt: FrankWolfe) -> tuple[float, f
 
 def run_problem(
     problem: str, x: Tensor, y: Tensor, *, steps: int, num_directions: int, seed: int, radius: float, box: float,
-    log: Any = None,
+    log: Any = None, methods: tuple[str, ...] = METHODS,
 ) -> list[dict[str, Any]]:
     log_at = sorted({round(v) for v in torch.logspace(0, math.log10(steps), 40).tolist()} | {0})
     out = []
-    for method in METHODS:
+    for method in methods:
         torch.manual_seed(seed)
         if problem == "logreg-l1":
             model: nn.Module = nn.Linear(x.shape[1], 2, bias=False)
@@ -114,12 +116,13 @@ def run_problem(
 
 
 def run(data_dir: str | None, *, n: int, steps: int, mlp_steps: int, num_directions: int, seed: int,
-        radius: float = 10.0, box: float = 0.05, log: Any = None) -> dict[str, Any]:
+        radius: float = 10.0, box: float = 0.05, log: Any = None, methods: tuple[str, ...] = METHODS,
+        problems: tuple[str, ...] = ("logreg-l1", "mlp-box")) -> dict[str, Any]:
     x, y = binary_mnist(data_dir, n, seed=seed)
-    runs = run_problem("logreg-l1", x, y, steps=steps, num_directions=num_directions, seed=seed, radius=radius,
-                       box=box, log=log)
-    runs += run_problem("mlp-box", x, y, steps=mlp_steps, num_directions=num_directions, seed=seed, radius=radius,
-                        box=box, log=log)
+    runs = []
+    for problem in problems:
+        runs += run_problem(problem, x, y, steps=steps if problem == "logreg-l1" else mlp_steps,
+                            num_directions=num_directions, seed=seed, radius=radius, box=box, log=log, methods=methods)
     return {"study": "frankwolfe", "n_examples": n, "digits": [4, 9], "steps": steps, "mlp_steps": mlp_steps,
             "num_directions": num_directions, "l1_radius": radius, "box": box, "seed": seed, "runs": runs}
 
@@ -129,8 +132,15 @@ def run_from_args(args: Any) -> dict[str, Any]:
     mlp_steps = min(steps, 100 if args.quick else 2000)
     n = getattr(args, "examples", None) or (256 if args.quick else 2000)
     k = getattr(args, "directions", None) or (1 if args.quick else 8)
+    methods = tuple(METHODS)
+    if getattr(args, "methods", None):
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in METHOD_KEYS]
+        if bad or not wanted:
+            raise ValueError(f"--methods takes {', '.join(METHOD_KEYS)} separated by commas, got {args.methods!r}")
+        methods = tuple(METHOD_KEYS[m] for m in METHOD_KEYS if m in wanted)
     return run(args.data_dir, n=n, steps=steps, mlp_steps=mlp_steps, num_directions=k, seed=args.seed,
-               log=lambda s: print(s, file=sys.stderr, flush=True))
+               log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
