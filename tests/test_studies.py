@@ -165,10 +165,11 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     true = next(r for r in result["runs"] if r["problem"] == "logreg-l1" and r["method"] == "true FW")
     assert true["gap"][-1] < true["gap"][0]
     code, _ = _study(tmp_path, capsys, "frankwolfe", "--quick", "--budget", "3", "--methods", "fg-vr",
-                     "--examples", "20", "--directions", "2", "--data-dir", str(tmp_path / "data"), name="vr")
+                     "--examples", "20", "--directions", "2", "--rho", "3", "--data-dir", str(tmp_path / "data"),
+                     name="vr")
     result = json.loads((tmp_path / "vr" / "frankwolfe.json").read_text())
     assert code == 0 and {r["method"] for r in result["runs"]} == {"FG FW + VR"}
-    assert result["n_examples"] == 20 and result["num_directions"] == 2
+    assert result["n_examples"] == 20 and result["num_directions"] == 2 and result["rho"] == "3/(k+3)"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -177,6 +178,7 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (["study", "frankwolfe", "--budget", "0"], "--budget must be >= 1, got 0"),
     (["study", "frankwolfe", "--directions", "0"], "--directions must be >= 1, got 0"),
     (["study", "frankwolfe", "--methods", "fg,adam"], "'fg,adam'"),
+    (["study", "frankwolfe", "--rho", "0.5"], "rho must be a number >= 1, got 0.5"),
     (["study", "linreg", "--schedule", "cosine"], "'cosine'"),
     (["study", "linreg", "--dims", "1"], "--dims must be >= 2"),
     (["diagnose", "--samples", "1"], "--samples must be >= 2, got 1"),

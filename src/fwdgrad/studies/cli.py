@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frankwolfe: training images in the full-batch objective (default 2000; quick 256)")
     g.add_argument("--methods", default=None, metavar="M,M,...",
                    help="frankwolfe: which of true, fg, fg-vr to run (default all); testfunctions ignores it")
+    g.add_argument("--rho", type=float, default=None, metavar="C",
+                   help="frankwolfe: averaging weight rho_k = C/(k+C) (C >= 1) instead of 4/(k+8)^(2/3)")
     g.add_argument("--directions", type=int, default=None,
                    help="frankwolfe: tangent directions K per forward-gradient step (default 8; quick 1)")
 

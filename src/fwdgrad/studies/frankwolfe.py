@@ -69,9 +69,20 @@ def _true_gap(model: nn.Module, loss_fn: Any, opt: FrankWolfe) -> tuple[float, f
     return float(loss.detach()), gap
 
 
+def averaging_schedule(rho: float | None) -> Any:
+    """``ρ_k`` of the averaged direction: ``None`` is Mokhtari et al.'s ``4/(k+8)^{2/3}`` (the optimizer's
+    default); a number ``c ≥ 1`` is ``c/(k+c)``, an average with weights growing like ``k^{c−1}`` (window ≈ k/c)."""
+    if rho is None:
+        return None
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1:
+        raise ValueError(f"fwdgrad.studies.frankwolfe.averaging_schedule: rho must be a number >= 1, got {rho!r}")
+    c = float(rho)
+    return lambda k: min(1.0, c / (k + c))
+
+
 def run_problem(
     problem: str, x: Tensor, y: Tensor, *, steps: int, num_directions: int, seed: int, radius: float, box: float,
-    log: Any = None, methods: tuple[str, ...] = METHODS,
+    log: Any = None, methods: tuple[str, ...] = METHODS, rho: float | None = None,
 ) -> list[dict[str, Any]]:
     log_at = sorted({round(v) for v in torch.logspace(0, math.log10(steps), 40).tolist()} | {0})
     out = []
@@ -87,7 +98,8 @@ def run_problem(
                 for p in model.parameters():
                     p.clamp_(-box, box)
             groups = [{"params": list(model.parameters()), "constraint": "box", "lower": -box, "upper": box}]
-        opt = FrankWolfe(groups, step_size=lambda k: 2.0 / (k + 8), variance_reduction=method.endswith("VR"))
+        opt = FrankWolfe(groups, step_size=lambda k: 2.0 / (k + 8), variance_reduction=method.endswith("VR"),
+                         averaging=averaging_schedule(rho))
         est = fwdgrad.estimator("bp") if method == "true FW" else fwdgrad.estimator(
             "fg-w", num_directions=num_directions, seed=seed)
 
@@ -117,14 +129,16 @@ def run_problem(
 
 def run(data_dir: str | None, *, n: int, steps: int, mlp_steps: int, num_directions: int, seed: int,
         radius: float = 10.0, box: float = 0.05, log: Any = None, methods: tuple[str, ...] = METHODS,
-        problems: tuple[str, ...] = ("logreg-l1", "mlp-box")) -> dict[str, Any]:
+        problems: tuple[str, ...] = ("logreg-l1", "mlp-box"), rho: float | None = None) -> dict[str, Any]:
     x, y = binary_mnist(data_dir, n, seed=seed)
     runs = []
     for problem in problems:
         runs += run_problem(problem, x, y, steps=steps if problem == "logreg-l1" else mlp_steps,
-                            num_directions=num_directions, seed=seed, radius=radius, box=box, log=log, methods=methods)
+                            num_directions=num_directions, seed=seed, radius=radius, box=box, log=log, methods=methods,
+                            rho=rho)
     return {"study": "frankwolfe", "n_examples": n, "digits": [4, 9], "steps": steps, "mlp_steps": mlp_steps,
-            "num_directions": num_directions, "l1_radius": radius, "box": box, "seed": seed, "runs": runs}
+            "num_directions": num_directions, "rho": "4/(k+8)^(2/3)" if rho is None else f"{rho:g}/(k+{rho:g})",
+            "l1_radius": radius, "box": box, "seed": seed, "runs": runs}
 
 
 def run_from_args(args: Any) -> dict[str, Any]:
@@ -140,7 +154,7 @@ def run_from_args(args: Any) -> dict[str, Any]:
             raise ValueError(f"--methods takes {', '.join(METHOD_KEYS)} separated by commas, got {args.methods!r}")
         methods = tuple(METHOD_KEYS[m] for m in METHOD_KEYS if m in wanted)
     return run(args.data_dir, n=n, steps=steps, mlp_steps=mlp_steps, num_directions=k, seed=args.seed,
-               log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods)
+               log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods, rho=getattr(args, "rho", None))
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -155,7 +169,8 @@ def write_report(result: dict[str, Any], out: Path, plots: bool = True) -> list[
           f"`{result.get('command', '')}`; MNIST digits 4 vs 9, {result['n_examples']} training images (full-batch "
           f"objective); ℓ1 radius {result['l1_radius']:g} (logistic regression), box ±{result['box']:g} "
           "(MLP 784-32-2); "
-          f"K = {result['num_directions']} Gaussian direction(s) per step; γ_k = 2/(k+8), ρ_k = 4/(k+8)^(2/3). The gap "
+          f"K = {result['num_directions']} Gaussian direction(s) per step; γ_k = 2/(k+8), "
+          f"ρ_k = {result.get('rho', '4/(k+8)^(2/3)')}. The gap "
           "is the true Frank-Wolfe gap (autograd).", "",
           markdown_table(["problem", "method", "steps", "gap at start", "gap at end", "end/start", "min/start",
                           "loss at start", "loss at end"], rows)]
