@@ -146,6 +146,7 @@ def run_from_args(args: Any) -> dict[str, Any]:
     mlp_steps = min(steps, 100 if args.quick else 2000)
     n = getattr(args, "examples", None) or (256 if args.quick else 2000)
     k = getattr(args, "directions", None) or (1 if args.quick else 8)
+    averaging_schedule(getattr(args, "rho", None))  # a bad --rho fails before the data are read
     methods = tuple(METHODS)
     if getattr(args, "methods", None):
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
