@@ -88,13 +88,14 @@ def train_one(method: str, lr: float, data, args) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    n = len(data.y_train) if args.train_subset is None else min(args.train_subset, len(data.y_train))
+    n_pool = len(data.y_train) - args.val
+    n = n_pool if args.train_subset is None else min(args.train_subset, n_pool)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.step_every, gamma=args.step_gamma)
     gen = torch.Generator().manual_seed(args.seed)
     curve, losses, train_time = [], [], 0.0
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(len(data.y_train), generator=gen)[:n]
+        order = torch.randperm(n_pool, generator=gen)[:n]
         for i in range(0, n, args.batch_size):
             idx = order[i : i + args.batch_size]
             x, y = data.x_train[idx].to(args.device), data.y_train[idx].to(args.device)
@@ -109,12 +110,15 @@ def train_one(method: str, lr: float, data, args) -> dict:
             "test_error": error_rate(model, data.x_test, data.y_test, args.device),
             "train_error": error_rate(model, data.x_train[: args.train_eval], data.y_train[: args.train_eval],
                                       args.device),
+            "val_error": (error_rate(model, data.x_train[n_pool:], data.y_train[n_pool:], args.device)
+                          if args.val else None),
             "train_loss_last_100": sum(losses[-100:]) / len(losses[-100:]),
             "train_seconds": train_time,
         }
         curve.append(point)
+        val = f"val {point['val_error']:.2f}% " if args.val else ""
         print(f"{args.dataset} {args.model} {method} lr={lr:g} epoch {epoch}: test {point['test_error']:.2f}% "
-              f"train {point['train_error']:.2f}% loss {point['train_loss_last_100']:.3f} ({train_time:.0f}s)",
+              f"train {point['train_error']:.2f}% {val}loss {point['train_loss_last_100']:.3f} ({train_time:.0f}s)",
               flush=True)
     return {"method": method, "lr": lr, "train_examples_per_epoch": n, "curve": curve}
 
@@ -126,15 +130,18 @@ def table(runs: list[dict], args) -> str:
         f"{args.dataset}, model {args.model}; {args.epochs} epoch(s) of {runs[0]['train_examples_per_epoch']} "
         f"examples, batch {args.batch_size}, {opt}, lr × {args.step_gamma:g} every {args.step_every} epoch(s), "
         f"seed {args.seed}; train error on the first {args.train_eval} training images; "
+        + (f"val error on the last {args.val} training images (held out); " if args.val else "") +
         f"{torch.get_num_threads()} thread(s) on {args.device}.",
         "",
-        "| method | lr | test error % | train error % | train loss (last 100 steps) | train wall-clock (s) |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | test error % | train error % | val error % | train loss (last 100 steps) "
+        "| train wall-clock (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         last = r["curve"][-1]
+        val = f"{last['val_error']:.2f}" if last.get("val_error") is not None else "–"
         lines.append(f"| {r['method']} | {r['lr']:g} | {last['test_error']:.2f} | {last['train_error']:.2f} | "
-                     f"{last['train_loss_last_100']:.3f} | {last['train_seconds']:.0f} |")
+                     f"{val} | {last['train_loss_last_100']:.3f} | {last['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +155,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-subset", type=int, default=None, help="examples per epoch (default: all)")
     ap.add_argument("--train-eval", type=int, default=10000)
+    ap.add_argument("--val", type=int, default=0,
+                    help="hold out the last VAL training images (never trained on) and report their error, "
+                         "to choose settings without the test set")
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=0.0)

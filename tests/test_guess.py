@@ -39,6 +39,15 @@ def _block_cnn() -> tuple[nn.Module, Tensor, Tensor]:
     return model, x, y
 
 
+def _block_cnn_readout() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = BlockCNN((2, 8, 8), 3, channels="3x4x4", head_pool=2, last_head="readout").double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    return model, x, y
+
+
 def _mixer() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     model = LocalMixer((1, 4, 4), 3, num_blocks=2, num_patches=2, channels=8, groups=2).double()
@@ -50,7 +59,7 @@ def _mixer() -> tuple[nn.Module, Tensor, Tensor]:
     return model, x, y
 
 
-MODELS = {"block-cnn": _block_cnn, "localmixer": _mixer}
+MODELS = {"block-cnn": _block_cnn, "block-cnn-readout": _block_cnn_readout, "localmixer": _mixer}
 
 
 def _loss(x: Tensor, y: Tensor):
@@ -138,6 +147,31 @@ def test_guesses_are_local_gradients(guess: str, space: str) -> None:
             want = torch.autograd.grad(ell.mean(), list(blocks[k].parameters()))
             for a, b in zip(est.last_guesses[k], want):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_readout_as_last_head_gives_the_last_block_its_exact_gradient(space: str) -> None:
+    """``last_head="readout"`` (Fournier et al.'s protocol): the last block's local loss is the model's loss,
+    so its ``local`` projection is its exact gradient, and ``above`` at the block before is exact too; the
+    read-out, recorded twice, is trained once (its gradient equals backprop's under fg-guess and l-bp)."""
+    model, x, y = _block_cnn_readout()
+    assert len(model.heads) == 2
+    twin = copy.deepcopy(model)
+    F.cross_entropy(twin(x), y).backward()
+    exact = {n: p.grad for n, p in twin.named_parameters()}
+    for guess, k in (("local", 2), ("above", 1)):
+        model.zero_grad(set_to_none=True)
+        fwdgrad.estimator("fg-guess", guess=guess, space=space, eps=0.0)(model, _loss(x, y))
+        for n, p in model.named_parameters():
+            if n.startswith((f"blocks.{k}.", "readout.")):
+                torch.testing.assert_close(p.grad, exact[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+    for est in (fwdgrad.estimator("l-bp"), fwdgrad.estimator("fg-guess", guess="ntk", space=space, seed=0)):
+        model.zero_grad(set_to_none=True)
+        est(model, _loss(x, y))
+        for n in ("readout.weight", "readout.bias"):
+            torch.testing.assert_close(dict(model.named_parameters())[n].grad, exact[n], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="last_head"):
+        BlockCNN((2, 8, 8), 3, channels="3x4", last_head="mine")
 
 
 def test_ntk_redraws_and_fixed_ntk_keeps_its_head() -> None:

@@ -192,7 +192,10 @@ class GuessForwardGradient(Estimator):
             return {}
         prefix = {id(m): n for n, m in model.named_modules()}
         out: dict[str, Tensor] = {}
+        readouts = {id(r) for r in lay.readouts}
         for k, head in enumerate(lay.heads):
+            if id(head) in readouts:  # the last block's head is the read-out: never re-drawn
+                continue
             if self.guess == "fixed-ntk":
                 if k not in self._fixed:
                     self._fixed[k] = _linear_init(head, gen)
@@ -282,6 +285,7 @@ class GuessForwardGradient(Estimator):
 
         # Heads: exact local gradients (read-out always; block heads when they make the guess).
         trained = list(lay.readouts) + ([] if self.guess in ("ntk", "fixed-ntk") else list(lay.heads))
+        trained = list({id(h): h for h in trained}.values())  # a head that is also the read-out: once
         recorded = {id(h.head): h for h in rec.heads}
         for head in trained:
             h = recorded[id(head)]

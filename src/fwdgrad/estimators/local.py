@@ -82,7 +82,11 @@ def _add_head_grads(
 ) -> None:
     """Exact gradients of every head's own loss, by the linear local rule (no backward pass)."""
     name_of = {id(p): n for n, p in params.items()}
+    seen: set[int] = set()
     for h in heads:
+        if id(h.head) in seen:  # a block head that is also the read-out: its loss counts once
+            continue
+        seen.add(id(h.head))
         delta = local.criterion_gradient(where, loss_fn, h.logits)  # [B, C]
         b = delta.shape[0]
         x = h.head_input.detach()
@@ -289,9 +293,11 @@ class LocalBackprop(Estimator):
             value = loss_fn(model)
             heads = _check_heads(where, rec, model)
             total = value.mean()
+            readouts = {id(h.head) for h in heads if h.split_logits is None}
             for h in heads:
                 if h.split_logits is not None:  # the read-out's loss is ``value`` itself
-                    total = total + local.replay_criterion(loss_fn, h.logits).mean()
+                    if id(h.head) not in readouts:  # a block head that is also the read-out: counted once
+                        total = total + local.replay_criterion(loss_fn, h.logits).mean()
                     split = h.split_logits
                     flat = split.reshape(split.shape[0], -1, split.shape[-1])
                     for j in range(flat.shape[1]):

@@ -9,6 +9,12 @@ Block ``k`` (``channels = "c_1 x … x c_K"``)::
     head k:   AdaptiveAvgPool2d(p) → flatten → Linear(c_k·p² → classes)         (p = head_pool)
     read-out: AdaptiveAvgPool2d(p) → flatten → Linear(c_K·p² → classes)
 
+``last_head="own"`` gives the last block a head of its own beside the read-out; ``last_head="readout"``
+makes the read-out the last block's head, so the last block's local loss is the model's loss (as in
+Fournier et al.'s code, where the last block's auxiliary net is the classifier and that block gets its exact
+gradient). The read-out is then recorded twice (as the last block's head and as the read-out); the
+estimators train it once.
+
 Each head costs ``c_k·p²·classes`` multiply-adds per example, far below its block's convolution (the
 paper's auxiliary nets are < 10 % of the FLOPs). Shapes for MNIST with the defaults:
 ``[B,1,28,28] → [B,32,14,14] → [B,64,7,7] → [B,64,3,3] → [B,10]``.
@@ -56,11 +62,13 @@ class BlockCNN(nn.Module):
         num_classes: number of logits.
         channels: output channels of each block, ``"32x64x64"`` or a sequence of ints.
         head_pool: side ``p`` of the average pool in front of every head and the read-out.
+        last_head: ``"own"`` (a separate head for the last block) or ``"readout"`` (the read-out is the last
+            block's head; see the module docstring).
     """
 
     def __init__(
         self, input_shape: Sequence[int], num_classes: int, channels: str | Sequence[int] = "32x64x64",
-        head_pool: int = 2,
+        head_pool: int = 2, last_head: str = "own",
     ) -> None:
         super().__init__()
         where = "fwdgrad.models.BlockCNN"
@@ -68,6 +76,8 @@ class BlockCNN(nn.Module):
             raise ValueError(f"{where}: input_shape must be (C, H, W), got {tuple(input_shape)}")
         if isinstance(head_pool, bool) or not isinstance(head_pool, int) or head_pool < 1:
             raise ValueError(f"{where}: head_pool must be an int >= 1, got {head_pool!r}")
+        if last_head not in ("own", "readout"):
+            raise ValueError(f"{where}: last_head must be 'own' or 'readout', got {last_head!r}")
         widths = parse_widths(where, channels)
         c, h, w = (int(s) for s in input_shape)
         blocks = []
@@ -80,8 +90,10 @@ class BlockCNN(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head_pool = head_pool
         self.pool = nn.AdaptiveAvgPool2d(head_pool)
-        self.heads = nn.ModuleList(nn.Linear(wd * head_pool * head_pool, num_classes) for wd in widths)
+        own = widths if last_head == "own" else widths[:-1]
+        self.heads = nn.ModuleList(nn.Linear(wd * head_pool * head_pool, num_classes) for wd in own)
         self.readout = nn.Linear(widths[-1] * head_pool * head_pool, num_classes)
+        self.last_head = last_head
 
     def _features(self, h: Tensor) -> Tensor:
         return self.pool(h).flatten(1)
@@ -89,7 +101,8 @@ class BlockCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = local.current()
         h = x
-        for blk, head in zip(self.blocks, self.heads):
+        heads = list(self.heads) if self.last_head == "own" else [*self.heads, self.readout]
+        for blk, head in zip(self.blocks, heads):
             if rec is not None:
                 h = local.stop_gradient(h)
             h = blk(h)
