@@ -165,7 +165,9 @@ def test_readout_as_last_head_gives_the_last_block_its_exact_gradient(space: str
         for n, p in model.named_parameters():
             if n.startswith((f"blocks.{k}.", "readout.")):
                 torch.testing.assert_close(p.grad, exact[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
-    for est in (fwdgrad.estimator("l-bp"), fwdgrad.estimator("fg-guess", guess="ntk", space=space, seed=0)):
+    others = ("l-bp", "l-fg-w", "l-fg-a")  # l-fg-w / l-fg-a: heads by the shared local rule
+    ests = [fwdgrad.estimator(n, **({} if n == "l-bp" else {"seed": 0})) for n in others]
+    for est in (*ests, fwdgrad.estimator("fg-guess", guess="ntk", space=space, seed=0)):
         model.zero_grad(set_to_none=True)
         est(model, _loss(x, y))
         for n in ("readout.weight", "readout.bias"):
