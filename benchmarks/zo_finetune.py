@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -115,11 +116,20 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``x, y``; NaN loss for a model with non-finite weights."""
     model.eval()
-    right = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    right, total = 0, 0.0
+    for i in range(0, len(y), batch):
+        logits = model(x[i : i + batch])
+        right += int((logits.argmax(1) == y[i : i + batch]).sum())
+        total += float(F.cross_entropy(logits, y[i : i + batch], reduction="sum"))
     model.train()
-    return right / len(y)
+    return right / len(y), total / len(y)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    return evaluate(model, x, y, batch)[0]
 
 
 def set_trainable(model: nn.Module, which: str) -> None:
@@ -202,29 +212,129 @@ def pretrain(args, out: Path) -> tuple[nn.Module, dict]:
     return model, info
 
 
-def finetune(args, base: nn.Module, data, label: str) -> dict:
+def finetune(args, base: nn.Module, data, label: str, lr: float | None = None, budget: int | None = None,
+             cap: float | None = None) -> dict:
+    """Fine-tune a copy of ``base`` on ``data.x_train`` with method ``label``; evaluate on ``data.x_test``
+    (the test set for the table, the held-out part of the training set for the sweep). A step that raises
+    :class:`fwdgrad.NonFiniteError` (or leaves non-finite weights) ends the run as ``diverged``."""
     model = copy.deepcopy(base)
     model.train()
     set_trainable(model, args.trainable)
-    lr = args.lr.get(label, DEFAULT_LR[args.trainable][label])
+    if lr is None:
+        lr = args.lr.get(label, DEFAULT_LR[args.trainable][label])
+    budget = args.budget if budget is None else budget
+    cap = args.cap if cap is None else cap
     step = make_step(label, model, lr, seed=1)
     g = torch.Generator().manual_seed(2)  # the same batches for every method
-    steps = args.budget // FORWARDS[label]
-    curve, losses, start, done = [], [], time.perf_counter(), 0
+    steps = budget // FORWARDS[label]
+    pool = getattr(data, "train_index", None)  # the sweep trains on a subset of the training set
+    curve, losses, start, done, stopped = [], [], time.perf_counter(), 0, "budget"
     for i in range(steps):
-        if time.perf_counter() - start > args.cap:
+        if time.perf_counter() - start > cap:
+            stopped = "wall-clock cap"
             break
-        idx = torch.randint(0, len(data.y_train), (args.batch,), generator=g)
-        losses.append(float(step(data.x_train[idx], data.y_train[idx])))
+        idx = torch.randint(0, len(data.y_train if pool is None else pool), (args.batch,), generator=g)
+        if pool is not None:
+            idx = pool[idx]
+        try:
+            loss = float(step(data.x_train[idx], data.y_train[idx]))
+        except fwdgrad.NonFiniteError:
+            stopped = "diverged"
+            break
+        if not math.isfinite(loss):
+            stopped = "diverged"
+            break
+        losses.append(loss)
         done = i + 1
         if args.log_every and done % args.log_every == 0:
             curve.append((done * FORWARDS[label], time.perf_counter() - start,
                           statistics.fmean(losses[-args.log_every:])))
     seconds = time.perf_counter() - start
+    if stopped != "diverged" and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        stopped = "diverged"
+    acc, eval_loss = evaluate(model, data.x_test, data.y_test) if stopped != "diverged" else (math.nan, math.nan)
     return {"label": label, "lr": lr, "steps": done, "forward_passes": done * FORWARDS[label], "seconds": seconds,
-            "stopped_by": "budget" if done == steps else "wall-clock cap", "curve": curve,
+            "stopped_by": stopped, "curve": curve,
             "final_train_loss": statistics.fmean(losses[-20:]) if losses else math.nan,
-            "test_accuracy": accuracy(model, data.x_test, data.y_test)}
+            "test_accuracy": acc, "test_loss": eval_loss}
+
+
+# -- the learning-rate sweep on a held-out part of the training set ---------------------------------------
+
+
+def holdout_split(data, holdout: int):
+    """The training set split for the sweep: a fixed permutation (seed 3), the last ``holdout`` examples
+    held out (``x_test, y_test``: what the sweep evaluates on), the others the pool it trains on
+    (``train_index`` into ``x_train``). The test set is not touched."""
+    perm = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(3))
+    keep, held = perm[:-holdout], perm[-holdout:]
+    return SimpleNamespace(x_train=data.x_train, y_train=data.y_train, train_index=keep,
+                           x_test=data.x_train[held], y_test=data.y_train[held])
+
+
+def choose(runs: list[dict]) -> dict:
+    """The sweep's choice for one method: the highest held-out accuracy, ties to the lower held-out loss;
+    diverged runs are never chosen (unless every run diverged)."""
+    def key(r: dict) -> tuple[float, float]:
+        acc, loss = r["test_accuracy"], r["test_loss"]
+        return (-acc if math.isfinite(acc) else math.inf, loss if math.isfinite(loss) else math.inf)
+
+    return min(runs, key=key)
+
+
+def sweep(args, base: nn.Module, fashion, out: Path) -> dict:
+    """For each method of ``--methods`` and each learning rate of ``--sweep``: fine-tune for ``--sweep-budget``
+    forward passes (cap ``--sweep-cap`` s) on the training set minus ``--holdout`` examples, and evaluate on
+    those. Results are merged into ``<out>/sweep.json`` run by run (so a sweep can be resumed or extended),
+    and ``<out>/sweep.md`` lists every run and the choice per method."""
+    path = out / "sweep.json"
+    res = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    split = holdout_split(fashion, args.holdout)
+    settings = {"budget": args.sweep_budget, "cap": args.sweep_cap, "holdout": args.holdout, "batch": args.batch,
+                "threads": args.threads, "trainable": args.trainable}
+    if res.get("settings", settings) != settings:
+        raise SystemExit(f"{path} was swept with {res['settings']}, not {settings}: use another --out")
+    res["settings"] = settings
+    if "start" not in res:
+        acc, loss = evaluate(base, split.x_test, split.y_test)
+        res["start"] = {"accuracy": acc, "loss": loss}
+    grid = [float(v) for v in args.sweep.split(",")]
+    for label in args.methods.split(","):
+        for lr in grid:
+            if any(r["label"] == label and r["lr"] == lr for r in res["runs"]):
+                continue
+            run = finetune(args, base, split, label, lr=lr, budget=args.sweep_budget, cap=args.sweep_cap)
+            run.pop("curve")
+            run["uptime"] = os.getloadavg()[0]
+            print("sweep", run, flush=True)
+            res["runs"].append(run)
+            res["chosen"] = {m: choose([r for r in res["runs"] if r["label"] == m])["lr"]
+                             for m in dict.fromkeys(r["label"] for r in res["runs"])}
+            write_atomic(path, json.dumps(res, indent=1))
+    write_atomic(out / "sweep.md", sweep_table(res))
+    return res
+
+
+def sweep_table(res: dict) -> str:
+    s = res["settings"]
+    lines = [
+        f"Learning-rate sweep: {s['budget']} forward passes (cap {s['cap']:g} s) per run, batch {s['batch']}, "
+        f"{s['threads']} thread(s), trainable: {s['trainable']}; trained on Fashion-MNIST's training set minus "
+        f"{s['holdout']} held-out examples, evaluated on those (not the test set). Start: "
+        f"{100 * res['start']['accuracy']:.2f} % held-out accuracy, loss {res['start']['loss']:.3f}. "
+        "Chosen (**bold**): highest held-out accuracy, ties to the lower loss.",
+        "",
+        "| method | lr | steps | stopped by | held-out acc % | held-out loss | last train loss | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(res["runs"], key=lambda r: (METHODS.index(r["label"]) if r["label"] in METHODS else 99, r["lr"])):
+        mark = "**" if res["chosen"].get(r["label"]) == r["lr"] else ""
+        lines.append(
+            f"| {r['label']} | {mark}{r['lr']:g}{mark} | {r['steps']} | {r['stopped_by']} | "
+            f"{100 * r['test_accuracy']:.2f} | {r['test_loss']:.3f} | {r['final_train_loss']:.3f} | "
+            f"{r.get('uptime', math.nan):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # -- memory and time of one step, each in a fresh process -------------------------------------------------
@@ -388,6 +498,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="only time the methods taking turns in one process, this many rounds; print JSON")
     p.add_argument("--memory-only", action="store_true",
                    help="only measure each method's step memory and time (a fresh process each); print JSON")
+    p.add_argument("--sweep", default=None, metavar="LR,LR,...",
+                   help="only run the learning-rate sweep of --methods over this grid (held-out split, <out>/sweep.md)")
+    p.add_argument("--sweep-budget", type=int, default=200, help="forward passes per sweep run")
+    p.add_argument("--sweep-cap", type=float, default=120.0, help="wall-clock seconds per sweep run")
+    p.add_argument("--holdout", type=int, default=5000, help="training examples held out for the sweep")
+    p.add_argument("--lr-from-sweep", action="store_true",
+                   help="take each method's lr from <out>/sweep.json's choice (--lr still overrides)")
     args = p.parse_args(argv)
     if args.interleaved:
         torch.set_num_threads(args.threads)
@@ -415,6 +532,13 @@ def main(argv: list[str] | None = None) -> None:
     args.lr = {k: float(v) for k, v in (s.split("=") for s in args.lr)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        base, info = pretrain(args, out)
+        print("pretrain", info, flush=True)
+        print(sweep_table(sweep(args, base, load_dataset("fashion-mnist", args.data_dir), out)))
+        return
+    if args.lr_from_sweep:
+        args.lr = {**json.loads((out / "sweep.json").read_text())["chosen"], **args.lr}
     methods = args.methods.split(",")
     res: dict = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": [], "memory": {}}
     res["memory"]["forward"] = measure_in_subprocess("forward", args)
