@@ -408,13 +408,20 @@ def interleaved_times(args) -> dict:
             steps[label] = make_step(label, model, lr, seed=1)
         steps[label](x, y)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.interleaved):
         for label, step in steps.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             step(x, y)
+            cpu[label].append(time.thread_time() - c)
             times[label].append(time.perf_counter() - t)
-    fwd = statistics.median(times["forward"])
-    return {k: {"ms": 1e3 * statistics.median(v), "ratio": statistics.median(v) / fwd} for k, v in times.items()}
+    fwd, fwd_cpu = statistics.median(times["forward"]), statistics.median(cpu["forward"])
+    # wall-clock time, and this thread's CPU time (time.thread_time: what the step itself computed, less
+    # sensitive to other processes on a shared machine; with 1 torch thread every op runs on this thread)
+    return {k: {"ms": 1e3 * statistics.median(v), "ratio": statistics.median(v) / fwd,
+                "cpu_ms": 1e3 * statistics.median(cpu[k]), "cpu_ratio": statistics.median(cpu[k]) / fwd_cpu,
+                "load": os.getloadavg()[0]}
+            for k, v in times.items()}
 
 
 def report(out: Path, res: dict) -> None:

@@ -10,7 +10,14 @@ import torch
 
 import fwdgrad
 from fwdgrad.derivatives import uses_fast_loop
-from fwdgrad.directions import SAMPLERS, TangentSource, direction_seed, draw_direction, draw_tensor
+from fwdgrad.directions import (
+    SAMPLERS,
+    TangentSource,
+    direction_seed,
+    draw_direction,
+    draw_tensor,
+    scratch_size,
+)
 from fwdgrad.directions import source as source_module
 from fwdgrad.estimators.gradient import ImplicitGradient
 from problems import PROBLEMS, Problem
@@ -32,6 +39,26 @@ def test_a_block_is_its_directions_drawn_alone_and_one_direction_is_the_old_draw
     assert direction_seed(123, 0) == 123
     # the CPU generator keys on the low 32 bits of a seed: successive directions differ there
     assert len({direction_seed(123, k) % 2**32 for k in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_draw_into_a_scratch_buffer_is_the_same_draw(name: str, dtype: torch.dtype) -> None:
+    buf = torch.full((40,), 7.0, dtype=dtype)
+    for shape in [(5, 3), (8,), (2, 2, 2), (1,)]:  # sizes that are and are not multiples of 8
+        like = torch.zeros(shape, dtype=dtype)
+        assert scratch_size(like) % 8 == 0 and scratch_size(like) >= like.numel()
+        for k in (0, 2):
+            got = draw_direction(name, like, 99, k, out=buf)
+            assert got.data_ptr() == buf.data_ptr() and got.shape == like.shape
+            assert torch.equal(got, draw_direction(name, like, 99, k))
+
+
+def test_a_bad_scratch_buffer_raises_naming_it() -> None:
+    like = torch.zeros(5, 3)
+    for out in [torch.zeros(15), torch.zeros(16, dtype=torch.float64), torch.zeros(4, 4)]:
+        with pytest.raises(ValueError, match=r"^fwdgrad.directions.draw_direction: out must be a flat"):
+            draw_direction("gaussian", like, 1, 0, out=out)
 
 
 @pytest.mark.parametrize("name", DENSE)

@@ -55,6 +55,29 @@ def test_directions_are_the_samplers_with_one_direction(tangents: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tangents", ["gaussian", "rademacher", "sphere"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_scratch_passes_are_the_plain_passes_bit_for_bit(tangents: str, k: int) -> None:
+    """The estimators' perturbation draws into a reused buffer: same numbers, same arithmetic, same bits."""
+    from fwdgrad.estimators.zeroth_order import _ScratchPerturbation
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 3), torch.randn(5), torch.randn(2, 3, dtype=torch.float64), torch.randn(1)]
+    plain = Perturbation(tangents, params, k, torch.Generator().manual_seed(3))
+    scratch = _ScratchPerturbation(tangents, params, k, torch.Generator().manual_seed(3))
+    a, b = [p.clone() for p in params], [p.clone() for p in params]
+    plain.params, scratch.params = a, b
+    for j in range(k):
+        plain.add_(j, 1e-3)
+        scratch.add_(j, 1e-3)
+        plain.add_(j, -0.7, only=[0, 2])
+        scratch.add_(j, -0.7, only=[0, 2])
+    weights = torch.linspace(-1.0, 2.0, k)
+    for i in range(len(params)):
+        assert torch.equal(scratch.weighted_sum_into(i, weights), plain.weighted_sum(i, weights))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_sphere_directions_have_radius_sqrt_n_jointly() -> None:
     model, _ = _smooth_problem()
     params = list(model.parameters())

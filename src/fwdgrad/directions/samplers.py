@@ -109,15 +109,34 @@ def direction_seed(seed: int, k: int) -> int:
     return (seed + k * DIRECTION_STEP) % 2**62
 
 
+def scratch_size(like: Tensor) -> int:
+    """How many entries an ``out`` buffer of :func:`draw_direction` needs for a tensor like ``like``
+    (``like.numel()`` rounded up to a multiple of 8: a Rademacher draw writes whole bytes of signs)."""
+    return -(-like.numel() // 8) * 8
+
+
 def draw_direction(
-    name: str, like: Tensor, seed: int, k: int, device: torch.device | str | None = None
+    name: str, like: Tensor, seed: int, k: int, device: torch.device | str | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Direction ``k`` (shape ``like.shape``) of per-tensor sampler ``name`` for the tensor seed ``seed``: drawn
     alone from :func:`direction_seed`, on ``device`` (default: ``like``'s), returned on ``like``'s device. So
-    a direction can be drawn again, alone, with memory of one tensor, whatever K is."""
+    a direction can be drawn again, alone, with memory of one tensor, whatever K is.
+
+    ``out``: a flat, contiguous buffer of ``like``'s dtype on the drawing device with at least
+    :func:`scratch_size` ``(like)`` entries. The direction is then drawn into its first entries and returned
+    as a view of them: the same numbers, no allocation (a loop over many tensors reuses one buffer; the view
+    is overwritten by the next draw into it)."""
     gen = scratch_generator(like.device if device is None else device, direction_seed(seed, k))
+    if out is not None and (out.dtype != like.dtype or out.dim() != 1 or out.numel() < scratch_size(like)):
+        raise ValueError(
+            f"fwdgrad.directions.draw_direction: out must be a flat {like.dtype} buffer of at least "
+            f"{scratch_size(like)} entries, got {out.dtype} of shape {tuple(out.shape)}"
+        )
     if name == "rademacher":
-        return _rademacher(tuple(like.shape), like, gen)
+        return _rademacher(tuple(like.shape), like, gen, out)
+    if out is not None:  # torch.randn is torch.empty + normal_: the same numbers
+        return out[: like.numel()].view(like.shape).normal_(generator=gen).to(like.device)
     return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
 
 
@@ -186,14 +205,22 @@ def _signs_of_bytes(raw: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.index_select(_sign_table(dtype, raw.device), 0, raw).view(-1)
 
 
-def _rademacher(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+def _rademacher(
+    shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None, out: Tensor | None = None
+) -> Tensor:
     """±1 entries from random bytes, 8 signs per byte (about 2x faster than ``bernoulli_`` on CPU); the
     bytes are ``randint(0, 256)`` (the generator gives one number per byte whatever the integer dtype) and
-    the signs come from a 256-row table."""
+    the signs come from a 256-row table (written into ``out``'s first entries when given, see
+    :func:`draw_direction`)."""
     numel = math.prod(shape)
     device = _draw_device(like, generator)
     raw = torch.randint(0, 256, ((numel + 7) // 8,), generator=generator, device=device)
-    return _signs_of_bytes(raw, like.dtype)[:numel].view(shape).to(like.device)
+    if out is None:
+        signs = _signs_of_bytes(raw, like.dtype)
+    else:
+        signs = out[: 8 * raw.numel()]
+        torch.index_select(_sign_table(like.dtype, raw.device), 0, raw, out=signs.view(-1, 8))
+    return signs[:numel].view(shape).to(like.device)
 
 
 def rademacher(like: Sequence[Tensor], num_directions: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -368,6 +395,7 @@ __all__ = [
     "rank1_factors",
     "sample_tangents",
     "scratch_generator",
+    "scratch_size",
     "sphere",
     "tensor_seeds",
     "variance_factor",

@@ -12,6 +12,7 @@ inference. The directional derivatives come from :mod:`fwdgrad.derivatives.finit
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,12 +28,56 @@ from fwdgrad.derivatives.finite_difference import (
     last_offset,
     spsa_directional_derivatives,
 )
+from fwdgrad.directions import draw_direction, scratch_size
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
 from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, MappedGradient
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
+
+
+class _ScratchPerturbation(Perturbation):
+    """A :class:`~fwdgrad.derivatives.finite_difference.Perturbation` whose in-place passes draw each
+    direction into a buffer reused for the whole step (one per dtype and device, the size of the largest
+    tensor; a second one for sums over K > 1) instead of allocating a fresh tensor per tensor and pass. The
+    numbers and the arithmetic are those of the parent's :meth:`add_` and :meth:`weighted_sum` (same draws,
+    same operations in the same order), so the result is the same bit for bit; the temporary memory is still
+    one tensor's direction (two for K > 1), now allocated once a step."""
+
+    def __init__(
+        self, name: str, params: list[Tensor], num_directions: int, generator: torch.Generator | None
+    ) -> None:
+        super().__init__(name, params, num_directions, generator)
+        self._buffers: dict[tuple[torch.dtype, torch.device, int], Tensor] = {}
+
+    def _draw_into(self, k: int, i: int, slot: int = 0) -> Tensor:
+        """``z_{k,i}`` as a view of scratch buffer ``slot`` (valid until the next draw into that slot)."""
+        p = self.params[i]
+        key = (p.dtype, p.device, slot)
+        buf = self._buffers.get(key)
+        if buf is None:
+            size = max(scratch_size(q) for q in self.params if q.dtype == p.dtype and q.device == p.device)
+            buf = self._buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+        z = draw_direction(self._base, p, self._seeds[k][i], 0, out=buf)
+        return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
+
+    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
+        with torch.no_grad():
+            for i in range(len(self.params)) if only is None else only:
+                if self._scale is None:
+                    self.params[i].add_(self._draw_into(k, i), alpha=alpha)
+                else:
+                    self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+
+    def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
+        """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw."""
+        out: Tensor | None = None
+        for k in range(self.num_directions):
+            term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
 
 
 @register_estimator("zo", claims=("no-backward", "grad", "fused"))
@@ -106,18 +151,19 @@ class ZerothOrder(Estimator):
 
     def _differences(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], leave_last: bool = False
-    ) -> tuple[Tensor, Tensor, Perturbation]:
+    ) -> tuple[Tensor, Tensor, _ScratchPerturbation]:
         tensors = list(params.values())
-        source = Perturbation(self.tangents, tensors, self.num_directions, self._generator)
+        source = _ScratchPerturbation(self.tangents, tensors, self.num_directions, self._generator)
         loss, d = spsa_directional_derivatives(
             model, loss_fn, tensors, source, eps=self.eps, one_sided=self.one_sided, restore=self.restore,
             leave_last=leave_last, where=where,
         )
         return loss, d, source
 
-    def _direction(self, source: Perturbation, i: int, d: Tensor) -> Tensor:
-        """Tensor ``i``'s update direction (what is written to ``.grad``): here ``(1/K) Σ_k d_k z_{k,i}``."""
-        return source.weighted_sum(i, d / d.shape[0])
+    def _direction(self, source: _ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
+        """Tensor ``i``'s update direction (what is written to ``.grad``): here ``(1/K) Σ_k d_k z_{k,i}``; with
+        ``scratch``, a view of the step's scratch buffer (for a fused update that uses it at once)."""
+        return (source.weighted_sum_into if scratch else source.weighted_sum)(i, d / d.shape[0])
 
     # -- the two consumers ------------------------------------------------------------------------------
 
@@ -247,18 +293,18 @@ class ZerothOrder(Estimator):
             for i, p in enumerate(params.values()):
                 if a:
                     p.mul_(1.0 - a)
-                p.sub_(source.weighted_sum(i, weights))
+                p.sub_(source.weighted_sum_into(i, weights))
         return loss
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
-        source: Perturbation, d: Tensor, lr: float, weight_decay: float,
+        source: _ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
         with torch.no_grad():
             for i, p in enumerate(params.values()):
                 if weight_decay:
                     p.mul_(1.0 - lr * weight_decay)
-                p.sub_(self._direction(source, i, d), alpha=lr)
+                p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
 
 
 @register_estimator("zo-sign", claims=("no-backward", "grad", "fused"))
@@ -279,8 +325,8 @@ class ZerothOrderSign(ZerothOrder):
         [1.0]
     """
 
-    def _direction(self, source: Perturbation, i: int, d: Tensor) -> Tensor:
-        return super()._direction(source, i, d).sign_()
+    def _direction(self, source: _ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
+        return super()._direction(source, i, d, scratch).sign_()
 
     def post_exchange(self, grad: ImplicitGradient) -> Gradient:
         """``sign(ĝ)`` entry by entry, taken after the exchange: in data parallelism the sign of the whole
@@ -320,7 +366,7 @@ class ZerothOrderConservative(ZerothOrder):
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
-        source: Perturbation, d: Tensor, lr: float, weight_decay: float,
+        source: _ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
 
         tensors = list(params.values())
@@ -328,7 +374,7 @@ class ZerothOrderConservative(ZerothOrder):
         def move(alpha: float) -> None:  # θ ← θ + alpha·ĝ, ĝ regenerated tensor by tensor
             with torch.no_grad():
                 for i, p in enumerate(tensors):
-                    p.add_(ZerothOrder._direction(self, source, i, d), alpha=alpha)
+                    p.add_(ZerothOrder._direction(self, source, i, d, scratch=True), alpha=alpha)
 
         with torch.no_grad():
             if weight_decay:
