@@ -272,12 +272,20 @@ def holdout_split(data, holdout: int):
                            x_test=data.x_train[held], y_test=data.y_train[held])
 
 
-def choose(runs: list[dict]) -> dict:
+#: A sweep run whose held-out loss ends above this multiple of the start's counts as diverged (its weights
+#: exploded even if no NaN appeared), and is not chosen.
+BLOWUP = 10.0
+
+
+def exploded(run: dict, start_loss: float) -> bool:
+    return run["stopped_by"] == "diverged" or not run["test_loss"] <= BLOWUP * start_loss
+
+
+def choose(runs: list[dict], start_loss: float) -> dict:
     """The sweep's choice for one method: the highest held-out accuracy, ties to the lower held-out loss;
-    diverged runs are never chosen (unless every run diverged)."""
-    def key(r: dict) -> tuple[float, float]:
-        acc, loss = r["test_accuracy"], r["test_loss"]
-        return (-acc if math.isfinite(acc) else math.inf, loss if math.isfinite(loss) else math.inf)
+    diverged or exploded runs (:func:`exploded`) are not chosen unless every run is."""
+    def key(r: dict) -> tuple[bool, float, float]:
+        return (exploded(r, start_loss), -r["test_accuracy"], r["test_loss"])
 
     return min(runs, key=key)
 
@@ -308,11 +316,16 @@ def sweep(args, base: nn.Module, fashion, out: Path) -> dict:
             run["uptime"] = os.getloadavg()[0]
             print("sweep", run, flush=True)
             res["runs"].append(run)
-            res["chosen"] = {m: choose([r for r in res["runs"] if r["label"] == m])["lr"]
-                             for m in dict.fromkeys(r["label"] for r in res["runs"])}
-            write_atomic(path, json.dumps(res, indent=1))
-    write_atomic(out / "sweep.md", sweep_table(res))
+            _write_sweep(out, res)
+    _write_sweep(out, res)
     return res
+
+
+def _write_sweep(out: Path, res: dict) -> None:
+    res["chosen"] = {m: choose([r for r in res["runs"] if r["label"] == m], res["start"]["loss"])["lr"]
+                     for m in dict.fromkeys(r["label"] for r in res["runs"])}
+    write_atomic(out / "sweep.json", json.dumps(res, indent=1))
+    write_atomic(out / "sweep.md", sweep_table(res))
 
 
 def sweep_table(res: dict) -> str:
@@ -322,16 +335,19 @@ def sweep_table(res: dict) -> str:
         f"{s['threads']} thread(s), trainable: {s['trainable']}; trained on Fashion-MNIST's training set minus "
         f"{s['holdout']} held-out examples, evaluated on those (not the test set). Start: "
         f"{100 * res['start']['accuracy']:.2f} % held-out accuracy, loss {res['start']['loss']:.3f}. "
-        "Chosen (**bold**): highest held-out accuracy, ties to the lower loss.",
+        "Chosen (**bold**): highest held-out accuracy, ties to the lower loss, among the runs that neither "
+        f"diverged nor ended with a held-out loss above {BLOWUP:g}× the start's (marked *exploded*).",
         "",
         "| method | lr | steps | stopped by | held-out acc % | held-out loss | last train loss | load avg (1 min) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(res["runs"], key=lambda r: (METHODS.index(r["label"]) if r["label"] in METHODS else 99, r["lr"])):
         mark = "**" if res["chosen"].get(r["label"]) == r["lr"] else ""
+        stopped = r["stopped_by"] + (" (exploded)" if r["stopped_by"] != "diverged" and exploded(
+            r, res["start"]["loss"]) else "")
         lines.append(
-            f"| {r['label']} | {mark}{r['lr']:g}{mark} | {r['steps']} | {r['stopped_by']} | "
-            f"{100 * r['test_accuracy']:.2f} | {r['test_loss']:.3f} | {r['final_train_loss']:.3f} | "
+            f"| {r['label']} | {mark}{r['lr']:g}{mark} | {r['steps']} | {stopped} | "
+            f"{100 * r['test_accuracy']:.2f} | {r['test_loss']:.4g} | {r['final_train_loss']:.4g} | "
             f"{r.get('uptime', math.nan):.2f} |"
         )
     return "\n".join(lines) + "\n"
