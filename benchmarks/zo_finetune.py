@@ -64,12 +64,14 @@ from fwdgrad.derivatives.attention import forward_mode_attention
 METHODS = ["FO-SGD", "FO-Adam", "Forward-Grad", "ZO-SGD", "ZO-SGD-MMT", "ZO-SGD-Sign", "ZO-SGD-Cons", "ZO-Adam"]
 FORWARDS = {"FO-SGD": 1, "FO-Adam": 1, "Forward-Grad": 1, "ZO-SGD": 2, "ZO-SGD-MMT": 2, "ZO-SGD-Sign": 2,
             "ZO-SGD-Cons": 5, "ZO-Adam": 2}
-# Learning rates, not tuned (no budget for a grid here): FO from common practice; for the n ≈ 1 M-parameter
-# model the SPSA / forward-gradient step keeps lr·n·L small (the variance of ĝ is about n‖∇L‖²), for the
-# head alone (n ≈ 1.5 k) it can be a thousand times larger. Sign and Adam move each entry by about lr.
+# Learning rates. Every parameter ("all"): FO from common practice (not swept); the zeroth-order methods and
+# Forward-Grad are the choices of the sweep in docs/zeroth-order.md (`--sweep 1e-6,1e-5,1e-4,1e-3,1e-2`, then
+# 0.1 for the two methods whose best was 1e-2; 200 forward passes per run, chosen on 5000 held-out training
+# examples; <out>/sweep.md). Head only: not swept (for n ≈ 1.5 k the SPSA step can be a thousand times larger
+# than for n ≈ 1 M; sign and Adam move each entry by about lr).
 DEFAULT_LR = {
-    "all": {"FO-SGD": 0.05, "FO-Adam": 1e-3, "Forward-Grad": 2e-6, "ZO-SGD": 2e-6, "ZO-SGD-MMT": 2e-7,
-            "ZO-SGD-Sign": 1e-5, "ZO-SGD-Cons": 2e-6, "ZO-Adam": 1e-5},
+    "all": {"FO-SGD": 0.05, "FO-Adam": 1e-3, "Forward-Grad": 1e-3, "ZO-SGD": 1e-3, "ZO-SGD-MMT": 1e-4,
+            "ZO-SGD-Sign": 1e-2, "ZO-SGD-Cons": 1e-2, "ZO-Adam": 1e-3},
     "head": {"FO-SGD": 0.1, "FO-Adam": 1e-3, "Forward-Grad": 1e-3, "ZO-SGD": 1e-3, "ZO-SGD-MMT": 1e-4,
              "ZO-SGD-Sign": 1e-3, "ZO-SGD-Cons": 1e-3, "ZO-Adam": 1e-3},
 }
