@@ -72,6 +72,7 @@ def test_scratch_passes_are_the_plain_passes_bit_for_bit(tangents: str, k: int) 
         scratch.add_(j, 1e-3)
         plain.add_(j, -0.7, only=[0, 2])
         scratch.add_(j, -0.7, only=[0, 2])
+    assert not scratch._buffers  # freed after each pass: nothing is alive during a loss evaluation
     weights = torch.linspace(-1.0, 2.0, k)
     for i in range(len(params)):
         assert torch.equal(scratch.weighted_sum_into(i, weights), plain.weighted_sum(i, weights))

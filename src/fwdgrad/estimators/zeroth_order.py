@@ -42,8 +42,9 @@ class _ScratchPerturbation(Perturbation):
     direction into a buffer reused for the whole step (one per dtype and device, the size of the largest
     tensor; a second one for sums over K > 1) instead of allocating a fresh tensor per tensor and pass. The
     numbers and the arithmetic are those of the parent's :meth:`add_` and :meth:`weighted_sum` (same draws,
-    same operations in the same order), so the result is the same bit for bit; the temporary memory is still
-    one tensor's direction (two for K > 1), now allocated once a step."""
+    same operations in the same order), so the result is the same bit for bit. The buffers are allocated once
+    per pass and freed at its end (:meth:`release`), so none is alive during a loss evaluation: the step's peak
+    memory stays that of a forward or of one tensor's direction (two for K > 1), whichever is larger."""
 
     def __init__(
         self, name: str, params: list[Tensor], num_directions: int, generator: torch.Generator | None
@@ -62,16 +63,24 @@ class _ScratchPerturbation(Perturbation):
         z = draw_direction(self._base, p, self._seeds[k][i], 0, out=buf)
         return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
 
+    def release(self) -> None:
+        """Free the scratch buffers (the next draw allocates them again)."""
+        self._buffers.clear()
+
     def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
-        with torch.no_grad():
-            for i in range(len(self.params)) if only is None else only:
-                if self._scale is None:
-                    self.params[i].add_(self._draw_into(k, i), alpha=alpha)
-                else:
-                    self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+        try:
+            with torch.no_grad():
+                for i in range(len(self.params)) if only is None else only:
+                    if self._scale is None:
+                        self.params[i].add_(self._draw_into(k, i), alpha=alpha)
+                    else:
+                        self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+        finally:
+            self.release()
 
     def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
-        """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw."""
+        """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
+        (a loop over the tensors calls :meth:`release` when it is done)."""
         out: Tensor | None = None
         for k in range(self.num_directions):
             term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])
@@ -289,22 +298,28 @@ class ZerothOrder(Estimator):
         a = lr * weight_decay
         weights = d * (lr / d.shape[0])
         weights[-1] += (1.0 - a) * o
-        with torch.no_grad():
-            for i, p in enumerate(params.values()):
-                if a:
-                    p.mul_(1.0 - a)
-                p.sub_(source.weighted_sum_into(i, weights))
+        try:
+            with torch.no_grad():
+                for i, p in enumerate(params.values()):
+                    if a:
+                        p.mul_(1.0 - a)
+                    p.sub_(source.weighted_sum_into(i, weights))
+        finally:
+            source.release()
         return loss
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
         source: _ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
-        with torch.no_grad():
-            for i, p in enumerate(params.values()):
-                if weight_decay:
-                    p.mul_(1.0 - lr * weight_decay)
-                p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
+        try:
+            with torch.no_grad():
+                for i, p in enumerate(params.values()):
+                    if weight_decay:
+                        p.mul_(1.0 - lr * weight_decay)
+                    p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
+        finally:
+            source.release()
 
 
 @register_estimator("zo-sign", claims=("no-backward", "grad", "fused"))
@@ -372,9 +387,12 @@ class ZerothOrderConservative(ZerothOrder):
         tensors = list(params.values())
 
         def move(alpha: float) -> None:  # θ ← θ + alpha·ĝ, ĝ regenerated tensor by tensor
-            with torch.no_grad():
-                for i, p in enumerate(tensors):
-                    p.add_(ZerothOrder._direction(self, source, i, d, scratch=True), alpha=alpha)
+            try:
+                with torch.no_grad():
+                    for i, p in enumerate(tensors):
+                        p.add_(ZerothOrder._direction(self, source, i, d, scratch=True), alpha=alpha)
+            finally:
+                source.release()
 
         with torch.no_grad():
             if weight_decay:
