@@ -297,7 +297,7 @@ def sweep(args, base: nn.Module, fashion, out: Path) -> dict:
     forward passes (cap ``--sweep-cap`` s) on the training set minus ``--holdout`` examples, and evaluate on
     those. Results are merged into ``<out>/sweep.json`` run by run (so a sweep can be resumed or extended),
     and ``<out>/sweep.md`` lists every run and the choice per method."""
-    path = out / "sweep.json"
+    path = out / f"{args.sweep_file}.json"
     res = json.loads(path.read_text()) if path.exists() else {"runs": []}
     split = holdout_split(fashion, args.holdout)
     settings = {"budget": args.sweep_budget, "cap": args.sweep_cap, "holdout": args.holdout, "batch": args.batch,
@@ -318,16 +318,16 @@ def sweep(args, base: nn.Module, fashion, out: Path) -> dict:
             run["uptime"] = os.getloadavg()[0]
             print("sweep", run, flush=True)
             res["runs"].append(run)
-            _write_sweep(out, res)
-    _write_sweep(out, res)
+            _write_sweep(out, args.sweep_file, res)
+    _write_sweep(out, args.sweep_file, res)
     return res
 
 
-def _write_sweep(out: Path, res: dict) -> None:
+def _write_sweep(out: Path, name: str, res: dict) -> None:
     res["chosen"] = {m: choose([r for r in res["runs"] if r["label"] == m], res["start"]["loss"])["lr"]
                      for m in dict.fromkeys(r["label"] for r in res["runs"])}
-    write_atomic(out / "sweep.json", json.dumps(res, indent=1))
-    write_atomic(out / "sweep.md", sweep_table(res))
+    write_atomic(out / f"{name}.json", json.dumps(res, indent=1))
+    write_atomic(out / f"{name}.md", sweep_table(res))
 
 
 def sweep_table(res: dict) -> str:
@@ -529,7 +529,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-cap", type=float, default=120.0, help="wall-clock seconds per sweep run")
     p.add_argument("--holdout", type=int, default=5000, help="training examples held out for the sweep")
     p.add_argument("--lr-from-sweep", action="store_true",
-                   help="take each method's lr from <out>/sweep.json's choice (--lr still overrides)")
+                   help="take each method's lr from <out>/<sweep-file>.json's choice (--lr still overrides)")
+    p.add_argument("--sweep-file", default="sweep",
+                   help="the sweep's results are <out>/NAME.json and NAME.md (one name per sweep budget)")
     args = p.parse_args(argv)
     if args.interleaved:
         torch.set_num_threads(args.threads)
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         print(sweep_table(sweep(args, base, load_dataset("fashion-mnist", args.data_dir), out)))
         return
     if args.lr_from_sweep:
-        args.lr = {**json.loads((out / "sweep.json").read_text())["chosen"], **args.lr}
+        args.lr = {**json.loads((out / f"{args.sweep_file}.json").read_text())["chosen"], **args.lr}
     methods = args.methods.split(",")
     res: dict = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": [], "memory": {}}
     res["memory"]["forward"] = measure_in_subprocess("forward", args)
