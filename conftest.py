@@ -24,3 +24,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: CUDA is not available on this machine")
     os.environ["FWDGRAD_TEST_DEVICE"] = str(device)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it: tests of many tiny operations only wait on a second
+    thread on a shared 2-core machine. Files opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,12 +20,7 @@ from problems import DEVICE, RaisingBackward
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _task(kind: str = "mlp", seed: int = 0):

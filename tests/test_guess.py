@@ -21,13 +21,7 @@ Tensor = torch.Tensor
 DT64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops: on a shared 2-core machine a second intra-op thread only adds waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _block_cnn() -> tuple[nn.Module, Tensor, Tensor]:

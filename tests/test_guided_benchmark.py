@@ -17,7 +17,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _restore_threads():
+    """The benchmark sets its own thread count; put the suite's back."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

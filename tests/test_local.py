@@ -18,13 +18,7 @@ from test_activity import NoBackwardReLU, assert_unbiased, mc_mean
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops; on a shared 2-core machine a second intra-op thread only adds waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def tiny(seed: int = 0, **kw) -> LocalMixer:
