@@ -323,3 +323,8 @@ register_estimator(
     "fg-w", ForwardGradient, default_lr=FG_W_LR, claims=("exact", "unbiased", "no-backward", "grad", "fused"),
     lr_scales_with="parameters",
 )
+register_estimator(
+    "fg-w-momentum", ForwardGradient, preset={"directions": "momentum"}, default_lr=FG_W_LR,
+    lr_note="fg-w's default learning rates (not swept for the momentum guess)",
+    claims=("unbiased", "no-backward", "grad", "fused"), lr_scales_with="parameters",
+)
