@@ -59,12 +59,12 @@ def test_directions_are_the_samplers_with_one_direction(tangents: str) -> None:
 @pytest.mark.parametrize("k", [1, 3])
 def test_scratch_passes_are_the_plain_passes_bit_for_bit(tangents: str, k: int) -> None:
     """The estimators' perturbation draws into a reused buffer: same numbers, same arithmetic, same bits."""
-    from fwdgrad.estimators.zeroth_order import _ScratchPerturbation
+    from fwdgrad.derivatives.finite_difference import ScratchPerturbation
 
     torch.manual_seed(0)
     params = [torch.randn(7, 3), torch.randn(5), torch.randn(2, 3, dtype=torch.float64), torch.randn(1)]
     plain = Perturbation(tangents, params, k, torch.Generator().manual_seed(3))
-    scratch = _ScratchPerturbation(tangents, params, k, torch.Generator().manual_seed(3))
+    scratch = ScratchPerturbation(tangents, params, k, torch.Generator().manual_seed(3))
     a, b = [p.clone() for p in params], [p.clone() for p in params]
     plain.params, scratch.params = a, b
     for j in range(k):

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from fwdgrad._validation import check_number, check_real_scalar
-from fwdgrad.directions import draw_tensor, tensor_seeds
+from fwdgrad.directions import draw_direction, draw_tensor, scratch_size, tensor_seeds
 
 Tensor = torch.Tensor
 
@@ -142,6 +142,58 @@ class Perturbation:
         return [
             torch.stack([self.direction(k, i) for k in range(self.num_directions)]) for i in range(len(self.params))
         ]
+
+
+class ScratchPerturbation(Perturbation):
+    """A :class:`Perturbation` whose in-place passes draw each
+    direction into a buffer reused for the whole step (one per dtype and device, the size of the largest
+    tensor; a second one for sums over K > 1) instead of allocating a fresh tensor per tensor and pass. The
+    numbers and the arithmetic are those of the parent's :meth:`add_` and :meth:`weighted_sum` (same draws,
+    same operations in the same order), so the result is the same bit for bit. The buffers are allocated once
+    per pass and freed at its end (:meth:`release`), so none is alive during a loss evaluation: the step's peak
+    memory stays that of a forward or of one tensor's direction (two for K > 1), whichever is larger."""
+
+    def __init__(
+        self, name: str, params: list[Tensor], num_directions: int, generator: torch.Generator | None
+    ) -> None:
+        super().__init__(name, params, num_directions, generator)
+        self._buffers: dict[tuple[torch.dtype, torch.device, int], Tensor] = {}
+
+    def _draw_into(self, k: int, i: int, slot: int = 0) -> Tensor:
+        """``z_{k,i}`` as a view of scratch buffer ``slot`` (valid until the next draw into that slot)."""
+        p = self.params[i]
+        key = (p.dtype, p.device, slot)
+        buf = self._buffers.get(key)
+        if buf is None:
+            size = max(scratch_size(q) for q in self.params if q.dtype == p.dtype and q.device == p.device)
+            buf = self._buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+        z = draw_direction(self._base, p, self._seeds[k][i], 0, out=buf)
+        return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
+
+    def release(self) -> None:
+        """Free the scratch buffers (the next draw allocates them again)."""
+        self._buffers.clear()
+
+    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
+        try:
+            with torch.no_grad():
+                for i in range(len(self.params)) if only is None else only:
+                    if self._scale is None:
+                        self.params[i].add_(self._draw_into(k, i), alpha=alpha)
+                    else:
+                        self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+        finally:
+            self.release()
+
+    def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
+        """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
+        (a loop over the tensors calls :meth:`release` when it is done)."""
+        out: Tensor | None = None
+        for k in range(self.num_directions):
+            term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
 
 
 def last_offset(eps: float, one_sided: bool) -> float:

@@ -12,7 +12,6 @@ inference. The directional derivatives come from :mod:`fwdgrad.derivatives.finit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,71 +21,19 @@ from fwdgrad.derivatives.finite_difference import (
     FD_SAMPLERS,
     Perturbation,
     PerturbationSource,
+    ScratchPerturbation,
     check_eps,
     check_restore,
     evaluate_loss,
     last_offset,
     spsa_directional_derivatives,
 )
-from fwdgrad.directions import draw_direction, scratch_size
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
 from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, MappedGradient
 from fwdgrad.estimators.registry import register_estimator
 
 Tensor = torch.Tensor
-
-
-class _ScratchPerturbation(Perturbation):
-    """A :class:`~fwdgrad.derivatives.finite_difference.Perturbation` whose in-place passes draw each
-    direction into a buffer reused for the whole step (one per dtype and device, the size of the largest
-    tensor; a second one for sums over K > 1) instead of allocating a fresh tensor per tensor and pass. The
-    numbers and the arithmetic are those of the parent's :meth:`add_` and :meth:`weighted_sum` (same draws,
-    same operations in the same order), so the result is the same bit for bit. The buffers are allocated once
-    per pass and freed at its end (:meth:`release`), so none is alive during a loss evaluation: the step's peak
-    memory stays that of a forward or of one tensor's direction (two for K > 1), whichever is larger."""
-
-    def __init__(
-        self, name: str, params: list[Tensor], num_directions: int, generator: torch.Generator | None
-    ) -> None:
-        super().__init__(name, params, num_directions, generator)
-        self._buffers: dict[tuple[torch.dtype, torch.device, int], Tensor] = {}
-
-    def _draw_into(self, k: int, i: int, slot: int = 0) -> Tensor:
-        """``z_{k,i}`` as a view of scratch buffer ``slot`` (valid until the next draw into that slot)."""
-        p = self.params[i]
-        key = (p.dtype, p.device, slot)
-        buf = self._buffers.get(key)
-        if buf is None:
-            size = max(scratch_size(q) for q in self.params if q.dtype == p.dtype and q.device == p.device)
-            buf = self._buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
-        z = draw_direction(self._base, p, self._seeds[k][i], 0, out=buf)
-        return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
-
-    def release(self) -> None:
-        """Free the scratch buffers (the next draw allocates them again)."""
-        self._buffers.clear()
-
-    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
-        try:
-            with torch.no_grad():
-                for i in range(len(self.params)) if only is None else only:
-                    if self._scale is None:
-                        self.params[i].add_(self._draw_into(k, i), alpha=alpha)
-                    else:
-                        self.params[i].add_(self._draw_into(k, i).mul_(alpha))
-        finally:
-            self.release()
-
-    def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
-        """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
-        (a loop over the tensors calls :meth:`release` when it is done)."""
-        out: Tensor | None = None
-        for k in range(self.num_directions):
-            term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])
-            out = term if out is None else out.add_(term)
-        assert out is not None
-        return out
 
 
 @register_estimator("zo", claims=("no-backward", "grad", "fused"))
@@ -160,16 +107,16 @@ class ZerothOrder(Estimator):
 
     def _differences(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], leave_last: bool = False
-    ) -> tuple[Tensor, Tensor, _ScratchPerturbation]:
+    ) -> tuple[Tensor, Tensor, ScratchPerturbation]:
         tensors = list(params.values())
-        source = _ScratchPerturbation(self.tangents, tensors, self.num_directions, self._generator)
+        source = ScratchPerturbation(self.tangents, tensors, self.num_directions, self._generator)
         loss, d = spsa_directional_derivatives(
             model, loss_fn, tensors, source, eps=self.eps, one_sided=self.one_sided, restore=self.restore,
             leave_last=leave_last, where=where,
         )
         return loss, d, source
 
-    def _direction(self, source: _ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
+    def _direction(self, source: ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
         """Tensor ``i``'s update direction (what is written to ``.grad``): here ``(1/K) Σ_k d_k z_{k,i}``; with
         ``scratch``, a view of the step's scratch buffer (for a fused update that uses it at once)."""
         return (source.weighted_sum_into if scratch else source.weighted_sum)(i, d / d.shape[0])
@@ -310,7 +257,7 @@ class ZerothOrder(Estimator):
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
-        source: _ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
+        source: ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
         try:
             with torch.no_grad():
@@ -340,7 +287,7 @@ class ZerothOrderSign(ZerothOrder):
         [1.0]
     """
 
-    def _direction(self, source: _ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
+    def _direction(self, source: ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
         return super()._direction(source, i, d, scratch).sign_()
 
     def post_exchange(self, grad: ImplicitGradient) -> Gradient:
@@ -381,7 +328,7 @@ class ZerothOrderConservative(ZerothOrder):
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
-        source: _ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
+        source: ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
 
         tensors = list(params.values())
