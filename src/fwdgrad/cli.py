@@ -285,14 +285,16 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
         comm = init_from_env()
         if comm.rank != 0:
             config = dataclasses.replace(config, quiet=True)
-    try:
+    if comm is None:
         return _execute(args, config, argv, resume, comm)
+    finished = False
+    try:
+        code = _execute(args, config, argv, resume, comm)
+        finished = True
+        return code
     finally:
-        if comm is not None:
-            import torch.distributed as dist
+        comm.leave(finished)  # a barrier first after a finished run: see Comm.leave
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 def _parallel_config(config: RunConfig, world: int) -> RunConfig:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from collections.abc import Sequence
@@ -132,6 +133,35 @@ class Comm(LocalComm):
             return missing
         except Exception:  # the store's host is gone with its rank
             return [0] if self.rank != 0 else others
+
+    def leave(self, finished: bool, wait_s: float = 10.0) -> None:
+        """Tear down the process group in an order that lets no rank close its connections (rank 0: the
+        store too) while a peer still uses them. After a finished run: a barrier; every rank then waits, in
+        the store, until all ranks are out of it (no collective data is in flight any more); each destroys its
+        process group and says so in the store; rank 0, which hosts the store, returns once all have. Without
+        this a rank could return from the last collective and exit while a peer was still receiving its data,
+        and the peer's gloo thread aborted that process (seen once in CI after a successful 2-process run:
+        ``terminate called without an active exception``, exit -6). A run that did not finish only destroys
+        its group: its peers may be gone. Each wait gives up after ``wait_s`` seconds (then this rank leaves)."""
+        if not self._dist.is_initialized():
+            return
+        store = self._store if finished and self.world > 1 else None
+        if store is not None:
+            with contextlib.suppress(Exception):  # a peer lost after its own last step: its exit code says so
+                self._dist.barrier()
+            self._meet(store, "fwdgrad/left-barrier", wait_s)
+        self._dist.destroy_process_group()
+        if store is not None:
+            self._meet(store, "fwdgrad/left-group", wait_s if self.rank == 0 else 0.0)
+
+    def _meet(self, store: object, key: str, wait_s: float) -> None:
+        """Count this rank in ``key`` and wait (at most ``wait_s``) until every rank has counted itself."""
+        with contextlib.suppress(Exception):  # the store's host is gone: nothing left to wait for
+            count = store.add(key, 1)  # type: ignore[attr-defined]
+            deadline = time.monotonic() + wait_s
+            while count < self.world and time.monotonic() < deadline:
+                time.sleep(0.01)
+                count = store.add(key, 0)  # type: ignore[attr-defined]
 
     def all_reduce_sum(self, tensor: Tensor, what: str = "all_reduce") -> Tensor:
         out = tensor.to(self.device, copy=True)
