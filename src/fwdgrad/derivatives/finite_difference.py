@@ -174,20 +174,27 @@ class ScratchPerturbation(Perturbation):
         """Free the scratch buffers (the next draw allocates them again)."""
         self._buffers.clear()
 
-    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
+    @contextlib.contextmanager
+    def scratch_pass(self) -> Iterator[None]:
+        """One pass over the parameters under ``torch.no_grad()`` that draws into the scratch buffers, freed
+        at its end (:meth:`release`) even when the pass fails, so none is alive during a loss evaluation."""
         try:
             with torch.no_grad():
-                for i in range(len(self.params)) if only is None else only:
-                    if self._scale is None:
-                        self.params[i].add_(self._draw_into(k, i), alpha=alpha)
-                    else:
-                        self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+                yield
         finally:
             self.release()
 
+    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
+        with self.scratch_pass():
+            for i in range(len(self.params)) if only is None else only:
+                if self._scale is None:
+                    self.params[i].add_(self._draw_into(k, i), alpha=alpha)
+                else:
+                    self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+
     def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
         """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
-        (a loop over the tensors calls :meth:`release` when it is done)."""
+        (a loop over the tensors runs inside :meth:`scratch_pass`)."""
         out: Tensor | None = None
         for k in range(self.num_directions):
             term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])

@@ -245,28 +245,22 @@ class ZerothOrder(Estimator):
         a = lr * weight_decay
         weights = d * (lr / d.shape[0])
         weights[-1] += (1.0 - a) * o
-        try:
-            with torch.no_grad():
-                for i, p in enumerate(params.values()):
-                    if a:
-                        p.mul_(1.0 - a)
-                    p.sub_(source.weighted_sum_into(i, weights))
-        finally:
-            source.release()
+        with source.scratch_pass():
+            for i, p in enumerate(params.values()):
+                if a:
+                    p.mul_(1.0 - a)
+                p.sub_(source.weighted_sum_into(i, weights))
         return loss
 
     def _update(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
         source: ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
-        try:
-            with torch.no_grad():
-                for i, p in enumerate(params.values()):
-                    if weight_decay:
-                        p.mul_(1.0 - lr * weight_decay)
-                    p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
-        finally:
-            source.release()
+        with source.scratch_pass():
+            for i, p in enumerate(params.values()):
+                if weight_decay:
+                    p.mul_(1.0 - lr * weight_decay)
+                p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
 
 
 @register_estimator("zo-sign", claims=("no-backward", "grad", "fused"))
@@ -334,12 +328,9 @@ class ZerothOrderConservative(ZerothOrder):
         tensors = list(params.values())
 
         def move(alpha: float) -> None:  # θ ← θ + alpha·ĝ, ĝ regenerated tensor by tensor
-            try:
-                with torch.no_grad():
-                    for i, p in enumerate(tensors):
-                        p.add_(ZerothOrder._direction(self, source, i, d, scratch=True), alpha=alpha)
-            finally:
-                source.release()
+            with source.scratch_pass():
+                for i, p in enumerate(tensors):
+                    p.add_(ZerothOrder._direction(self, source, i, d, scratch=True), alpha=alpha)
 
         with torch.no_grad():
             if weight_decay:
