@@ -18,6 +18,7 @@ from fwdgrad.distributed.comm import (
 from fwdgrad.distributed.launch import LaunchInterrupted, die_with_launcher, free_port, init_from_env, spawn_local
 from fwdgrad.distributed.replay import (
     ReplayLog,
+    check_replayable,
     load_initial_state,
     read_header,
     record_bytes,
@@ -41,6 +42,7 @@ __all__ = [
     "ReplayLog",
     "ReplicaMismatchError",
     "SeedSharingSGD",
+    "check_replayable",
     "die_with_launcher",
     "digest",
     "free_port",

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from fwdgrad._io import write_atomic
-from fwdgrad.distributed.seeds import ConcatSource, digest, shared_source
+from fwdgrad.distributed.seeds import ConcatSource, after_exchange, digest, shared_source
 from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_class
 
 Tensor = torch.Tensor
@@ -89,6 +89,16 @@ def running_buffers(model: nn.Module) -> list[str]:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             out.extend(f"{name}.{b}" if name else b for b, t in m.named_buffers(recurse=False) if t is not None)
     return out
+
+
+def check_replayable(where: str, model: nn.Module) -> None:
+    """``ValueError`` when a replay log of ``model``'s training could not rebuild it: a forward pass that
+    updates buffers (:func:`running_buffers`), which the replay copies unchanged from the initial state."""
+    running = running_buffers(model)
+    if running:
+        raise ValueError(f"{where}: the model updates buffer(s) {running[:3]} in its forward pass (running "
+                         "statistics); a replay rebuilds the trainable parameters only, so it would not give "
+                         "the trained model (use GroupNorm/LayerNorm, or track_running_stats=False)")
 
 
 def _frozen(state: Mapping[str, Any], names: list[str]) -> list[tuple[str, Tensor]]:
@@ -156,11 +166,7 @@ class ReplayLog:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
                                  or not 0 < clip < math.inf):
             raise ValueError(f"{where}: clip_grad_norm must be a positive finite number, got {clip_grad_norm!r}")
-        running = running_buffers(opt.model)
-        if running:
-            raise ValueError(f"{where}: the model updates buffer(s) {running[:3]} in its forward pass (running "
-                             "statistics); a replay rebuilds the trainable parameters only, so it would not give "
-                             "the trained model (use GroupNorm/LayerNorm, or track_running_stats=False)")
+        check_replayable(where, opt.model)
         config = opt.config()
         names = list(opt.params)
         self.scalars = config["num_directions"] * (config["world"] if config["mode"] == "tangent" else 1)
@@ -300,8 +306,7 @@ def _gradient(est: Any, config: dict[str, Any], params: list[Tensor], step: int,
              for s in streams]
     source = parts[0] if len(parts) == 1 else ConcatSource(parts)  # type: ignore[arg-type]
     grad = ImplicitGradient(torch.tensor(loss, dtype=dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
-    post = getattr(est, "post_exchange", None)
-    return post(grad) if post is not None else grad
+    return after_exchange(est, grad)
 
 
 def _optimizer(where: str, spec: dict[str, Any], params: list[Tensor]) -> torch.optim.Optimizer:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from fwdgrad.directions import TangentSource
+from fwdgrad.estimators.gradient import Gradient
 
 Tensor = torch.Tensor
 
@@ -55,6 +56,13 @@ def shared_source(
     if make is None:
         return step_source(tangents, primals, num_directions, base, step, stream)
     return make(list(primals), torch.Generator().manual_seed(step_seed(base, step, stream)))
+
+
+def after_exchange(estimator: object, grad: Gradient) -> Gradient:
+    """The update every rank applies from the exchanged estimate ``grad``: the estimator's
+    ``post_exchange(grad)`` when it has one (``zo-sign``: the sign, taken after the exchange), else ``grad``."""
+    post = getattr(estimator, "post_exchange", None)
+    return grad if post is None else post(grad)
 
 
 class ConcatSource:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from fwdgrad.distributed.comm import LocalComm, ReplicaMismatchError
-from fwdgrad.distributed.seeds import ConcatSource, digest, shared_source, step_seed
+from fwdgrad.distributed.seeds import ConcatSource, after_exchange, digest, shared_source, step_seed
 from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_options
 from fwdgrad.estimators.base import check_rate, trainable_parameters
 
@@ -265,8 +265,7 @@ class SeedSharingSGD:
             source = parts[0] if comm.world == 1 else ConcatSource(parts)
         self._tick("exchange", clock)
         update: Gradient = ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
-        post = getattr(self.estimator, "post_exchange", None)
-        return (post(update) if post is not None else update), dirs
+        return after_exchange(self.estimator, update), dirs
 
     def _finish(self) -> None:
         self.step_count += 1

@@ -28,7 +28,7 @@ from fwdgrad.models import num_parameters
 from fwdgrad.training.checkpoint import CHECKPOINT_FORMAT
 from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import DatasetLike, Splits, initial_model, split_dataset
-from fwdgrad.training.loop import STOPPED_NONFINITE, Log, RunResult, check_replayable, make_estimator, train_run
+from fwdgrad.training.loop import STOPPED_NONFINITE, Log, RunResult, make_estimator, train_run
 from fwdgrad.training.lr import default_lr
 from fwdgrad.training.parallel import check_shareable
 
@@ -236,7 +236,9 @@ def run_experiment(
     splits = split_dataset(data, config.val_fraction, config.train_subset, config.seed)
     probe_model = initial_model(config, splits, config.seed)
     if config.replay_log:
-        check_replayable(probe_model)  # before any training (an lr sweep included)
+        from fwdgrad.distributed import check_replayable
+
+        check_replayable("fwdgrad: --replay-log", probe_model)  # before any training (an lr sweep included)
     exp = Experiment(
         config=config, command=command,
         splits_info={"name": splits.name, "source": splits.source, "num_classes": splits.num_classes,

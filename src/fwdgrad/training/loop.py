@@ -187,25 +187,12 @@ def replay_init_path(log: str | Path) -> Path:
     return log.with_name(log.stem + ".init.pt")
 
 
-def check_replayable(model: nn.Module) -> None:
-    """``ValueError`` when a replay log of ``model``'s training could not rebuild it: a forward pass that
-    updates buffers (BatchNorm's running statistics), which the replay copies from the initial state."""
-    from fwdgrad.distributed import running_buffers
-
-    running = running_buffers(model)
-    if running:
-        raise ValueError(f"fwdgrad: --replay-log: the model updates buffer(s) {running[:3]} in its forward pass "
-                         "(running statistics); a replay rebuilds the trainable parameters only, so it would not "
-                         "give the trained model (use GroupNorm/LayerNorm, or track_running_stats=False)")
-
-
 def _open_replay_log(
     path: Path, shared: Any, opt: torch.optim.Optimizer, config: RunConfig, model: nn.Module, resumed: bool
 ) -> Any:
     from fwdgrad.distributed import ReplayLog
 
     where = f"fwdgrad: --replay-log {path}"
-    check_replayable(model)
     try:
         if resumed:
             return ReplayLog(path, shared, resume=shared.step_count, optimizer=opt,
