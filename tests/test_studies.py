@@ -165,10 +165,15 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     true = next(r for r in result["runs"] if r["problem"] == "logreg-l1" and r["method"] == "true FW")
     assert true["gap"][-1] < true["gap"][0]
     code, _ = _study(tmp_path, capsys, "frankwolfe", "--quick", "--budget", "3", "--methods", "fg-vr",
-                     "--examples", "20", "--directions", "2", "--rho", "3", "--data-dir", str(tmp_path / "data"),
-                     name="vr")
+                     "--examples", "20", "--directions", "2", "--rho", "3", "--problems", "logreg-l1", "--device",
+                     "cpu", "--data-dir", str(tmp_path / "data"), name="vr")
     result = json.loads((tmp_path / "vr" / "frankwolfe.json").read_text())
-    assert code == 0 and {r["method"] for r in result["runs"]} == {"FG FW + VR"}
+    assert code == 0 and {(r["problem"], r["method"]) for r in result["runs"]} == {("logreg-l1", "FG FW + VR")}
+    assert result["device"] == "cpu"
+    from fwdgrad.studies import frankwolfe
+
+    written = frankwolfe.write_report(result, tmp_path / "plot")  # one problem: one panel
+    assert (tmp_path / "plot" / "frankwolfe.png") in written or frankwolfe.pyplot() is None
     assert result["n_examples"] == 20 and result["num_directions"] == 2 and result["rho"] == "3/(k+3)"
 
 
@@ -179,6 +184,8 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (["study", "frankwolfe", "--directions", "0"], "--directions must be >= 1, got 0"),
     (["study", "frankwolfe", "--methods", "fg,adam"], "'fg,adam'"),
     (["study", "frankwolfe", "--rho", "0.5"], "rho must be a number >= 1, got 0.5"),
+    (["study", "frankwolfe", "--problems", "logreg-l1,svm"], "'logreg-l1,svm'"),
+    (["study", "frankwolfe", "--device", "abacus"], "'abacus'"),
     (["study", "linreg", "--schedule", "cosine"], "'cosine'"),
     (["study", "linreg", "--dims", "1"], "--dims must be >= 2"),
     (["diagnose", "--samples", "1"], "--samples must be >= 2, got 1"),

@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frankwolfe: averaging weight rho_k = C/(k+C) (C >= 1) instead of 4/(k+8)^(2/3)")
     g.add_argument("--directions", type=int, default=None,
                    help="frankwolfe: tangent directions K per forward-gradient step (default 8; quick 1)")
+    g.add_argument("--problems", default=None, metavar="P,P,...",
+                   help="frankwolfe: which of logreg-l1, mlp-box to run (default both)")
+    g.add_argument("--device", default="cpu",
+                   help="frankwolfe: torch device of the data, model and directions (cpu, cuda, cuda:N)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

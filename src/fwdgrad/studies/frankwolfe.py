@@ -32,11 +32,14 @@ from fwdgrad._io import write_atomic
 from fwdgrad.diagnostics.output import markdown_table, pyplot, save_figure, write_json
 from fwdgrad.optim import FrankWolfe
 from fwdgrad.optim.lmo import LMOS
+from fwdgrad.training.config import resolve_device
 
 Tensor = torch.Tensor
 METHODS = ("true FW", "FG FW", "FG FW + VR")
 #: the names ``--methods`` takes
 METHOD_KEYS = {"true": "true FW", "fg": "FG FW", "fg-vr": "FG FW + VR"}
+#: the problems, in the order they run
+PROBLEMS = ("logreg-l1", "mlp-box")
 
 
 def binary_mnist(
@@ -84,6 +87,7 @@ def run_problem(
     problem: str, x: Tensor, y: Tensor, *, steps: int, num_directions: int, seed: int, radius: float, box: float,
     log: Any = None, methods: tuple[str, ...] = METHODS, rho: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Every method of ``methods`` on ``problem`` from the same start, on the device of ``x``."""
     log_at = sorted({round(v) for v in torch.logspace(0, math.log10(steps), 40).tolist()} | {0})
     out = []
     for method in methods:
@@ -98,6 +102,7 @@ def run_problem(
                 for p in model.parameters():
                     p.clamp_(-box, box)
             groups = [{"params": list(model.parameters()), "constraint": "box", "lower": -box, "upper": box}]
+        model.to(x.device)
         opt = FrankWolfe(groups, step_size=lambda k: 2.0 / (k + 8), variance_reduction=method.endswith("VR"),
                          averaging=averaging_schedule(rho))
         est = fwdgrad.estimator("bp") if method == "true FW" else fwdgrad.estimator(
@@ -129,8 +134,9 @@ def run_problem(
 
 def run(data_dir: str | None, *, n: int, steps: int, mlp_steps: int, num_directions: int, seed: int,
         radius: float = 10.0, box: float = 0.05, log: Any = None, methods: tuple[str, ...] = METHODS,
-        problems: tuple[str, ...] = ("logreg-l1", "mlp-box"), rho: float | None = None) -> dict[str, Any]:
+        problems: tuple[str, ...] = PROBLEMS, rho: float | None = None, device: str = "cpu") -> dict[str, Any]:
     x, y = binary_mnist(data_dir, n, seed=seed)
+    x, y = x.to(device), y.to(device)
     runs = []
     for problem in problems:
         runs += run_problem(problem, x, y, steps=steps if problem == "logreg-l1" else mlp_steps,
@@ -138,7 +144,7 @@ def run(data_dir: str | None, *, n: int, steps: int, mlp_steps: int, num_directi
                             rho=rho)
     return {"study": "frankwolfe", "n_examples": n, "digits": [4, 9], "steps": steps, "mlp_steps": mlp_steps,
             "num_directions": num_directions, "rho": "4/(k+8)^(2/3)" if rho is None else f"{rho:g}/(k+{rho:g})",
-            "l1_radius": radius, "box": box, "seed": seed, "runs": runs}
+            "l1_radius": radius, "box": box, "seed": seed, "device": str(x.device), "runs": runs}
 
 
 def run_from_args(args: Any) -> dict[str, Any]:
@@ -154,8 +160,17 @@ def run_from_args(args: Any) -> dict[str, Any]:
         if bad or not wanted:
             raise ValueError(f"--methods takes {', '.join(METHOD_KEYS)} separated by commas, got {args.methods!r}")
         methods = tuple(METHOD_KEYS[m] for m in METHOD_KEYS if m in wanted)
+    problems = PROBLEMS
+    if getattr(args, "problems", None):
+        wanted = [p.strip() for p in args.problems.split(",") if p.strip()]
+        if not wanted or any(p not in PROBLEMS for p in wanted):
+            raise ValueError(f"--problems takes {', '.join(PROBLEMS)} separated by commas, got {args.problems!r}")
+        problems = tuple(p for p in PROBLEMS if p in wanted)
+    device = resolve_device("fwdgrad study frankwolfe: --device", getattr(args, "device", "cpu"))
     return run(args.data_dir, n=n, steps=steps, mlp_steps=mlp_steps, num_directions=k, seed=args.seed,
-               log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods, rho=getattr(args, "rho", None))
+               log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods, rho=getattr(args, "rho", None),
+               problems=problems, device=device)
+
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -178,8 +193,9 @@ def write_report(result: dict[str, Any], out: Path, plots: bool = True) -> list[
     paths = [write_json(out / "frankwolfe.json", result), write_atomic(out / "frankwolfe.md", "\n".join(md) + "\n")]
     plt = pyplot() if plots else None
     if plt is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-        for ax, problem in zip(axes, ("logreg-l1", "mlp-box")):
+        problems = [p for p in PROBLEMS if any(r["problem"] == p for r in result["runs"])]
+        fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 4.5), squeeze=False)
+        for ax, problem in zip(axes[0], problems):
             for r in (r for r in result["runs"] if r["problem"] == problem):
                 ax.loglog([k + 1 for k in r["k"]], [g / r["gap"][0] for g in r["gap"]], label=r["method"])
             ax.axhline(1e-3, color="k", lw=0.7, ls=":")
