@@ -5,7 +5,9 @@ Every method trains the same MLP (784-128-10) from the same initial weights on t
 Adam lr 1e-3, fg-w's Adam default), for a fixed number of steps; the figure is the first step at which the
 moving average (window 50) of the training loss falls below each threshold. Step counts do not depend on
 the machine's load. Methods are compared at an equal number of directional derivatives per step: K = 4
-mean vs K = 4 projection vs momentum with K = 3 (3 fresh + 1 along the guess).
+mean vs K = 4 projection vs momentum with K = 3 (3 fresh + 1 along the guess) vs mixed with K = 4; K = 1
+against mixed with K = 1 (``directions="mixed"``: Silver et al.'s biased form, the guess mixed into each
+tangent, one derivative per direction).
 
     python benchmarks/directions_mnist.py --data-dir ../shared/data --steps 3000
 
@@ -36,6 +38,8 @@ METHODS = {
     "fg-w momentum K=3 (4 derivatives)": {"num_directions": 3, "directions": "momentum"},
     "fg-w momentum β=0.99 K=1 (2 derivatives)": {"num_directions": 1, "directions": "momentum", "direction_beta": 0.99},
     "fg-w momentum β=0.99 K=3 (4 derivatives)": {"num_directions": 3, "directions": "momentum", "direction_beta": 0.99},
+    "fg-w mixed β=0.3 K=1 (1 derivative)": {"num_directions": 1, "directions": "mixed", "guess_weight": 0.3},
+    "fg-w mixed β=0.3 K=4 (4 derivatives)": {"num_directions": 4, "directions": "mixed", "guess_weight": 0.3},
 }
 FG_A_METHODS = {
     "fg-a K=1": {"num_directions": 1},
@@ -79,10 +83,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--family", choices=("fg-w", "fg-a"), default="fg-w")
     p.add_argument("--out", default=None, help="default benchmarks/results/directions_mnist[_fg-a]")
+    p.add_argument("--only", action="append", default=None, metavar="TEXT",
+                   help="run only the methods whose name contains TEXT (repeatable)")
     args = p.parse_args()
     if args.out is None:
         args.out = "benchmarks/results/directions_mnist" + ("_fg-a" if args.family == "fg-a" else "")
     methods = FG_A_METHODS if args.family == "fg-a" else METHODS
+    if args.only:
+        methods = {k: v for k, v in methods.items() if any(t in k for t in args.only)}
+        if not methods:
+            p.error(f"--only {args.only} matches no method")
     thresholds = FG_A_THRESHOLDS if args.family == "fg-a" else THRESHOLDS
     torch.set_num_threads(1)
     data = load_dataset("mnist", args.data_dir)

@@ -11,7 +11,9 @@ exact derivative along the guess with fresh random directions projected off it,
 .. math:: \hat g = \langle\nabla L, u\rangle u + (I - u u^\top)\,\frac1K\sum_k \langle\nabla L, v_k\rangle v_k,
 
 which is unbiased for any ``u`` (``E[v vᵀ] = I``), exact along ``u``, and costs K + 1 directional
-derivatives. (Silver et al. use the guess alone, a biased descent direction; this is the unbiased variant.)
+derivatives. (Silver et al. use the guess alone, a biased descent direction; this is the unbiased variant.
+``fg-w``'s ``directions="mixed"`` uses the same average for their biased form: each tangent is the guess mixed
+with fresh noise.)
 
 Example:
     >>> import torch

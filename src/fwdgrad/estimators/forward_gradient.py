@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -56,7 +57,13 @@ class ForwardGradient(SampledEstimator):
             the step adds the exact derivative along ``u`` to K fresh directions projected off it,
             ``ĝ = ⟨∇L,u⟩u + (I − uuᵀ)(1/K)Σ⟨∇L,v_k⟩v_k``: unbiased, exact along ``u``, K + 1 derivatives;
             :mod:`fwdgrad.directions.stateful`).
-        direction_beta: the decay of the running average for ``directions="momentum"``.
+            ``"mixed"`` (Silver et al.'s own, biased form, one derivative per direction as ``"sampled"``): each
+            tangent mixes the guess with fresh noise, ``v_k = β·√n·u + √(1 − β²)·ε_k`` (``β = guess_weight``,
+            ``n`` parameters), and ``ĝ = (1/K)Σ⟨∇L,v_k⟩v_k``. Its mean given ``u`` is
+            ``(1 − β²)∇L + β²n⟨∇L,u⟩u``, a positive-definite rescaling of ``∇L`` (a descent direction, not
+            ``∇L``): biased, but exact along ``u`` in expectation at the cost of one fresh direction.
+        direction_beta: the decay of the running average for ``directions="momentum"`` and ``"mixed"``.
+        guess_weight: ``β`` of ``directions="mixed"``, in ``(0, 1)`` (default 0.3); only with ``"mixed"``.
         aggregation: ``"mean"`` (the mean over the K directions) or ``"projection"`` (Flügel et al. 2025:
             the orthogonal projection of ``∇L`` onto the span of the K directions, scaled to be unbiased,
             ``ĝ = (n/K)·B(BᵀB)⁻¹Bᵀ∇L`` with ``B = [v_1 … v_K]``; needs a rotation-invariant sampler,
@@ -91,6 +98,7 @@ class ForwardGradient(SampledEstimator):
         directions: str = "sampled",
         direction_beta: float = 0.9,
         aggregation: str = "mean",
+        guess_weight: float | None = None,
     ) -> None:
         super().__init__(num_directions, tangents, seed=seed, generator=generator, chunk_size=chunk_size)
         if not isinstance(fast_paths, bool):
@@ -106,9 +114,17 @@ class ForwardGradient(SampledEstimator):
                 f"{type(self).__name__}: aggregation='projection' is unbiased only for rotation-invariant "
                 f"directions; use tangents='gaussian' or 'sphere', got {tangents!r}"
             )
-        if directions == "momentum" and (readout != "perturb" or aggregation != "mean"):
-            raise ValueError(f"{type(self).__name__}: directions='momentum' goes with readout='perturb' and "
+        if directions != "sampled" and (readout != "perturb" or aggregation != "mean"):
+            raise ValueError(f"{type(self).__name__}: directions={directions!r} goes with readout='perturb' and "
                              "aggregation='mean'")
+        if guess_weight is not None and directions != "mixed":
+            raise ValueError(f"{type(self).__name__}: guess_weight is an option of directions='mixed', got "
+                             f"guess_weight={guess_weight!r} with directions={directions!r}")
+        if directions == "mixed":
+            guess_weight = 0.3 if guess_weight is None else guess_weight
+            if isinstance(guess_weight, bool) or not isinstance(guess_weight, int | float) or not 0 < guess_weight < 1:
+                raise ValueError(f"{type(self).__name__}: guess_weight must be in (0, 1), got {guess_weight!r}")
+            self.guess_weight = float(guess_weight)
         self._fast_paths = fast_paths  # private: the repr shows the estimator's hyperparameters only
         # non-default choices only, so the repr of the default estimator stays as it was
         for key, value, default in (("readout", readout, "perturb"), ("directions", directions, "sampled"),
@@ -117,7 +133,7 @@ class ForwardGradient(SampledEstimator):
                 setattr(self, key, value)
         self._momentum: MomentumDirections | None = None
         self._momentum_state: tuple[list[int] | None, MomentumState] | None = None
-        if directions == "momentum":
+        if directions != "sampled":
             self._momentum = MomentumDirections(direction_beta)
             self.direction_beta = float(direction_beta)
 
@@ -127,7 +143,8 @@ class ForwardGradient(SampledEstimator):
         return self._fast_paths
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The state of stateful directions (``directions="momentum"``), for checkpoints; ``None`` otherwise."""
+        """The state of stateful directions (``directions="momentum"`` or ``"mixed"``), for checkpoints; ``None``
+        otherwise."""
         if self._momentum_state is None:
             return None
         state = self._momentum_state[1]
@@ -166,6 +183,8 @@ class ForwardGradient(SampledEstimator):
         if self._momentum_state is None or self._momentum_state[0] != ids:
             self._momentum_state = (ids, self._momentum.init([p.detach() for p in params.values()]))
         state = self._momentum_state[1]
+        if getattr(self, "directions", "sampled") == "mixed":
+            return self._step_mixed(where, model, loss_fn, params, state)
         step_loss = once_per_step(model, loss_fn)  # buffers move once over both passes
         fresh = self._perturbed(where, model, step_loss, params, False)
         u = self._momentum.guess(state)
@@ -182,6 +201,29 @@ class ForwardGradient(SampledEstimator):
         if torch.isfinite(fresh.dirs).all() and all(bool(torch.isfinite(g).all()) for g in grads):
             self._momentum.update(state, grads)  # a non-finite step leaves the state as it was
         return out
+
+    def _step_mixed(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], state: MomentumState
+    ) -> Gradient:
+        """``directions="mixed"``: one pass along ``v_k = β√n·u + √(1−β²)·ε_k`` (plain sampled directions
+        until the running average has a direction)."""
+        assert self._momentum is not None
+        u = self._momentum.guess(state)
+        if u is None:
+            grad = self._perturbed(where, model, loss_fn, params, False)
+        else:
+            primals = [p.detach() for p in params.values()]
+            noise = TangentSource(self.tangents, primals, self.num_directions, self._generator)
+            a = self.guess_weight * math.sqrt(sum(p.numel() for p in primals))
+            b = math.sqrt(1.0 - self.guess_weight**2)
+            blocks = [noise.materialise_one(i).mul(b).add_(t.unsqueeze(0), alpha=a) for i, t in enumerate(u)]
+            source = TangentSource.given(primals, blocks)
+            loss, dirs = module_directions(model, loss_fn, params, source, where=where, fast=self.fast_paths)
+            grad = ImplicitGradient(loss, dirs, source)
+        grads = grad.materialise()
+        if torch.isfinite(grad.dirs).all() and all(bool(torch.isfinite(g).all()) for g in grads):
+            self._momentum.update(state, grads)  # a non-finite step leaves the state as it was
+        return ExplicitGradient(grad.loss, grads)
 
     def _perturbed(
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
@@ -225,7 +267,7 @@ class ForwardGradient(SampledEstimator):
 
 
 READOUTS = ("perturb", "exact")
-DIRECTIONS = ("sampled", "momentum")
+DIRECTIONS = ("sampled", "momentum", "mixed")
 AGGREGATIONS = ("mean", "projection")
 
 
@@ -327,4 +369,9 @@ register_estimator(
     "fg-w-momentum", ForwardGradient, preset={"directions": "momentum"}, default_lr=FG_W_LR,
     lr_note="fg-w's default learning rates (not swept for the momentum guess)",
     claims=("unbiased", "no-backward", "grad", "fused"), lr_scales_with="parameters",
+)
+register_estimator(
+    "fg-w-mixed", ForwardGradient, preset={"directions": "mixed"}, default_lr=FG_W_LR,
+    lr_note="fg-w's default learning rates (not swept for the mixed guess)",
+    claims=("no-backward", "grad", "fused"), lr_scales_with="parameters",
 )
