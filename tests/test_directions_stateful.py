@@ -1,9 +1,11 @@
-"""Momentum directions (Silver et al. 2022, unbiased variant) and the projection aggregation (Flügel et al.
-2025): exact pieces against autograd in float64, Monte-Carlo unbiasedness (z-test, see test_generic.py)."""
+"""Momentum directions (Silver et al. 2022: the unbiased variant ``momentum`` and their own biased ``mixed``
+form) and the projection aggregation (Flügel et al. 2025): exact pieces against autograd in float64,
+Monte-Carlo unbiasedness or the documented mean (z-test, see test_generic.py)."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -40,6 +42,25 @@ def _true(model, loss_fn) -> torch.Tensor:
     return _flat(torch.autograd.grad(loss_fn(model), list(model.parameters())))
 
 
+def _draws_for_one_guess(est, model, loss_fn, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, [samples, n] estimates)``: one step to start the average, then ``samples`` draws, each from that
+    same state (the same guess ``u``)."""
+    est(model, loss_fn)
+    state = copy.deepcopy(est._momentum_state)
+    draws = []
+    for _ in range(samples):
+        est._momentum_state = copy.deepcopy(state)
+        model.zero_grad(set_to_none=True)
+        est(model, loss_fn)
+        draws.append(_flat(p.grad for p in model.parameters()))
+    return _flat(est._momentum.guess(state[1])), torch.stack(draws)
+
+
+def _z(draws: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-entry z-scores of the draws' mean against ``mean`` (standard error from the draws)."""
+    return (draws.mean(0) - mean).abs() / (draws.std(0) / draws.shape[0] ** 0.5).clamp_min(1e-12)
+
+
 def test_momentum_estimate_is_exact_along_the_guess() -> None:
     """⟨ĝ, u⟩ = ⟨∇L, u⟩ exactly: the random part is projected off the guess u."""
     model, loss_fn = _task()
@@ -58,31 +79,25 @@ def test_momentum_estimate_is_unbiased_for_a_fixed_guess(samples: int) -> None:
     model, loss_fn = _task(1)
     true = _true(model, loss_fn)
     est = fwdgrad.estimator("fg-w", directions="momentum", seed=2)
-    est(model, loss_fn)
-    state = copy.deepcopy(est._momentum_state)
-    draws = []
-    for _ in range(samples):
-        est._momentum_state = copy.deepcopy(state)  # the same guess for every draw
-        model.zero_grad(set_to_none=True)
-        est(model, loss_fn)
-        draws.append(_flat(p.grad for p in model.parameters()))
-    d = torch.stack(draws)
-    z = (d.mean(0) - true).abs() / (d.std(0) / samples**0.5).clamp_min(1e-12)
-    assert z.max() < 5.0
+    _, d = _draws_for_one_guess(est, model, loss_fn, samples)
+    assert _z(d, true).max() < 5.0
 
 
-def test_momentum_statistics_and_fused_step() -> None:
+@pytest.mark.parametrize("directions", ["momentum", "mixed"])
+def test_momentum_statistics_and_fused_step(directions: str) -> None:
     model, loss_fn = _task(bn=True)
     reference = copy.deepcopy(model)
     loss_fn(reference)  # one forward: what one step does to BatchNorm's statistics
-    est = fwdgrad.estimator("fg-w", directions="momentum", num_directions=3, seed=0)
-    est(model, loss_fn)
-    for a, b in zip(model.buffers(), reference.buffers()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    est = fwdgrad.estimator("fg-w", directions=directions, num_directions=3, seed=0)
+    for _ in range(2):  # the second step has a guess
+        est(model, loss_fn)
+        for a, b in zip(model.buffers(), reference.buffers()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        loss_fn(reference)
     a, b = _task()[0], _task()[0]
     _, lf = _task()
-    ea = fwdgrad.estimator("fg-w", directions="momentum", seed=4)
-    eb = fwdgrad.estimator("fg-w", directions="momentum", seed=4)
+    ea = fwdgrad.estimator(f"fg-w-{directions}", seed=4)
+    eb = fwdgrad.estimator("fg-w", directions=directions, seed=4)
     opt = torch.optim.SGD(b.parameters(), lr=0.1)
     for _ in range(3):
         ea.sgd_step(a, lf, lr=0.1)
@@ -140,17 +155,18 @@ def test_given_source_hands_out_its_blocks() -> None:
     torch.testing.assert_close(src.gram(), sum(b.reshape(1, -1).double() @ b.reshape(1, -1).double().T for b in blocks))
 
 
-def test_momentum_state_round_trips_through_a_checkpoint() -> None:
+@pytest.mark.parametrize("directions", ["momentum", "mixed"])
+def test_momentum_state_round_trips_through_a_checkpoint(directions: str) -> None:
     """A resumed estimator (state_dict + generator state) continues exactly like the uninterrupted one."""
     from fwdgrad.training.checkpoint import estimator_state, set_estimator_state
 
     model, loss_fn = _task()
-    a = fwdgrad.estimator("fg-w", directions="momentum", seed=0)
+    a = fwdgrad.estimator("fg-w", directions=directions, seed=0)
     for _ in range(2):
         a(model, loss_fn)
     saved = copy.deepcopy(estimator_state(a))
     assert saved["unsaved"] == []
-    b = fwdgrad.estimator("fg-w", directions="momentum", seed=99)
+    b = fwdgrad.estimator("fg-w", directions=directions, seed=99)
     set_estimator_state(b, saved)
     twin = copy.deepcopy(model)
     model.zero_grad(set_to_none=True)
@@ -159,3 +175,45 @@ def test_momentum_state_round_trips_through_a_checkpoint() -> None:
     b(twin, loss_fn)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mixed_estimate_equals_autograd_along_the_mixed_tangents(k: int) -> None:
+    """ĝ = (1/K)Σ⟨∇L, v_k⟩v_k with v_k = β√n·u + √(1−β²)·ε_k rebuilt from the guess and the generator."""
+    model, loss_fn = _task()
+    est = fwdgrad.estimator("fg-w", directions="mixed", guess_weight=0.4, num_directions=k, seed=0)
+    est(model, loss_fn)  # first step: plain directions, which start the average
+    u = est._momentum.guess(est._momentum_state[1])
+    generator = copy.deepcopy(est._generator)
+    model.zero_grad()
+    est(model, loss_fn)
+    params = [p.detach() for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+    noise = TangentSource("gaussian", params, k, generator)
+    v = torch.stack([_flat(0.4 * math.sqrt(n) * t + math.sqrt(1 - 0.4**2) * noise.materialise_one(i)[j]
+                           for i, t in enumerate(u)) for j in range(k)])
+    true = _true(model, loss_fn)
+    expected = (v @ true) @ v / k
+    torch.testing.assert_close(_flat(p.grad for p in model.parameters()), expected, rtol=1e-10, atol=1e-13)
+
+
+def test_mixed_estimate_has_the_documented_mean() -> None:
+    """E[ĝ | u] = (1−β²)∇L + β²n⟨∇L,u⟩u (Gaussian ε): biased towards the guess, a descent direction."""
+    model, loss_fn = _task(1)
+    true = _true(model, loss_fn)
+    est = fwdgrad.estimator("fg-w", directions="mixed", guess_weight=0.5, seed=2)
+    u, d = _draws_for_one_guess(est, model, loss_fn, 2000)
+    mean = (1 - 0.25) * true + 0.25 * true.numel() * (true @ u) * u
+    assert _z(d, mean).max() < 5.0
+    assert float(mean @ true) > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"directions": "mixed", "guess_weight": 1.0}, "guess_weight must be in (0, 1), got 1.0"),
+    ({"directions": "mixed", "guess_weight": 0}, "guess_weight must be in (0, 1), got 0"),
+    ({"guess_weight": 0.3}, "guess_weight is an option of directions='mixed'"),
+    ({"directions": "mixed", "aggregation": "projection"}, "goes with readout='perturb'"),
+])
+def test_bad_mixed_options(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fwdgrad.estimator("fg-w", **options)
