@@ -91,6 +91,8 @@ def test_bad_arguments() -> None:
         SeedSharingSGD(model, "bp", seed=0)
     with pytest.raises(ValueError, match="directions='momentum' cannot be shared by seed"):
         SeedSharingSGD(model, seed=0, directions="momentum")
+    with pytest.raises(ValueError, match="directions='mixed' cannot be shared by seed"):
+        SeedSharingSGD(model, seed=0, directions="mixed")
     with pytest.raises(ValueError, match="readout='exact' cannot be shared by seed"):
         SeedSharingSGD(model, seed=0, readout="exact")
     with pytest.raises(ValueError, match="aggregation='projection' cannot be shared by seed in tangent mode"):
