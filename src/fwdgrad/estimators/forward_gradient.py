@@ -61,7 +61,8 @@ class ForwardGradient(SampledEstimator):
             tangent mixes the guess with fresh noise, ``v_k = β·√n·u + √(1 − β²)·ε_k`` (``β = guess_weight``,
             ``n`` parameters), and ``ĝ = (1/K)Σ⟨∇L,v_k⟩v_k``. Its mean given ``u`` is
             ``(1 − β²)∇L + β²n⟨∇L,u⟩u``, a positive-definite rescaling of ``∇L`` (a descent direction, not
-            ``∇L``): biased, but exact along ``u`` in expectation at the cost of one fresh direction.
+            ``∇L``): biased, its component along ``u`` scaled by ``1 − β² + β²n``, at the cost of plain
+            directions (Silver et al. 2022; ``docs/directions.md`` measures it on MNIST).
         direction_beta: the decay of the running average for ``directions="momentum"`` and ``"mixed"``.
         guess_weight: ``β`` of ``directions="mixed"``, in ``(0, 1)`` (default 0.3); only with ``"mixed"``.
         aggregation: ``"mean"`` (the mean over the K directions) or ``"projection"`` (Flügel et al. 2025:

@@ -172,7 +172,6 @@ def run_from_args(args: Any) -> dict[str, Any]:
                problems=problems, device=device)
 
 
-
 def summary_lines(result: dict[str, Any]) -> list[str]:
     return [f"{r['problem']} {r['method']}: FW gap {r['gap'][0]:.4g} -> {r['gap'][-1]:.4g} "
             f"({r['gap_ratio_end']:.3g} of the start; smallest {r['min_gap_ratio']:.3g})" for r in result["runs"]]
