@@ -174,6 +174,10 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     written = frankwolfe.write_report(result, tmp_path / "plot")  # one problem: one panel
     assert (tmp_path / "plot" / "frankwolfe.png") in written or frankwolfe.pyplot() is None
+    lines: list[str] = []  # a long run reports its progress at every logged step
+    frankwolfe.run_problem("logreg-l1", torch.randn(6, 784), torch.tensor([0, 1] * 3), steps=3, num_directions=1,
+                           seed=0, radius=1.0, box=0.05, log=lines.append, methods=("FG FW + VR",))
+    assert any("FG FW + VR: step 3/3, gap " in line for line in lines)
     assert result["n_examples"] == 20 and result["num_directions"] == 2 and result["rho"] == "3/(k+3)"
 
 

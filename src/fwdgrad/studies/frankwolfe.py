@@ -118,6 +118,9 @@ def run_problem(
                 ks.append(k)
                 losses.append(loss)
                 gaps.append(gap)
+                if log and k:  # progress of a long run: the same figures as its report, as they come
+                    log(f"  {problem} {method}: step {k}/{steps}, gap {gap / gaps[0]:.4g} of the start, "
+                        f"loss {loss:.4f}")
             if k == steps:
                 break
             opt.zero_grad(set_to_none=True)
