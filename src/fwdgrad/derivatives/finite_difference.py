@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,24 +118,37 @@ class Perturbation:
         z = self._draw(k, i)
         return z.mul_(self._scale[k].to(z.dtype)) if self._scale is not None else z
 
+    def _pass(self) -> contextlib.AbstractContextManager[None]:
+        """The context of one in-place pass over the parameters."""
+        return torch.no_grad()
+
+    def _pass_direction(self, k: int, i: int, slot: int = 0) -> Tensor:
+        """``z_{k,i}`` as a pass uses it (here a fresh tensor; ``slot`` matters to :class:`ScratchPerturbation`)."""
+        return self.direction(k, i)
+
     def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
         """``θ_i += alpha · z_{k,i}`` in place for every tensor (or those in ``only``), one draw at a time."""
-        with torch.no_grad():
+        with self._pass():
             for i in range(len(self.params)) if only is None else only:
+                z = self._pass_direction(k, i)
                 if self._scale is None:
-                    self.params[i].add_(self._draw(k, i), alpha=alpha)
+                    self.params[i].add_(z, alpha=alpha)
                 else:
-                    self.params[i].add_(self.direction(k, i).mul_(alpha))
+                    self.params[i].add_(z.mul_(alpha))
+
+    def _weighted(self, i: int, weights: Tensor | Sequence[float], draw: Callable[[int, int, int], Tensor]) -> Tensor:
+        """``Σ_k weights[k] · z_{k,i}`` with ``z_{k,i} = draw(k, i, slot)`` (slot 0 for the first term, 1 after)."""
+        out: Tensor | None = None
+        for k in range(self.num_directions):
+            term = draw(k, i, 0 if out is None else 1).mul_(weights[k])
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
 
     def weighted_sum(self, i: int, weights: Tensor | Sequence[float]) -> Tensor:
         """``Σ_k weights[k] · z_{k,i}`` (a new tensor of ``params[i]``'s shape); tensor weights stay on
         their device (no host synchronisation)."""
-        out: Tensor | None = None
-        for k in range(self.num_directions):
-            term = self.direction(k, i).mul_(weights[k])
-            out = term if out is None else out.add_(term)
-        assert out is not None
-        return out
+        return self._weighted(i, weights, lambda k, i, slot: self.direction(k, i))  # fresh, never scratch
 
     def materialise(self) -> list[Tensor]:
         """Every direction, ``[K, *θ_i.shape]`` per tensor (for tests and references)."""
@@ -184,23 +197,16 @@ class ScratchPerturbation(Perturbation):
         finally:
             self.release()
 
-    def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
-        with self.scratch_pass():
-            for i in range(len(self.params)) if only is None else only:
-                if self._scale is None:
-                    self.params[i].add_(self._draw_into(k, i), alpha=alpha)
-                else:
-                    self.params[i].add_(self._draw_into(k, i).mul_(alpha))
+    def _pass(self) -> contextlib.AbstractContextManager[None]:
+        return self.scratch_pass()
+
+    def _pass_direction(self, k: int, i: int, slot: int = 0) -> Tensor:
+        return self._draw_into(k, i, slot)
 
     def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
         """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
         (a loop over the tensors runs inside :meth:`scratch_pass`)."""
-        out: Tensor | None = None
-        for k in range(self.num_directions):
-            term = self._draw_into(k, i, slot=0 if out is None else 1).mul_(weights[k])
-            out = term if out is None else out.add_(term)
-        assert out is not None
-        return out
+        return self._weighted(i, weights, self._draw_into)
 
 
 def last_offset(eps: float, one_sided: bool) -> float:
