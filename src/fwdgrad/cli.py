@@ -286,14 +286,15 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
         if comm.rank != 0:
             config = dataclasses.replace(config, quiet=True)
     if comm is None:
-        return _execute(args, config, argv, resume, comm)
+        return _execute(args, config, argv, resume, comm)[0]
     finished = False
     try:
-        code = _execute(args, config, argv, resume, comm)
-        finished = True
+        code, finished = _execute(args, config, argv, resume, comm)
         return code
     finally:
-        comm.leave(finished)  # a barrier first after a finished run: see Comm.leave
+        # a barrier first after a run that went to its end (every rank took the same steps), none after an
+        # interrupted or failed one: a peer may still be inside a collective there: see Comm.leave
+        comm.leave(finished)
 
 
 
@@ -346,7 +347,10 @@ def _spawn(args: argparse.Namespace, nproc: int) -> int:
     return next((c for c in codes if c > 0), 1)
 
 
-def _execute(args: argparse.Namespace, config: RunConfig, argv: list[str], resume: str | None, comm: object) -> int:
+def _execute(
+    args: argparse.Namespace, config: RunConfig, argv: list[str], resume: str | None, comm: object
+) -> tuple[int, bool]:
+    """``(exit code, whether the experiment ran to its end)``: an interrupted run or a lost rank did not."""
     from fwdgrad.distributed import DistributedError
     from fwdgrad.errors import ForwardADNotSupportedError
     from fwdgrad.training import report
@@ -358,23 +362,23 @@ def _execute(args: argparse.Namespace, config: RunConfig, argv: list[str], resum
                           resume_dir=resume, comm=comm)
     except DistributedError as exc:
         _log(f"fwdgrad {args.command}: error: {exc}")
-        return 1
+        return 1, False
     except Interrupted as exc:
         _log(f"fwdgrad {args.command}: {exc}")
-        return exc.exit_code
+        return exc.exit_code, False
     except RunFolderError as exc:
         raise UsageError(str(exc)) from None
     except (FileNotFoundError, ForwardADNotSupportedError, OSError) as exc:
         _log(f"fwdgrad {args.command}: error: {exc}")
-        return 1
+        return 1, False
     except ValueError as exc:
         if type(exc).__module__.startswith("fwdgrad.data"):
             _log(f"fwdgrad {args.command}: error: {exc}")
-            return 1
+            return 1, False
         raise UsageError(str(exc)) from None
     exp, out = outcome.exp, outcome.folder
     if comm is not None and getattr(comm, "rank", 0) != 0:  # rank 0 reports
-        return 1 if args.command == "train" and any(r.failed for r in exp.runs) else 0
+        return (1 if args.command == "train" and any(r.failed for r in exp.runs) else 0), True
     print(report.markdown_table(report.summarize(exp)), end="")
     for s in exp.skipped_methods:
         print(f"skipped {s['method']}: {s['reason']}")
@@ -382,7 +386,7 @@ def _execute(args: argparse.Namespace, config: RunConfig, argv: list[str], resum
     failed = [r for r in exp.runs if r.failed]
     for r in failed:
         _log(f"fwdgrad {args.command}: {r.method} seed {r.seed} stopped: {r.message}")
-    return 1 if args.command == "train" and failed else 0
+    return (1 if args.command == "train" and failed else 0), True
 
 
 TRAIN_DEFAULTS = RunConfig()
