@@ -164,6 +164,11 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert {r["method"] for r in result["runs"]} == {"true FW", "FG FW", "FG FW + VR"}
     true = next(r for r in result["runs"] if r["problem"] == "logreg-l1" and r["method"] == "true FW")
     assert true["gap"][-1] < true["gap"][0]
+    convex = [r for r in result["runs"] if r["problem"] == "logreg-l1"]
+    assert result["f_star_lower"] <= min(min(r["loss"]) for r in convex)  # a lower bound on f*
+    assert all(min(r["opt_gap"]) >= 0 and "opt_gap" not in m for r in convex
+               for m in result["runs"] if m["problem"] == "mlp-box")
+    assert "f − f* end/start" in (tmp_path / "r" / "frankwolfe.md").read_text()
     code, _ = _study(tmp_path, capsys, "frankwolfe", "--quick", "--budget", "3", "--methods", "fg-vr",
                      "--examples", "20", "--directions", "2", "--rho", "3", "--problems", "logreg-l1", "--device",
                      "cpu", "--data-dir", str(tmp_path / "data"), name="vr")
@@ -179,6 +184,36 @@ def test_study_frankwolfe_small(tmp_path: Path, capsys: pytest.CaptureFixture[st
                            seed=0, radius=1.0, box=0.05, log=lines.append, methods=("FG FW + VR",))
     assert any("FG FW + VR: step 3/3, gap " in line for line in lines)
     assert result["n_examples"] == 20 and result["num_directions"] == 2 and result["rho"] == "3/(k+3)"
+
+
+def test_frankwolfe_optimality_gap_is_bounded_by_a_certified_lower_bound_on_f_star() -> None:
+    """``f_low = max_k (f(x_k) − G(x_k))`` of true FW is ≤ f* (convexity), so the reported ratio
+    ``(f(x_k) − f_low)/(f(x_0) − f_low)`` is never below the true one; checked against f* from a long true-FW
+    run on a tiny problem, and on hand-made numbers."""
+    from fwdgrad.studies import frankwolfe
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 784, generator=g), torch.tensor([0, 1] * 6)
+    short = frankwolfe.run_problem("logreg-l1", x, y, steps=30, num_directions=2, seed=0, radius=1.0, box=0.05,
+                                   methods=("true FW", "FG FW + VR"))
+    f_low = frankwolfe.optimality_gaps(short)
+    long = frankwolfe.run_problem("logreg-l1", x, y, steps=3000, num_directions=1, seed=0, radius=1.0, box=0.05,
+                                  methods=("true FW",))
+    f_star_upper = min(long[0]["loss"])  # f* ≤ any feasible value; the long run is close to it
+    assert long[0]["gap"][-1] < 1e-2 * long[0]["gap"][0]
+    assert f_low <= f_star_upper  # f_low ≤ f* ≤ every feasible value
+    assert f_low >= f_star_upper - long[0]["gap"][0]  # and not vacuous: above f(x) − G(x) at the long run's start
+    for r in short:
+        true_ratio = (r["loss"][-1] - f_star_upper) / (r["loss"][0] - f_star_upper)
+        assert r["opt_gap_ratio_end"] >= true_ratio - 1e-9
+    made = [{"problem": "logreg-l1", "method": "true FW", "loss": [1.0, 0.5, 0.4], "gap": [2.0, 0.2, 0.05]},
+            {"problem": "logreg-l1", "method": "FG FW", "loss": [1.0, 0.8], "gap": [2.0, 1.0]},
+            {"problem": "mlp-box", "method": "true FW", "loss": [1.0], "gap": [1.0]}]
+    assert frankwolfe.optimality_gaps(made) == pytest.approx(0.35)  # max(1 − 2, 0.5 − 0.2, 0.4 − 0.05)
+    assert made[1]["opt_gap"] == pytest.approx([0.65, 0.45])
+    assert made[1]["opt_gap_ratio_end"] == pytest.approx(0.45 / 0.65)
+    assert "opt_gap" not in made[2]
+    assert frankwolfe.optimality_gaps(made[1:]) is None  # no true-FW run: no bound
 
 
 @pytest.mark.parametrize("args, message", [
