@@ -268,13 +268,16 @@ def plot_png(exp: Experiment, x_key: str, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for m in exp.methods:
+    for i, m in enumerate(exp.methods):
         runs = [r for r in exp.all_runs if r.method == m["method"] and r.history]
         if not runs:
             continue
+        # ten colours, then the same colours dashed with squares, dotted with triangles: no two methods alike
+        style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3],
+                 "marker": ("o", "s", "^")[i // 10 % 3]}
         for ax, key in zip(axes, ("test_acc", "train_loss")):
             xs, mean, lo, hi = _curves(runs, key, x_key)
-            (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=m["method"])
+            (line,) = ax.plot(xs, mean, markersize=3, label=m["method"], **style)
             if len(runs) > 1:
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     xlabel = "epoch" if x_key == "epoch" else "training time (s, evaluation excluded)"
