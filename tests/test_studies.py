@@ -206,6 +206,9 @@ def test_frankwolfe_optimality_gap_is_bounded_by_a_certified_lower_bound_on_f_st
     for r in short:
         true_ratio = (r["loss"][-1] - f_star_upper) / (r["loss"][0] - f_star_upper)
         assert r["opt_gap_ratio_end"] >= true_ratio - 1e-9
+    upper, lower = frankwolfe.reference_optimum(x, y, 1.0, steps=500)
+    assert lower <= f_star_upper and lower <= upper <= f_star_upper + 1e-6  # FISTA at least as good as FW here
+    assert frankwolfe.optimality_gaps(short, lower) == max(lower, f_low)
     made = [{"problem": "logreg-l1", "method": "true FW", "loss": [1.0, 0.5, 0.4], "gap": [2.0, 0.2, 0.05]},
             {"problem": "logreg-l1", "method": "FG FW", "loss": [1.0, 0.8], "gap": [2.0, 1.0]},
             {"problem": "mlp-box", "method": "true FW", "loss": [1.0], "gap": [1.0]}]
@@ -213,7 +216,27 @@ def test_frankwolfe_optimality_gap_is_bounded_by_a_certified_lower_bound_on_f_st
     assert made[1]["opt_gap"] == pytest.approx([0.65, 0.45])
     assert made[1]["opt_gap_ratio_end"] == pytest.approx(0.45 / 0.65)
     assert "opt_gap" not in made[2]
-    assert frankwolfe.optimality_gaps(made[1:]) is None  # no true-FW run: no bound
+    assert frankwolfe.optimality_gaps(made[1:]) is None  # no true-FW run and no bound given: none
+    assert frankwolfe.optimality_gaps(made[1:], 0.3) == 0.3 and made[1]["opt_gap"] == pytest.approx([0.7, 0.5])
+
+
+def test_project_l1_is_the_euclidean_projection_onto_the_l1_ball() -> None:
+    """Feasible, the identity inside the ball, on the sphere outside it, and the variational inequality
+    ⟨v − p, w − p⟩ ≤ 0 for every w of the ball (its vertices suffice, the function being linear in w)."""
+    from fwdgrad.studies.frankwolfe import project_l1
+
+    g = torch.Generator().manual_seed(3)
+    inside = torch.tensor([[0.2, -0.1], [0.0, 0.3]], dtype=torch.float64)
+    assert torch.equal(project_l1(inside, 1.0), inside)
+    for scale in (0.5, 3.0, 40.0):
+        v = scale * torch.randn(3, 7, generator=g, dtype=torch.float64)
+        p = project_l1(v, 2.0)
+        assert p.shape == v.shape and float(p.abs().sum()) <= 2.0 + 1e-12
+        if float(v.abs().sum()) > 2.0:
+            assert float(p.abs().sum()) == pytest.approx(2.0, abs=1e-12)
+        r = (v - p).reshape(-1)
+        vertices = torch.cat([2.0 * torch.eye(21, dtype=torch.float64), -2.0 * torch.eye(21, dtype=torch.float64)])
+        assert float(((vertices - p.reshape(-1)) @ r).max()) <= 1e-10
 
 
 @pytest.mark.parametrize("args, message", [
