@@ -197,7 +197,7 @@ def optimality_gaps(runs: list[dict[str, Any]], f_low: float | None = None) -> f
     ``f*`` (e.g. from :func:`reference_optimum`) and ``max_k (f(x_k) − G(x_k))`` over the true-FW run's logged
     iterates; returns ``f_low`` (``None`` with neither)."""
     true = next((r for r in runs if r["problem"] == "logreg-l1" and r["method"] == "true FW"), None)
-    bounds = [b for b in [f_low] if b is not None]
+    bounds = [] if f_low is None else [f_low]
     if true is not None:
         bounds.append(max(f - g for f, g in zip(true["loss"], true["gap"])))
     if not bounds:
