@@ -508,12 +508,7 @@ class FeedbackAlignment(Estimator):
         """FA on models of units: one backward pass through the parameter-free operations between the units,
         each unit an opaque step whose backward uses its feedback matrix in place of its weight (module
         docstring, "FA on models of units")."""
-        chosen = select_modules(where, model, None)
-        uncovered = uncovered_parameters(model, chosen, params)
-        if uncovered:
-            listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
-            raise ValueError(f"{where}: fa updates the parameters of Linear/Conv2d/ActivityLayer units only; "
-                             f"{len(uncovered)} parameter(s) are outside them: {listed}")
+        chosen = _units_covering(where, "fa", model, params)
         name_of = {id(p): n for n, p in params.items()}
         grads: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p in params.items()}
         anchor = torch.zeros((), requires_grad=True)  # every unit step hangs on it: the backward reaches them all
@@ -554,12 +549,7 @@ class FeedbackAlignment(Estimator):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """DFA unit by unit (models built from :class:`~fwdgrad.derivatives.ActivityLayer` units, no chain
         needed): see "DFA on models of units" in the module docstring."""
-        chosen = select_modules(where, model, None)
-        uncovered = uncovered_parameters(model, chosen, params)
-        if uncovered:
-            listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
-            raise ValueError(f"{where}: dfa updates the parameters of Linear/Conv2d/ActivityLayer units only; "
-                             f"{len(uncovered)} parameter(s) are outside them: {listed}")
+        chosen = _units_covering(where, "dfa", model, params)
         runner = _UnitRunner(model, chosen, where)
         value = loss_fn(runner)
         runner.check(value)
@@ -692,3 +682,17 @@ __all__ = [
     "layer_weight_grads",
     "parse_chain",
 ]
+
+
+def _units_covering(
+    where: str, method: str, model: nn.Module, params: dict[str, nn.Parameter]
+) -> list[tuple[str, nn.Module]]:
+    """The model's units (``(name, module)`` from :func:`select_modules`), refused with one error listing up to
+    eight parameters that no unit holds: ``method`` updates unit parameters only."""
+    chosen = select_modules(where, model, None)
+    uncovered = uncovered_parameters(model, chosen, params)
+    if uncovered:
+        listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
+        raise ValueError(f"{where}: {method} updates the parameters of Linear/Conv2d/ActivityLayer units only; "
+                         f"{len(uncovered)} parameter(s) are outside them: {listed}")
+    return chosen
