@@ -20,15 +20,31 @@ backward pass can run.
 
 **Restoring the parameters** (``restore=``):
 
-- ``"regenerate"`` (default, no extra memory): ``θ + εz − εz`` in floating point. Each entry comes back
-  equal to its start, except where the rounding of ``θ + εz`` drops low bits of ``θ`` (entries with
-  ``|θ| ≲ ε|z|``, or near a power of two); those move by at most one rounding of ``|θ| + ε|z|`` per add
-  (unit roundoff ``u = 2⁻²⁴`` in float32). The two-point pass follows MeZO (``+εz, −2εz, +εz``).
-  ``docs/zeroth-order.md`` measures the drift this leaves after many steps with ``lr = 0``. Whatever
-  happens during an evaluation (an exception, a NaN), the perturbation is taken back in a ``finally``.
+- ``"exact"`` (default): the parameters come back bit for bit, in every dtype, for the price of what
+  rounding would lose. When direction ``k`` is added (:class:`RoundingLedger`), each tensor's ``θ + εz`` is
+  formed out of place and the in-place chain that will take it back (``−2εz, +εz``; ``−εz`` when the pass
+  stops early or is one-sided) is run on a copy; the entries that chain would not bring back to ``θ``'s
+  exact bits (entries with ``|θ| ≲ ε|z|``, or near a power of two) are saved, index and value, and written
+  back after the chain. Memory: 8 bytes of index plus one value per saved entry (a small share, measured in
+  ``docs/precision.md``), and while a tensor is perturbed two temporaries of its size. The same pass counts
+  the entries whose ``θ + εz`` rounds back to ``θ`` (the perturbation lost there): the estimator warns.
+- ``"regenerate"`` (no extra memory): ``θ + εz − εz`` in floating point. Each entry comes back
+  equal to its start, except where the rounding of ``θ + εz`` drops low bits of ``θ``; those move by at most
+  one rounding of ``|θ| + ε|z|`` per add (unit roundoff ``u = 2⁻²⁴`` in float32, ``2⁻⁸`` in bfloat16).
+  The two-point pass follows MeZO (``+εz, −2εz, +εz``). ``docs/zeroth-order.md`` measures the drift this
+  leaves after many steps with ``lr = 0``.
 - ``"snapshot"``: a copy of every trainable tensor is kept for the pass and copied back after it, so the
-  parameters are bit-for-bit what they were (no drift, and exactly restored after a NaN or an error), at
-  the cost of one more copy of the parameters in memory and one copy per evaluation.
+  parameters are bit-for-bit what they were (exactly restored after a NaN or an error too), at the cost of
+  one more copy of the parameters in memory and one copy per evaluation.
+
+Whatever happens during an evaluation (an exception, a NaN), the perturbation is taken back in a
+``finally``.
+
+**Half precision.** In bfloat16 (8 significant bits) ``θ + 10⁻³z`` rounds back to ``θ`` for most entries
+with ``|θ| > 0.25``: :func:`default_eps` is ``1e-2`` when a parameter is bfloat16 / float16 or
+``torch.autocast`` computes in one of them, ``1e-3`` otherwise (``docs/precision.md`` measures the choice).
+Every evaluation clears ``torch.autocast``'s cache of cast weights before and after it (the cache would
+otherwise hand the forward the weights as they were before the perturbation: a zero difference).
 
 Example:
     >>> import torch
@@ -59,7 +75,37 @@ Tensor = torch.Tensor
 #: Direction distributions a :class:`Perturbation` can regenerate tensor by tensor.
 FD_SAMPLERS = ("gaussian", "rademacher", "sphere")
 #: Ways of restoring the parameters after a perturbation.
-RESTORE_MODES = ("regenerate", "snapshot")
+RESTORE_MODES = ("exact", "regenerate", "snapshot")
+#: The dtypes whose resolution the default step must survive.
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+#: Default steps: float32 / float64, and half precision (weights or autocast), see :func:`default_eps`.
+DEFAULT_EPS, HALF_PRECISION_EPS = 1e-3, 1e-2
+
+
+def compute_dtypes(params: Sequence[Tensor]) -> set[torch.dtype]:
+    """The parameters' dtypes, and the dtype ``torch.autocast`` computes in on their devices when it is on."""
+    dtypes = {p.dtype for p in params}
+    for device_type in {p.device.type for p in params}:
+        if torch.is_autocast_enabled(device_type):
+            dtypes.add(torch.get_autocast_dtype(device_type))
+    return dtypes
+
+
+def default_eps(params: Sequence[Tensor]) -> float:
+    r"""The default finite-difference step for ``params``: ``1e-2`` in half precision, else ``1e-3``.
+
+    Two errors bound the two-point difference: the truncation ``O(ε²)`` and the rounding of the forward
+    pass and of ``θ ± εz``, ``O(u/ε)`` with ``u`` the compute dtype's unit roundoff (float32 ``2⁻²⁴``,
+    float16 ``2⁻¹¹``, bfloat16 ``2⁻⁸``). Measured on an MLP (``docs/precision.md``, relative error of ``d_k``
+    against float64 with the loss in float32): bfloat16 0.26 at ``ε = 1e-3``, 0.026 at ``1e-2``; float16
+    0.029 and 0.004; float32 0.0003 and 0.003, so half precision takes ``1e-2`` and float32 keeps ``1e-3``.
+
+    Example:
+        >>> import torch
+        >>> default_eps([torch.zeros(2, dtype=torch.bfloat16)]), default_eps([torch.zeros(2)])
+        (0.01, 0.001)
+    """
+    return HALF_PRECISION_EPS if compute_dtypes(params) & set(HALF_PRECISION) else DEFAULT_EPS
 
 
 def check_eps(where: str, eps: object) -> float:
@@ -126,15 +172,16 @@ class Perturbation:
         """``z_{k,i}`` as a pass uses it (here a fresh tensor; ``slot`` matters to :class:`ScratchPerturbation`)."""
         return self.direction(k, i)
 
+    def shift_(self, t: Tensor, z: Tensor, alpha: float) -> Tensor:
+        """``t += alpha · z`` in place, the one operation by which a pass moves a tensor (so that
+        :class:`RoundingLedger` can run the same operation, with the same rounding, on a copy)."""
+        return t.add_(z, alpha=alpha) if self._scale is None else t.add_(z * alpha)
+
     def add_(self, k: int, alpha: float, only: Sequence[int] | None = None) -> None:
         """``θ_i += alpha · z_{k,i}`` in place for every tensor (or those in ``only``), one draw at a time."""
         with self._pass():
             for i in range(len(self.params)) if only is None else only:
-                z = self._pass_direction(k, i)
-                if self._scale is None:
-                    self.params[i].add_(z, alpha=alpha)
-                else:
-                    self.params[i].add_(z.mul_(alpha))
+                self.shift_(self.params[i], self._pass_direction(k, i), alpha)
 
     def _weighted(self, i: int, weights: Tensor | Sequence[float], draw: Callable[[int, int, int], Tensor]) -> Tensor:
         """``Σ_k weights[k] · z_{k,i}`` with ``z_{k,i} = draw(k, i, slot)`` (slot 0 for the first term, 1 after)."""
@@ -215,10 +262,99 @@ def last_offset(eps: float, one_sided: bool) -> float:
 
 
 def evaluate_loss(where: str, model: nn.Module, loss_fn: object) -> Tensor:
-    """``loss_fn(model)`` under ``torch.no_grad()``, checked to be a real scalar, detached."""
-    with torch.no_grad():
-        value = loss_fn(model)  # type: ignore[operator]
+    """``loss_fn(model)`` under ``torch.no_grad()``, checked to be a real scalar, detached.
+
+    ``torch.autocast`` keeps the cast copies of the weights it made for the forward until its context ends;
+    the weights change in place between evaluations, so the cache is cleared before and after each one (a
+    no-op when autocast is off)."""
+    torch.clear_autocast_cache()
+    try:
+        with torch.no_grad():
+            value = loss_fn(model)  # type: ignore[operator]
+    finally:
+        torch.clear_autocast_cache()
     return check_real_scalar(where, value).detach()
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t``'s storage as integers of its width (so ``-0.0`` differs from ``0.0`` and a NaN from itself)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class RoundingLedger:
+    r"""The entries that rounding would not bring back when a direction is added and taken back in place:
+    ``restore="exact"`` (see the module docstring).
+
+    :meth:`perturb_` adds ``ε z_k`` to every tensor; for each it first runs, on a copy, the in-place chain that
+    takes the perturbation back (two-point ``−2εz, +εz``, and ``−εz`` for a pass that stops after ``L⁺`` or is
+    one-sided) with :meth:`Perturbation.shift_`, the very operation the pass uses, and saves index and
+    value of every entry whose bits that chain would change. :meth:`patch_`, after the chain, writes them
+    back: the parameters are then bit for bit what they were. :attr:`rounded_away` / :attr:`perturbed`
+    count the entries where ``θ + εz`` rounded back to ``θ`` (with ``z ≠ 0``), for the estimator's warning.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([300.0, 1.0, 0.0], dtype=torch.bfloat16)
+        >>> p = Perturbation("gaussian", [w], 1, torch.Generator().manual_seed(0))
+        >>> ledger, before = RoundingLedger([w]), w.clone()
+        >>> ledger.perturb_(p, 0, 1e-2, two_point=True)
+        >>> p.add_(0, -2e-2); p.add_(0, 1e-2); ledger.patch_()
+        >>> bool(torch.equal(w, before))
+        True
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self._lost: dict[int, tuple[Tensor, Tensor]] = {}
+        self.rounded_away: Tensor | int = 0
+        self.perturbed: Tensor | int = 0
+
+    @property
+    def saved(self) -> int:
+        """How many entries are saved now (what the exact restore costs: 8 bytes of index + one value each)."""
+        return sum(int(idx.numel()) for idx, _ in self._lost.values())
+
+    def perturb_(self, source: Perturbation, k: int, eps: float, *, two_point: bool) -> None:
+        """``θ_i += ε z_{k,i}`` for every tensor, saving what the way back would lose (see the class)."""
+        done = 0
+        try:
+            with source._pass():
+                for i, p in enumerate(self.params):
+                    self._perturb_one(source, i, p, source._pass_direction(k, i), eps, two_point)
+                    done += 1
+        except BaseException:  # a failed draw or allocation: take back the tensors already perturbed
+            with source._pass():
+                for i in range(done):
+                    source.shift_(self.params[i], source._pass_direction(k, i), -eps)
+            self.patch_()
+            raise
+
+    def _perturb_one(self, source: Perturbation, i: int, p: Tensor, z: Tensor, eps: float, two_point: bool) -> None:
+        up = source.shift_(p.detach().clone(), z, eps)
+        bits = _bits(p)
+        self.rounded_away = self.rounded_away + ((_bits(up) == bits) & (z != 0)).sum()
+        self.perturbed = self.perturbed + (z != 0).sum()
+        way = source.shift_(up.clone(), z, -eps)  # a pass stopped after L⁺, or one-sided
+        lost = _bits(way) != bits
+        if two_point:  # the full two-point chain, in place on the same copy
+            way.copy_(up)
+            source.shift_(source.shift_(way, z, -2 * eps), z, eps)
+            lost |= _bits(way) != bits
+        idx = lost.flatten().nonzero().squeeze(1)
+        if idx.numel():
+            self._lost[i] = (idx, p.detach().flatten()[idx].clone())
+        p.copy_(up)
+
+    def patch_(self) -> None:
+        """Write the saved entries back (after the chain) and forget them."""
+        with torch.no_grad():
+            for i, (idx, values) in self._lost.items():
+                p = self.params[i]
+                if p.is_contiguous():
+                    p.view(-1).index_copy_(0, idx, values)
+                else:
+                    p[torch.unravel_index(idx, p.shape)] = values
+        self._lost.clear()
 
 
 @contextlib.contextmanager
@@ -244,9 +380,10 @@ def spsa_directional_derivatives(
     *,
     eps: float,
     one_sided: bool = False,
-    restore: str = "regenerate",
+    restore: str = "exact",
     leave_last: bool = False,
     where: str = "fwdgrad.derivatives.spsa_directional_derivatives",
+    ledger: RoundingLedger | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""``(loss, d [K])``: finite-difference directional derivatives along the K directions of ``source``.
 
@@ -263,12 +400,18 @@ def spsa_directional_derivatives(
     ``o = −ε`` (two-point) or ``+ε`` (one-sided), which :func:`last_offset` gives. A fused update folds
     ``o`` into its own pass over the parameters and so saves one draw of every tensor (MeZO draws each ``z``
     four times a step; this draws it three times), or calls ``source.add_(K − 1, −o)`` to finish.
+    ``ledger``: the :class:`RoundingLedger` of ``restore="exact"`` (one is made when ``None``), whose counts
+    the caller may read.
+
+    The differences are formed in float32 at least (a bfloat16 loss would round them again).
     """
     eps = check_eps(where, eps)
     check_restore(where, restore)
     exact = restore == "snapshot"
-    if leave_last and exact:
+    if leave_last and restore != "regenerate":
         raise ValueError(f"{where}: leave_last=True needs restore='regenerate', got restore={restore!r}")
+    if restore == "exact" and ledger is None:
+        ledger = RoundingLedger(params)
     losses_plus: list[Tensor] = []
     losses_minus: list[Tensor] = []
     with snapshot(params, exact) as saved:
@@ -276,7 +419,11 @@ def spsa_directional_derivatives(
         for k in range(source.num_directions):
             state = 0.0  # the multiple of ε z_k currently added to the parameters
             try:
-                source.add_(k, eps)
+                if restore == "exact":
+                    assert ledger is not None
+                    ledger.perturb_(source, k, eps, two_point=not one_sided)
+                else:
+                    source.add_(k, eps)
                 state = 1.0
                 losses_plus.append(evaluate_loss(where, model, loss_fn))
                 if not one_sided:
@@ -292,10 +439,14 @@ def spsa_directional_derivatives(
                             p.copy_(s)
                 elif state != 0.0:
                     source.add_(k, -state * eps)
-    plus = torch.stack(losses_plus)
+                if ledger is not None and restore == "exact":
+                    ledger.patch_()
+    wide = torch.promote_types(losses_plus[0].dtype, torch.float32)
+    plus = torch.stack(losses_plus).to(wide)
     if one_sided:
-        return base, (plus - base) / eps
-    minus = torch.stack(losses_minus)
+        assert base is not None
+        return base, (plus - base.to(wide)) / eps
+    minus = torch.stack(losses_minus).to(wide)
     return ((plus + minus) / 2).mean(), (plus - minus) / (2 * eps)
 
 
