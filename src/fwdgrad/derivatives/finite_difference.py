@@ -282,15 +282,19 @@ def _bits(t: Tensor) -> Tensor:
 
 
 class RoundingLedger:
-    r"""The entries that rounding would not bring back when a direction is added and taken back in place:
-    ``restore="exact"`` (see the module docstring).
+    r"""What rounding would not bring back when a direction is added and taken back in place, kept so that
+    the parameters come back bit for bit: ``restore="exact"`` (see the module docstring).
 
-    :meth:`perturb_` adds ``ε z_k`` to every tensor; for each it first runs, on a copy, the in-place chain that
-    takes the perturbation back (two-point ``−2εz, +εz``, and ``−εz`` for a pass that stops after ``L⁺`` or is
-    one-sided) with :meth:`Perturbation.shift_`, the very operation the pass uses, and saves index and
-    value of every entry whose bits that chain would change. :meth:`patch_`, after the chain, writes them
-    back: the parameters are then bit for bit what they were. :attr:`rounded_away` / :attr:`perturbed`
-    count the entries where ``θ + εz`` rounded back to ``θ`` (with ``z ≠ 0``), for the estimator's warning.
+    :meth:`perturb_` adds ``ε z_k`` to every tensor; for each it first runs, on a copy, the in-place chain
+    that takes the perturbation back (two-point ``−2εz, +εz``; one-sided ``−εz``) with
+    :meth:`Perturbation.shift_`, the very operation the pass uses, and keeps the difference between
+    ``θ``'s bits and the bits that chain would leave: for a tensor where few entries differ, their index and
+    value (8 bytes + one value each); else one ``int8`` per entry (the difference of the bit patterns, a few
+    units in the last place) plus index and value of the rare entries beyond ``int8``. :meth:`finish_` runs
+    the rest of the chain from wherever a pass stopped and :meth:`patch_` writes the differences back: the
+    parameters are then bit for bit what they were. :attr:`rounded_away` / :attr:`perturbed` count the
+    entries where ``θ + εz`` rounded back to ``θ`` (with ``z ≠ 0``), for the estimator's warning;
+    :attr:`saved_bytes` is what the step kept.
 
     Example:
         >>> import torch
@@ -298,63 +302,88 @@ class RoundingLedger:
         >>> p = Perturbation("gaussian", [w], 1, torch.Generator().manual_seed(0))
         >>> ledger, before = RoundingLedger([w]), w.clone()
         >>> ledger.perturb_(p, 0, 1e-2, two_point=True)
-        >>> p.add_(0, -2e-2); p.add_(0, 1e-2); ledger.patch_()
+        >>> ledger.finish_(p, 0, 1e-2, state=1.0)
         >>> bool(torch.equal(w, before))
         True
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)
-        self._lost: dict[int, tuple[Tensor, Tensor]] = {}
+        self._sparse: dict[int, tuple[Tensor, Tensor]] = {}
+        self._dense: dict[int, Tensor] = {}
+        self.two_point = True
         self.rounded_away: Tensor | int = 0
         self.perturbed: Tensor | int = 0
-
-    @property
-    def saved(self) -> int:
-        """How many entries are saved now (what the exact restore costs: 8 bytes of index + one value each)."""
-        return sum(int(idx.numel()) for idx, _ in self._lost.values())
+        self.saved_bytes = 0
 
     def perturb_(self, source: Perturbation, k: int, eps: float, *, two_point: bool) -> None:
-        """``θ_i += ε z_{k,i}`` for every tensor, saving what the way back would lose (see the class)."""
+        """``θ_i += ε z_{k,i}`` for every tensor, keeping what the way back would lose (see the class)."""
+        self.two_point = two_point
         done = 0
         try:
             with source._pass():
                 for i, p in enumerate(self.params):
-                    self._perturb_one(source, i, p, source._pass_direction(k, i), eps, two_point)
+                    self._perturb_one(source, i, p, source._pass_direction(k, i), eps)
                     done += 1
         except BaseException:  # a failed draw or allocation: take back the tensors already perturbed
-            with source._pass():
-                for i in range(done):
-                    source.shift_(self.params[i], source._pass_direction(k, i), -eps)
-            self.patch_()
+            self.finish_(source, k, eps, state=1.0, only=range(done))
             raise
 
-    def _perturb_one(self, source: Perturbation, i: int, p: Tensor, z: Tensor, eps: float, two_point: bool) -> None:
+    def _perturb_one(self, source: Perturbation, i: int, p: Tensor, z: Tensor, eps: float) -> None:
         up = source.shift_(p.detach().clone(), z, eps)
         bits = _bits(p)
         self.rounded_away = self.rounded_away + ((_bits(up) == bits) & (z != 0)).sum()
         self.perturbed = self.perturbed + (z != 0).sum()
-        way = source.shift_(up.clone(), z, -eps)  # a pass stopped after L⁺, or one-sided
-        lost = _bits(way) != bits
-        if two_point:  # the full two-point chain, in place on the same copy
-            way.copy_(up)
+        way = up.clone()
+        if self.two_point:
             source.shift_(source.shift_(way, z, -2 * eps), z, eps)
-            lost |= _bits(way) != bits
-        idx = lost.flatten().nonzero().squeeze(1)
-        if idx.numel():
-            self._lost[i] = (idx, p.detach().flatten()[idx].clone())
+        else:
+            source.shift_(way, z, -eps)
+        back = _bits(way)
+        lost = bits != back
+        count = int(lost.sum())
+        if count * (8 + p.element_size()) < p.numel():  # few: index and value
+            self._keep_sparse(i, p, lost, count)
+        else:  # many: one int8 per entry, and index and value beyond int8 or across a sign
+            diff = bits - back  # same-signed bit patterns: no overflow in their own width
+            wide = ((bits ^ back) < 0) | (diff < -128) | (diff > 127)
+            self._dense[i] = diff.masked_fill_(wide, 0).to(torch.int8)
+            self.saved_bytes += p.numel()
+            self._keep_sparse(i, p, wide, int(wide.sum()))
         p.copy_(up)
 
+    def _keep_sparse(self, i: int, p: Tensor, mask: Tensor, count: int) -> None:
+        if count:
+            idx = mask.flatten().nonzero().squeeze(1)
+            self._sparse[i] = (idx, p.detach().flatten()[idx].clone())
+            self.saved_bytes += count * (8 + p.element_size())
+
+    def finish_(
+        self, source: Perturbation, k: int, eps: float, state: float, only: Sequence[int] | None = None
+    ) -> None:
+        """Take direction ``k`` back from ``state`` (the multiple of ``εz_k`` added now: ``1`` after ``L⁺``,
+        ``−1`` after ``L⁻``) along the chain :meth:`perturb_` prepared, then :meth:`patch_`."""
+        if self.two_point and state == 1.0:
+            source.add_(k, -2 * eps, only=only)
+            state = -1.0
+        if state != 0.0:
+            source.add_(k, -state * eps, only=only)
+        self.patch_()
+
     def patch_(self) -> None:
-        """Write the saved entries back (after the chain) and forget them."""
+        """Write the kept differences back (after the chain) and forget them."""
         with torch.no_grad():
-            for i, (idx, values) in self._lost.items():
+            for i, delta in self._dense.items():
+                bits = _bits(self.params[i])
+                bits.add_(delta.to(bits.dtype))
+            for i, (idx, values) in self._sparse.items():
                 p = self.params[i]
                 if p.is_contiguous():
                     p.view(-1).index_copy_(0, idx, values)
                 else:
                     p[torch.unravel_index(idx, p.shape)] = values
-        self._lost.clear()
+        self._sparse.clear()
+        self._dense.clear()
 
 
 @contextlib.contextmanager
@@ -437,10 +466,11 @@ def spsa_directional_derivatives(
                     with torch.no_grad():
                         for p, s in zip(params, saved):
                             p.copy_(s)
+                elif restore == "exact":
+                    assert ledger is not None
+                    ledger.finish_(source, k, eps, state)
                 elif state != 0.0:
                     source.add_(k, -state * eps)
-                if ledger is not None and restore == "exact":
-                    ledger.patch_()
     wide = torch.promote_types(losses_plus[0].dtype, torch.float32)
     plus = torch.stack(losses_plus).to(wide)
     if one_sided:
