@@ -432,7 +432,8 @@ def spsa_directional_derivatives(
     ``ledger``: the :class:`RoundingLedger` of ``restore="exact"`` (one is made when ``None``), whose counts
     the caller may read.
 
-    The differences are formed in float32 at least (a bfloat16 loss would round them again).
+    The differences are formed in float32 at least (a bfloat16 loss would round them again); the loss keeps
+    ``loss_fn``'s dtype.
     """
     eps = check_eps(where, eps)
     check_restore(where, restore)
@@ -477,7 +478,7 @@ def spsa_directional_derivatives(
         assert base is not None
         return base, (plus - base.to(wide)) / eps
     minus = torch.stack(losses_minus).to(wide)
-    return ((plus + minus) / 2).mean(), (plus - minus) / (2 * eps)
+    return ((plus + minus) / 2).mean().to(losses_plus[0].dtype), (plus - minus) / (2 * eps)
 
 
 class PerturbationSource:
