@@ -146,7 +146,9 @@ def part_sgd(args: argparse.Namespace) -> None:
             moved = sum(int(((p - lr * p.grad) == p).sum()) for p in params if p.grad is not None)
             live = sum(int((p.grad != 0).sum()) for p in params)
         print(f"| {lr:g} | {moved / live:.1%} |", flush=True)
-    print(f"\nTraining, {args.steps} fused zo steps at lr {args.lr}, batch 64, seeds {args.seeds}:")
+    start = train(torch.float32, "nearest", 0, args.lr)
+    print(f"\nTraining, {args.steps} fused zo steps at lr {args.lr}, batch 64, seeds {args.seeds}; "
+          f"starting loss {start:.4f}:")
     print("| weights | rounding | final loss (mean over seeds) |\n|---|---|---|")
     for dtype, rounding in ((torch.float32, "nearest"), (torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic")):
         losses = [train(dtype, rounding, args.steps, args.lr, seed) for seed in range(args.seeds)]

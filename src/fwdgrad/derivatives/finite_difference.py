@@ -183,8 +183,19 @@ class Perturbation:
             for i in range(len(self.params)) if only is None else only:
                 self.shift_(self.params[i], self._pass_direction(k, i), alpha)
 
-    def _weighted(self, i: int, weights: Tensor | Sequence[float], draw: Callable[[int, int, int], Tensor]) -> Tensor:
-        """``Σ_k weights[k] · z_{k,i}`` with ``z_{k,i} = draw(k, i, slot)`` (slot 0 for the first term, 1 after)."""
+    def _weighted(
+        self, i: int, weights: Tensor | Sequence[float], draw: Callable[[int, int, int], Tensor], wide: bool = False
+    ) -> Tensor:
+        """``Σ_k weights[k] · z_{k,i}`` with ``z_{k,i} = draw(k, i, slot)`` (slot 0 for the first term, 1 after).
+
+        In bfloat16 / float16 the sum over K > 1 runs in float32 (a new tensor), cast at the end: summed in
+        the parameters' dtype, each add rounds at the running sum's resolution and, over thousands of
+        directions, the rounding becomes a bias (measured: 0.34‖g‖ at K = 6000 in bfloat16). ``wide``: return
+        that float32 sum as it is."""
+        if wide or (self.num_directions > 1 and self.params[i].dtype in HALF_PRECISION):
+            total = sum(draw(k, i, 0).float().mul_(weights[k]) for k in range(self.num_directions))
+            assert isinstance(total, Tensor)
+            return total if wide else total.to(self.params[i].dtype)
         out: Tensor | None = None
         for k in range(self.num_directions):
             term = draw(k, i, 0 if out is None else 1).mul_(weights[k])
@@ -526,7 +537,13 @@ class PerturbationSource:
     def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor:
         """``out + alpha · Σ_k weights[k] · z_{k,index}`` (``out`` updated in place; ``None``: a new tensor), one
         direction drawn at a time; no weight is read on the host."""
-        w = weights.to(self.primals[index].dtype)
+        dtype = self.primals[index].dtype
+        if self.num_directions > 1 and dtype in HALF_PRECISION:  # summed in float32, as Perturbation._weighted
+            total = self.perturbation._weighted(index, weights.float(), lambda k, i, slot: self.dense(i, k), wide=True)
+            if out is None:
+                return total.mul_(alpha).to(dtype)
+            return out.copy_(out.float().add_(total, alpha=alpha))
+        w = weights.to(dtype)
         for k in range(self.num_directions):
             z = self.perturbation.direction(k, index)
             if out is None:
