@@ -98,7 +98,7 @@ def default_eps(params: Sequence[Tensor]) -> float:
     pass and of ``θ ± εz``, ``O(u/ε)`` with ``u`` the compute dtype's unit roundoff (float32 ``2⁻²⁴``,
     float16 ``2⁻¹¹``, bfloat16 ``2⁻⁸``). Measured on an MLP (``docs/precision.md``, relative error of ``d_k``
     against float64 with the loss in float32): bfloat16 0.26 at ``ε = 1e-3``, 0.026 at ``1e-2``; float16
-    0.029 and 0.004; float32 0.0003 and 0.003, so half precision takes ``1e-2`` and float32 keeps ``1e-3``.
+    0.029 and 0.004; float32 below 0.001 and 0.003, so half precision takes ``1e-2`` and float32 keeps ``1e-3``.
 
     Example:
         >>> import torch
