@@ -22,12 +22,12 @@ backward pass can run.
 
 - ``"exact"`` (default): the parameters come back bit for bit, in every dtype, for the price of what
   rounding would lose. When direction ``k`` is added (:class:`RoundingLedger`), each tensor's ``θ + εz`` is
-  formed out of place and the in-place chain that will take it back (``−2εz, +εz``; ``−εz`` when the pass
-  stops early or is one-sided) is run on a copy; the entries that chain would not bring back to ``θ``'s
-  exact bits (entries with ``|θ| ≲ ε|z|``, or near a power of two) are saved, index and value, and written
-  back after the chain. Memory: 8 bytes of index plus one value per saved entry (a small share, measured in
-  ``docs/precision.md``), and while a tensor is perturbed two temporaries of its size. The same pass counts
-  the entries whose ``θ + εz`` rounds back to ``θ`` (the perturbation lost there): the estimator warns.
+  formed out of place and the in-place chain that will take it back (``−2εz, +εz``; ``−εz`` one-sided) is
+  run on a copy; the difference between ``θ``'s bits and the chain's is kept (four bits per entry, or index
+  and value where few entries differ) and written back after the chain. Memory: about 0.6 byte per
+  parameter (measured in ``docs/precision.md``), and while a tensor is perturbed two temporaries of its
+  size. The same pass counts the entries whose ``θ + εz`` rounds back to ``θ`` (the perturbation lost
+  there): the estimator warns.
 - ``"regenerate"`` (no extra memory): ``θ + εz − εz`` in floating point. Each entry comes back
   equal to its start, except where the rounding of ``θ + εz`` drops low bits of ``θ``; those move by at most
   one rounding of ``|θ| + ε|z|`` per add (unit roundoff ``u = 2⁻²⁴`` in float32, ``2⁻⁸`` in bfloat16).
@@ -292,6 +292,20 @@ def _bits(t: Tensor) -> Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def _pack_nibbles(values: Tensor) -> Tensor:
+    """Integers in ``[-8, 7]`` (any shape, read row-major) as ``uint8``, two to a byte."""
+    codes = (values.flatten() + 8).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 8)])
+    pairs = codes.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """:func:`_pack_nibbles` undone: ``numel`` integers (``int16``), flat."""
+    return torch.stack([packed & 15, packed >> 4], 1).flatten()[:numel].to(torch.int16) - 8
+
+
 class RoundingLedger:
     r"""What rounding would not bring back when a direction is added and taken back in place, kept so that
     the parameters come back bit for bit: ``restore="exact"`` (see the module docstring).
@@ -300,8 +314,9 @@ class RoundingLedger:
     that takes the perturbation back (two-point ``−2εz, +εz``; one-sided ``−εz``) with
     :meth:`Perturbation.shift_`, the very operation the pass uses, and keeps the difference between
     ``θ``'s bits and the bits that chain would leave: for a tensor where few entries differ, their index and
-    value (8 bytes + one value each); else one ``int8`` per entry (the difference of the bit patterns, a few
-    units in the last place) plus index and value of the rare entries beyond ``int8``. :meth:`finish_` runs
+    value (8 bytes + one value each); else four bits per entry (the difference of the bit patterns, a few
+    units in the last place: 95 % within ±1) plus index and value of the rare entries beyond ±7 or across a
+    sign. :meth:`finish_` runs
     the rest of the chain from wherever a pass stopped and :meth:`patch_` writes the differences back: the
     parameters are then bit for bit what they were. :attr:`rounded_away` / :attr:`perturbed` count the
     entries where ``θ + εz`` rounded back to ``θ`` (with ``z ≠ 0``), for the estimator's warning;
@@ -355,11 +370,11 @@ class RoundingLedger:
         count = int(lost.sum())
         if count * (8 + p.element_size()) < p.numel():  # few: index and value
             self._keep_sparse(i, p, lost, count)
-        else:  # many: one int8 per entry, and index and value beyond int8 or across a sign
+        else:  # many: four bits per entry, and index and value beyond them or across a sign
             diff = bits - back  # same-signed bit patterns: no overflow in their own width
-            wide = ((bits ^ back) < 0) | (diff < -128) | (diff > 127)
-            self._dense[i] = diff.masked_fill_(wide, 0).to(torch.int8)
-            self.saved_bytes += p.numel()
+            wide = ((bits ^ back) < 0) | (diff < -8) | (diff > 7)
+            self._dense[i] = _pack_nibbles(diff.masked_fill_(wide, 0))
+            self.saved_bytes += self._dense[i].numel()
             self._keep_sparse(i, p, wide, int(wide.sum()))
         p.copy_(up)
 
@@ -384,9 +399,9 @@ class RoundingLedger:
     def patch_(self) -> None:
         """Write the kept differences back (after the chain) and forget them."""
         with torch.no_grad():
-            for i, delta in self._dense.items():
+            for i, packed in self._dense.items():
                 bits = _bits(self.params[i])
-                bits.add_(delta.to(bits.dtype))
+                bits.add_(_unpack_nibbles(packed, bits.numel()).view(bits.shape).to(bits.dtype))
             for i, (idx, values) in self._sparse.items():
                 p = self.params[i]
                 if p.is_contiguous():

@@ -73,8 +73,8 @@ class ZerothOrder(Estimator):
         seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
         generator: the generator to draw from; ``None`` with no seed uses torch's global RNG.
         restore: ``"exact"`` (default: undo each perturbation by subtracting it, and write back the few
-            entries that rounding would not bring back, saved as the perturbation is added: bit-exact in
-            every dtype, for 8 bytes of index plus one value per saved entry), ``"regenerate"`` (subtract only;
+            entries that rounding would not bring back, kept as the perturbation is added: bit-exact in
+            every dtype, for about 0.6 byte per parameter), ``"regenerate"`` (subtract only;
             no extra memory; leaves a rounding drift of about one unit roundoff per step on entries with
             ``|θ| ≲ ε|z|``) or ``"snapshot"`` (copy the parameters and copy them back: bit-exact, one more copy
             of the parameters in memory). See :mod:`fwdgrad.derivatives.finite_difference`.
