@@ -103,6 +103,9 @@ class ZerothOrder(Estimator):
         (True, True)
     """
 
+    #: why ``rounding="stochastic"`` is refused (``None``: it is available)
+    no_stochastic_rounding: str | None = None
+
     def __init__(
         self,
         eps: float | None = None,
@@ -127,6 +130,8 @@ class ZerothOrder(Estimator):
         self.one_sided = one_sided
         self.restore = check_restore(where, restore)
         if check_rounding(where, rounding) != "nearest":
+            if self.no_stochastic_rounding is not None:
+                raise ValueError(f"{where}: rounding='stochastic' is not available: {self.no_stochastic_rounding}")
             self.rounding = rounding  # non-default only, so the default repr stays as it was
         self._generator = make_generator(where, seed, generator)
         self._warned: set[str] = set()
@@ -390,11 +395,8 @@ class ZerothOrderConservative(ZerothOrder):
         >>> loss = fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, lambda m: m(x).pow(2).mean(), lr=0.1)
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if getattr(self, "rounding", "nearest") != "nearest":
-            raise ValueError(f"{type(self).__name__}: rounding='stochastic' is not available for ZO-SGD-Cons (its "
-                             "moves between candidates must come back exactly)")
+    #: why ``rounding="stochastic"`` is refused (``None``: it is available)
+    no_stochastic_rounding = "its moves between the candidates must come back exactly"
 
     unshareable = (
         "ZO-SGD-Cons picks among θ, θ − lr·ĝ and θ + lr·ĝ by evaluating the loss at each, a choice that is "
