@@ -172,6 +172,22 @@ def module_rule(m: nn.Module, *, global_hooks: bool | None = None) -> ModuleRule
     return rule
 
 
+# --- the compute dtype ----------------------------------------------------------------------------------
+
+
+def in_dtype(t: Any, dtype: torch.dtype) -> Any:
+    """``t`` in ``dtype`` (``None`` and rank-1 factor pairs pass through, each factor cast).
+
+    The rules form a tangent in the dtype of the module's output, the *compute dtype*: the parameters' own
+    dtype, except under ``torch.autocast``, where a float32 layer computes in bfloat16 / float16 and its
+    tangent must too (the dtype PyTorch's own forward-AD rules use there: the cast is part of the layer)."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(in_dtype(f, dtype) for f in t)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # --- nn.Linear ------------------------------------------------------------------------------------------
 
 
@@ -180,6 +196,7 @@ def _linear_primal(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None)
 
 
 def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
+    x, w_t, b_t = in_dtype(x, out.dtype), in_dtype(w_t, out.dtype), in_dtype(b_t, out.dtype)
     if w_t is None:  # frozen weight, trainable bias
         return torch.zeros_like(out) + b_t
     if isinstance(w_t, tuple):  # rank-1: x W_tᵀ = (x·v) uᵀ
@@ -190,6 +207,7 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
 
 
 def _linear_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
+    x_t, weight = in_dtype(x_t, term.dtype), in_dtype(weight, term.dtype)
     if inplace and term.dim() >= 2 and term.is_contiguous() and x_t.shape[:-1] == term.shape[:-1]:
         # [..., out] as [rows, out]: one addmm into the fresh term, no second output-sized buffer
         term.view(-1, term.shape[-1]).addmm_(x_t.reshape(-1, x_t.shape[-1]), weight.t())
@@ -222,6 +240,7 @@ def _conv_primal(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 
 
 def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
+    x, w_t, b_t = in_dtype(x, out.dtype), in_dtype(w_t, out.dtype), in_dtype(b_t, out.dtype)
     if w_t is None:
         return torch.zeros_like(out) + b_t.view(-1, *([1] * (out.dim() - 2)))
     if isinstance(w_t, tuple):  # rank-1: conv(x, u ⊗ v) = u · conv(x, v), one output map per group
@@ -239,6 +258,7 @@ def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Ten
 
 
 def _conv_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
+    x_t, weight = in_dtype(x_t, term.dtype), in_dtype(weight, term.dtype)
     return term + F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives import call_with_parameters
 from fwdgrad.directions import check_sampler_name
+from fwdgrad.errors import explain_float16_overflow
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
 
 Tensor = torch.Tensor
@@ -71,8 +72,9 @@ class Estimator:
     def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
         where = f"{type(self).__name__}.__call__"
         params = self._checked(where, model, loss_fn)
-        grad = self.step(model, loss_fn, params)
-        grad.accumulate(where, list(params.values()), list(params))
+        with explain_float16_overflow(params.values()):
+            grad = self.step(model, loss_fn, params)
+            grad.accumulate(where, list(params.values()), list(params))
         return grad.loss.detach()
 
     def step(
@@ -124,9 +126,11 @@ class Estimator:
         weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
         momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
         params = self._checked(where, model, loss_fn)
-        grad = self.step(model, loss_fn, params, lean=True)
-        buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
-        grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
+        with explain_float16_overflow(params.values()):
+            grad = self.step(model, loss_fn, params, lean=True)
+            buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
+            grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
+        torch.clear_autocast_cache()  # a forward later in this autocast region must see the new weights
         return grad.loss.detach()
 
     @staticmethod
