@@ -20,6 +20,7 @@ from fwdgrad.data.prompts import (  # noqa: E402
     PROTOCOLS,
     SST2,
     PromptTemplate,
+    encode_prompts,
     load_prompt_task,
     parse_prompt_spec,
     read_labelled_tsv,
@@ -137,7 +138,9 @@ def test_loss_is_the_label_word_cross_entropy_and_accuracy_the_argmax(files, whi
 
 
 def test_bad_inputs_raise(files, tmp_path) -> None:
-    _, causal, _ = files
+    _, causal, masked = files
+    with pytest.raises(ValueError, match="appends special tokens"):  # BERT ends with [SEP]: no causal answer
+        encode_prompts(load_tokenizer(masked), ["good movie"], SST2, "causal", 8)
     tok = load_tokenizer(causal)
     with pytest.raises(ValueError, match="is 2 tokens"):
         label_word_ids(tok, ["terrible", "very good"])

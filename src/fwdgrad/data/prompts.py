@@ -166,6 +166,11 @@ def encode_prompts(
     """``[N, 2, max_length]`` float32: token ids and attention mask of each prompt, right padded, the first
     tokens dropped from a prompt that is too long."""
     mask_token = tokenizer.mask_token if kind == "masked" else None
+    if kind == "causal":
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        if tokenizer("a")["input_ids"][-len(plain):] != plain:
+            raise ValueError("fwdgrad.data.prompts: this tokenizer appends special tokens to a prompt, so a causal "
+                             "LM's last position would not be the prompt's last word")
     prompts = [template.prompt(t, mask_token) for t in texts]
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"

@@ -132,6 +132,8 @@ class Trainer(transformers.Trainer):
         Hugging Face scales it) and writes ``.grad`` or, fused, updates the parameters. Returns the detached
         (scaled) loss, as Hugging Face's step does."""
         model.train(self.dropout)
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as Hugging Face does
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 if self._loss_is_scaled(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
 
