@@ -52,24 +52,46 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("mode", ["grad", "fused"])
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mode) -> None:
+def _resume_case(mode: str) -> dict:
     if mode == "grad":  # AdamW, linear decay, accumulation over 2 micro-batches, clipping at 1.0
-        kw = dict(estimator="fg-w", estimator_options={"num_directions": 2}, gradient_accumulation_steps=2,
-                  max_grad_norm=1.0, lr_scheduler_type="linear", max_steps=6)
-    else:  # MeZO: fused zo, linear warm-up then decay
-        kw = dict(estimator="zo", fused=True, max_grad_norm=0, lr_scheduler_type="linear", warmup_steps=2,
-                  max_steps=6)
-    whole = _trainer(tmp_path / "whole", **kw)
+        return dict(estimator="fg-w", estimator_options={"num_directions": 2}, gradient_accumulation_steps=2,
+                    max_grad_norm=1.0, lr_scheduler_type="linear", max_steps=6)
+    if mode == "grad-dropout":  # dropout on: its masks come from torch's global RNG, which HF checkpoints
+        return dict(estimator="fg-w", dropout=True, gradient_accumulation_steps=2, max_steps=6)
+    if mode == "fused":  # MeZO: fused zo, linear warm-up then decay
+        return dict(estimator="zo", fused=True, max_grad_norm=0, lr_scheduler_type="linear", warmup_steps=2,
+                    max_steps=6)
+    # an estimator instance without a seed draws from torch's global RNG (HF's rng_state.pth carries it)
+    return dict(estimator=fwdgrad.estimator("zo"), fused=True, max_grad_norm=0, max_steps=6)
+
+
+@pytest.mark.parametrize("mode", ["grad", "grad-dropout", "fused", "fused-global-rng"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mode) -> None:
+    """Checkpoint 3 of 6 steps is mid-epoch (16 examples, batches of 4), so HF skips the batches done."""
+    whole = _trainer(tmp_path / "whole", **_resume_case(mode))
     whole.train()
     start = _model()
     assert not torch.equal(start.classifier.weight, whole.model.classifier.weight)  # it trained
     checkpoint = tmp_path / "whole" / "checkpoint-3"
     assert (checkpoint / ESTIMATOR_FILE).is_file()
-    resumed = _trainer(tmp_path / "resumed", model=start, **kw)
+    resumed = _trainer(tmp_path / "resumed", model=start, **_resume_case(mode))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6
     _assert_same_weights(whole.model, resumed.model)
+
+
+def test_the_estimator_state_is_what_makes_the_resumed_run_equal(tmp_path, monkeypatch) -> None:
+    """The control: with the saved estimator state not restored (its generator starts again from the
+    seed), the resumed run ends elsewhere."""
+    import fwdgrad.integrations.transformers as hf_integration
+
+    kw = _resume_case("fused")
+    whole = _trainer(tmp_path / "whole", **kw)
+    whole.train()
+    monkeypatch.setattr(hf_integration, "load_estimator_state", lambda est, state: None)
+    resumed = _trainer(tmp_path / "resumed", model=_model(), **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    assert not torch.equal(whole.model.classifier.weight, resumed.model.classifier.weight)
 
 
 def test_a_checkpoint_without_the_estimator_state_is_refused(tmp_path) -> None:
