@@ -2,7 +2,8 @@
 
 Tiny random-config BERT classifiers (2 layers, hidden 32) on generated token data, on CPU. What is proved:
 a run resumed from a checkpoint ends with exactly the weights of an uninterrupted run (``.grad`` mode with
-AdamW, a linear schedule, gradient accumulation and clipping; fused mode with a warm-up schedule); the
+AdamW, a linear schedule, gradient accumulation and clipping; with dropout; fused mode with a warm-up
+schedule; an unseeded estimator), and does not without the estimator's saved state; the
 fused mode allocates no optimizer state and no ``.grad`` and follows the lr schedule; unsupported settings
 raise a clear error."""
 
