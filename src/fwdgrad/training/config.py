@@ -278,6 +278,7 @@ class RunConfig:
     # what to train
     dataset: str = "mnist1d"  # fwdgrad.data name: mnist1d, mnist, fashion-mnist, cifar10
     data_dir: str | None = None  # folder of the dataset files (default: fwdgrad.data's own default)
+    prompt: str | None = None  # sst2 as label-word prompts: k16, k512, k=N or opt [,seed=N][,words=A|B]
     download: bool = False  # download missing files into data_dir (needs network)
     model: str = "mlp"  # fwdgrad.models name
     model_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 256, "depth": 2}
@@ -392,6 +393,14 @@ class RunConfig:
             raise ValueError(f"{where}: method {dup[0]!r} is listed twice; give one of them label=...")
         if not isinstance(self.model_options, dict):
             raise ValueError(f"{where}: model_options must be a table/dict, got {self.model_options!r}")
+        if self.prompt is not None:
+            from fwdgrad.data.prompts import parse_prompt_spec
+
+            parse_prompt_spec(self.prompt)
+            if self.dataset != "sst2" or self.model != "hf-prompt":
+                raise ValueError(f"{where}: prompt needs dataset sst2 (a folder of two-column TSV files) and model "
+                                 f"hf-prompt (the CLI makes it of --model hf:DIR), got {self.dataset!r} and "
+                                 f"{self.model!r}")
         if self.name is not None and not _NAME.match(self.name):
             raise ValueError(f"{where}: name must be letters, digits and _.+- , got {self.name!r}")
         return self
