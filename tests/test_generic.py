@@ -242,3 +242,65 @@ def test_the_worked_example_of_docs_architecture_gets_the_generic_checks() -> No
     finally:
         for name in names:
             registry._REGISTRY.pop(name, None)
+
+
+# --- a module instance in two slots ---------------------------------------------------------------------
+
+
+def _shared_layer_task(name: str):
+    """``(model, loss_fn, shared)``: recipe ``name``'s task with one layer instance registered twice.
+
+    Plain recipes get an MLP that *uses* one ``nn.Linear`` twice (``Sequential(a, tanh, s, tanh, s, b)``, the
+    usual way to share a layer); recipes with a model protocol (local heads, sequences) keep their model
+    and register its read-out a second time under another name, which is what ``functional_call``'s weight
+    tying mishandles."""
+    g = torch.Generator().manual_seed(3)
+    if recipe(name).needs is None:
+        torch.manual_seed(3)
+        shared = nn.Linear(4, 4)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 3))
+        model = model.double().to(DEVICE)
+        x = torch.randn(6, 5, generator=g, dtype=DT, device=DEVICE)
+        y = torch.randint(0, 3, (6,), generator=g).to(DEVICE)
+        reduction = "none" if fwdgrad.estimator_class(name).per_example_loss else "mean"
+        return model, lambda m: F.cross_entropy(m(x), y, reduction=reduction), shared
+    model, loss_fn = _task(name)
+    shared = model.readout if hasattr(model, "readout") and isinstance(model.readout, nn.Module) else model.fc
+    model.alias = shared
+    return model, loss_fn, shared
+
+
+def _slots(model: nn.Module) -> list[tuple[int, str, int, type, bool]]:
+    """Every parameter slot of ``model`` (modules registered twice included) by identity, with the type and
+    ``requires_grad`` of what it holds."""
+    return [(id(m), k, id(p), type(p), p.requires_grad)
+            for m in model.modules(remove_duplicate=False) for k, p in m._parameters.items()]
+
+
+GENERAL_PATHS = {  # the configurations that take fg-w's reference path (torch.func.functional_call)
+    "fg-w": [{"num_directions": 4}, {"fast_paths": False}, {"tangents": "orthogonal", "num_directions": 3},
+             {"aggregation": "projection", "num_directions": 3}],
+}
+
+
+@pytest.mark.parametrize("name", fwdgrad.available_estimators())
+def test_a_layer_in_two_slots_keeps_its_parameters_and_trains(name: str) -> None:
+    """After every call each module still holds its own ``nn.Parameter`` objects (those the optimizer
+    holds), ``.grad`` is written for every trainable parameter, and the shared layer's weights move."""
+    for options in GENERAL_PATHS.get(name, [{}]):
+        model, loss_fn, shared = _shared_layer_task(name)
+        slots = _slots(model)
+        assert all(t is nn.Parameter and r for *_, t, r in slots)
+        weight = shared.weight.detach().clone()
+        est = _seeded(name, **options)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            est(model, loss_fn)
+            assert _slots(model) == slots, options
+            assert all(p.grad is not None for p in opt.param_groups[0]["params"]), options
+            opt.step()
+        assert not torch.equal(shared.weight.detach(), weight), options
+        if "fused" in recipe(name).claims:
+            est.sgd_step(model, loss_fn, lr=0.1, momentum=0.9)
+            assert _slots(model) == slots

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
+from fwdgrad.derivatives.watch import functional_call_once, restore_buffers, snapshot_buffers
 from fwdgrad.local import layer_method
 
 Tensor = torch.Tensor
@@ -286,15 +286,13 @@ def local_weight_grads(m: nn.Module, inputs: tuple[Any, ...], grad_output: Tenso
 
 
 def _module_vjp(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
-    from torch.func import functional_call
-
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     if not names:
         return {}
     saved = snapshot_buffers(module)  # the re-run must not move BatchNorm's statistics again
     with torch.enable_grad():
         ps = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters() if p.requires_grad}
-        out = functional_call(module, ps, inputs)
+        out = functional_call_once(module, ps, inputs)
         grads = torch.autograd.grad(out, list(ps.values()), grad_outputs=g, allow_unused=True)
     restore_buffers(saved)
     return {n: torch.zeros_like(ps[n]) if gr is None else gr for n, gr in zip(names, grads)}

@@ -6,6 +6,9 @@ that counts every torch call on it: a loss that touches a parameter outside its 
 penalty in ``loss_fn``, ``module.forward`` called directly, a tied weight used through ``F.linear``) would
 make the pass wrong, so the pass reports it and the caller takes the reference path instead, with the
 buffers restored first (:func:`snapshot_buffers`).
+
+Every substitution of parameters by name goes through :func:`functional_call_once`, which swaps each slot
+exactly once (a module registered under two names keeps its ``nn.Parameter`` objects).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from fwdgrad.directions import TangentSource
@@ -70,6 +74,53 @@ def watched_view(param: Tensor, primal: Tensor) -> Tensor:
     w = Tensor._make_subclass(_Watched, primal.detach(), False)
     _WATCHED[key] = (weakref.ref(param, lambda _, key=key: _WATCHED.pop(key, None)), layout, w)
     return w
+
+
+def slot_names(module: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor)`` → one qualified name per distinct slot (``owner._parameters[attr]`` or
+    ``owner._buffers[attr]``, owners distinct by identity) that holds the tensor.
+
+    A module instance registered twice (``nn.Sequential(lin, act, lin)``) is *one* owner: its weight has one
+    slot, reachable under two names. A weight tied into two modules (``b.weight = a.weight``) has two."""
+    out: dict[int, list[str]] = {}
+    for prefix, owner in module.named_modules():  # duplicates removed: each owner once, by identity
+        for attr, t in (*owner._parameters.items(), *owner._buffers.items()):
+            if t is not None:
+                out.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return out
+
+
+def functional_call_once(
+    module: nn.Module, tensors: dict[str, Tensor], args: Any = (), kwargs: dict[str, Any] | None = None
+) -> Any:
+    """``torch.func.functional_call(module, tensors, args, kwargs)`` with every slot swapped exactly once.
+
+    ``functional_call``'s own weight tying swaps a module registered under two names twice and restores it
+    wrongly: the module is left holding the replacement tensor instead of its ``nn.Parameter``. Here each
+    given name is expanded to every distinct slot holding the same tensor (:func:`slot_names`: tied weights
+    follow their replacement) and the swap runs with ``tie_weights=False``, so each slot is replaced once and
+    restored to its own tensor. Two different values for one tensor raise ``ValueError``.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> net = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+        >>> w = torch.zeros(2, 2)
+        >>> out = functional_call_once(net, {"0.weight": w}, (torch.ones(1, 2),))
+        >>> isinstance(net[0].weight, torch.nn.Parameter) and net[0].weight is lin.weight
+        True
+    """
+    current = dict(module.named_parameters(remove_duplicate=False))
+    current.update(module.named_buffers(remove_duplicate=False))
+    slots = slot_names(module)
+    expanded: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        held = current.get(name)
+        for slot in slots.get(id(held), [name]) if held is not None else [name]:
+            if slot in expanded and expanded[slot] is not value:
+                raise ValueError(f"fwdgrad.functional_call_once: two values given for the tensor at {slot!r}")
+            expanded[slot] = value
+    return functional_call(module, expanded, args, kwargs, tie_weights=False)
 
 
 class ModulePass:

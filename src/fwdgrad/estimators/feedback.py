@@ -122,7 +122,7 @@ def parse_chain(where: str, model: nn.Module) -> tuple[list[nn.Module], list[Sta
     """Split ``model``'s leaf modules into leading structure ops and :class:`Stage` s; raise if unsupported."""
     pre: list[nn.Module] = []
     stages: list[Stage] = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a layer used twice is two stages
         if any(True for _ in m.children()):
             if any(True for _ in m.parameters(recurse=False)):
                 raise ValueError(f"{where}: module {name!r} ({type(m).__name__}) holds parameters and submodules; "
@@ -475,7 +475,7 @@ class FeedbackAlignment(Estimator):
             for pname, g in layer_weight_grads(st.layer, x, d).items():
                 n = name_of.get(id(getattr(st.layer, pname)))
                 if n is not None:
-                    grads[n] = g.to(grads[n].dtype)
+                    grads[n] = grads[n] + g.to(grads[n].dtype)  # a layer used twice: both stages
         if self.mode == "fdfa":
             self._update_feedback(where, stages, runner)
         return loss.detach(), grads
