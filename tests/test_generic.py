@@ -304,3 +304,45 @@ def test_a_layer_in_two_slots_keeps_its_parameters_and_trains(name: str) -> None
         if "fused" in recipe(name).claims:
             est.sgd_step(model, loss_fn, lr=0.1, momentum=0.9)
             assert _slots(model) == slots
+
+
+# --- hooks run once per step ----------------------------------------------------------------------------
+
+#: Forwards per step that a recipe documents, as (first step, later steps), where it is not one: zo's
+#: two-point differences evaluate the loss twice; the momentum recipes add one pass along their guess once
+#: the average has a direction (K + 1 passes); feedback alignment checks on its first call of a model that
+#: the model is the chain of its layers (two more forwards); fg-guess runs one recording forward and one
+#: JVP per block (2 blocks here), plus one forward to find the blocks on its first call of a model.
+FORWARDS = {"zo": (2, 2), "zo-sign": (2, 2), "zo-cons": (2, 2), "fg-w-momentum": (1, 2), "fg-a-momentum": (1, 2),
+            "fa": (3, 1), "dfa": (3, 1), "fdfa": (3, 1), "fg-guess": (4, 3)}
+
+
+@pytest.mark.parametrize("name", fwdgrad.available_estimators())
+def test_hooks_run_once_per_step(name: str) -> None:
+    """Forward hooks and pre-hooks of every module that owns parameters run as often per step as in the
+    forwards the recipe documents (``FORWARDS``; one for most), counted against one plain ``loss_fn(model)``.
+    fg-guess's read-out runs once more: its exact gradient is a VJP through the read-out alone (documented)."""
+    model, loss_fn = _task(name)
+    pre: dict[str, int] = {}
+    post: dict[str, int] = {}
+    for n, m in model.named_modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(lambda m, a, n=n: pre.__setitem__(n, pre.get(n, 0) + 1))
+            m.register_forward_hook(lambda m, a, o, n=n: post.__setitem__(n, post.get(n, 0) + 1))
+    with torch.no_grad():
+        loss_fn(model)
+    plain = dict(pre)
+    est = _seeded(name)
+    if name == "forward-exact":  # its DiagonalCell rule cannot see hooks of the cell: refused, not ignored
+        with pytest.raises(ValueError, match=r"forward-exact computes the cell by its DiagonalCell rule"):
+            est(model, loss_fn)
+        return
+    first, later = FORWARDS.get(name, (1, 1))
+    for step in range(3):
+        pre.clear()
+        post.clear()
+        est(model, loss_fn)
+        passes = first if step == 0 else later
+        expected = {n: c * passes + (1 if name == "fg-guess" and n == "readout" else 0) for n, c in plain.items()}
+        assert {n: pre.get(n, 0) for n in plain} == expected, (step, pre)
+        assert {n: post.get(n, 0) for n in plain} == expected, (step, post)

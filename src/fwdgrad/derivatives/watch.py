@@ -7,8 +7,8 @@ penalty in ``loss_fn``, ``module.forward`` called directly, a tied weight used t
 make the pass wrong, so the pass reports it and the caller takes the reference path instead, with the
 buffers restored first (:func:`snapshot_buffers`).
 
-Every substitution of parameters by name goes through :func:`functional_call_once`, which swaps each slot
-exactly once (a module registered under two names keeps its ``nn.Parameter`` objects).
+Every substitution of parameters by name goes through :func:`swapped` / :func:`functional_call_once`, which
+swap each slot exactly once (a module registered under two names keeps its ``nn.Parameter`` objects).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from fwdgrad.directions import TangentSource
@@ -90,37 +89,59 @@ def slot_names(module: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def functional_call_once(
-    module: nn.Module, tensors: dict[str, Tensor], args: Any = (), kwargs: dict[str, Any] | None = None
-) -> Any:
-    """``torch.func.functional_call(module, tensors, args, kwargs)`` with every slot swapped exactly once.
+@contextmanager
+def swapped(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """The named parameters / buffers of ``module`` replaced by ``tensors``, every slot exactly once, and
+    restored afterwards.
 
-    ``functional_call``'s own weight tying swaps a module registered under two names twice and restores it
-    wrongly: the module is left holding the replacement tensor instead of its ``nn.Parameter``. Here each
-    given name is expanded to every distinct slot holding the same tensor (:func:`slot_names`: tied weights
-    follow their replacement) and the swap runs with ``tie_weights=False``, so each slot is replaced once and
-    restored to its own tensor. Two different values for one tensor raise ``ValueError``.
-
-    Example:
-        >>> import torch
-        >>> lin = torch.nn.Linear(2, 2)
-        >>> net = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
-        >>> w = torch.zeros(2, 2)
-        >>> out = functional_call_once(net, {"0.weight": w}, (torch.ones(1, 2),))
-        >>> isinstance(net[0].weight, torch.nn.Parameter) and net[0].weight is lin.weight
-        True
+    Each given name is expanded to every distinct slot holding the same tensor (:func:`slot_names`: a weight
+    tied into two modules follows its replacement in both; a module registered under two names has one
+    slot). ``torch.func.functional_call``'s own weight tying swaps such a module's slot twice and restores it
+    to the replacement, leaving the module without its ``nn.Parameter``. Two different values for one tensor
+    raise ``ValueError``; a name ``module`` does not have raises ``KeyError``.
     """
     current = dict(module.named_parameters(remove_duplicate=False))
     current.update(module.named_buffers(remove_duplicate=False))
     slots = slot_names(module)
     expanded: dict[str, Tensor] = {}
     for name, value in tensors.items():
-        held = current.get(name)
-        for slot in slots.get(id(held), [name]) if held is not None else [name]:
+        if name not in current:
+            raise KeyError(f"fwdgrad: {type(module).__name__} has no parameter or buffer {name!r}")
+        for slot in slots.get(id(current[name]), [name]):
             if slot in expanded and expanded[slot] is not value:
-                raise ValueError(f"fwdgrad.functional_call_once: two values given for the tensor at {slot!r}")
+                raise ValueError(f"fwdgrad: two values given for the tied tensor at {slot!r}")
             expanded[slot] = value
-    return functional_call(module, expanded, args, kwargs, tie_weights=False)
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for slot, value in expanded.items():
+            prefix, _, attr = slot.rpartition(".")
+            owner = module.get_submodule(prefix)
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            saved.append((table, attr, table[attr]))
+            table[attr] = value
+        yield
+    finally:
+        for table, attr, old in reversed(saved):
+            table[attr] = old
+
+
+def functional_call_once(
+    module: nn.Module, tensors: dict[str, Tensor], args: Any = (), kwargs: dict[str, Any] | None = None
+) -> Any:
+    """``module(*args, **kwargs)`` with the named tensors substituted (:func:`swapped`): what
+    ``torch.func.functional_call`` does, with every slot swapped exactly once.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> net = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+        >>> out = functional_call_once(net, {"0.weight": torch.zeros(2, 2)}, (torch.ones(1, 2),))
+        >>> isinstance(net[2].weight, torch.nn.Parameter) and net[2].weight is lin.weight
+        True
+    """
+    args = args if isinstance(args, tuple) else (args,)
+    with swapped(module, tensors):
+        return module(*args, **(kwargs or {}))
 
 
 class ModulePass:

@@ -196,7 +196,9 @@ class ActivityPerturbation:
     def __enter__(self) -> ActivityPerturbation:
         for name, module in self.chosen:
             hook = lambda m, a, o, _n=name: self._perturb(_n, m, a, o)
-            self._handles.append(module.register_forward_hook(hook))
+            # first of the module's own hooks: the site is what its forward returned (the weight rule's
+            # output); forward hooks of the user's run after it, in forward mode, as the rest of the network
+            self._handles.append(module.register_forward_hook(hook, prepend=True))
         if self.skip_inactive:
             for m in self.model.modules():
                 if isinstance(m, nn.ReLU):

@@ -6,8 +6,10 @@ Supported models (``dfa`` also trains models of units, below): a sequential chai
 with ``fwdgrad_elementwise = True``) and then by any of ``Flatten``, ``MaxPool2d``, ``AvgPool2d``,
 ``Identity``; ``Flatten``/pools may also come first. The last layer is an ``nn.Linear`` producing the logits.
 The model's forward must apply its leaf modules in registration order (checked once against the model's own
-output). ``fwdgrad.models`` ``fdfa-mlp``, ``fdfa-cnn`` and ``mlp`` have this form. Anything else raises
-``ValueError`` naming the module.
+output: the first call on a model runs two more forwards, the chain and the model). A layer used twice
+(one instance in two slots) is two stages of the chain, and its weight gradient is the sum of both.
+``fwdgrad.models`` ``fdfa-mlp``, ``fdfa-cnn`` and ``mlp`` have this form. Anything else raises ``ValueError``
+naming the module.
 
 Write layer :math:`l` as :math:`z_l = W_l x_l + b_l` (or a convolution), :math:`a_l = f_l(z_l)`,
 :math:`x_{l+1} = \text{post}_l(a_l)`, logits :math:`y = z_L`, output error :math:`e = \partial L/\partial y`

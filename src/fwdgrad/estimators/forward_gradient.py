@@ -326,8 +326,15 @@ class _ReadoutCapture:
 
     @staticmethod
     def _plain(x: Any) -> torch.Tensor | None:
-        if not isinstance(x, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        """The primal value of ``x``: inside the batched pass (``vmap`` over ``jvp``) the primal is not batched,
+        so ``jvp``'s wrappers are peeled; a batched value gives ``None`` (then a plain forward reads it)."""
+        if not isinstance(x, torch.Tensor):
             return None
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(x):
+            if functorch.is_batchedtensor(x):
+                return None
+            x = functorch.get_unwrapped(x)
         return fwAD.unpack_dual(x).primal.detach()
 
     def _on_head(self, m: nn.Module, args: Any, out: Any) -> None:
@@ -345,7 +352,9 @@ class _ReadoutCapture:
 
     def __enter__(self) -> _ReadoutCapture:
         self._done, self._head_out = False, None
-        self._handles = [self.head.register_forward_hook(self._on_head),
+        # prepended: the read-out's output as its forward returned it (a user hook replacing it makes the
+        # read-out no longer the model's output, which check() refuses)
+        self._handles = [self.head.register_forward_hook(self._on_head, prepend=True),
                          self.model.register_forward_hook(self._on_model)]
         return self
 
