@@ -235,6 +235,23 @@ def uncovered_parameters(
     return out
 
 
+def refuse_batch_coupling(where: str, model: nn.Module) -> None:
+    """Raise ``ValueError`` when a module of ``model`` normalises with *batch* statistics (BatchNorm in
+    training mode, or without running statistics), before anything runs.
+
+    Such a module couples the examples of a batch: example ``b``'s loss then depends on every example's
+    perturbed activities, the per-example derivative ``d_b`` carries the other examples' tangents, and
+    ``d_b/B · u_b`` is biased (measured: 0.23 from the gradient however many directions are averaged). In
+    eval mode BatchNorm is a per-channel affine map and activity perturbation is exact in expectation."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            raise ValueError(
+                f"{where}: {type(m).__name__} {name!r} normalises with batch statistics (training mode), which "
+                "couples the examples and biases activity perturbation; call model.eval() on it, use a "
+                "per-example norm (LayerNorm, GroupNorm) or weight perturbation ('fg-w')"
+            )
+
+
 def _coverage_error(where: str, uncovered: dict[str, str]) -> ValueError:
     listed = "; ".join(f"{n} ({why})" for n, why in list(uncovered.items())[:8])
     more = f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else ""
@@ -296,8 +313,9 @@ class ActivityForwardGradient(SampledEstimator):
 
     A trainable parameter that the perturbed modules cannot reach (registered in no perturbed module, tied
     into another one, or used outside their forward, as in ``nn.LSTM`` or ``nn.MultiheadAttention``)
-    raises ``ValueError`` naming it: the estimate would be a silent zero. Buffers (BatchNorm statistics)
-    move once per step, whatever K is.
+    raises ``ValueError`` naming it: the estimate would be a silent zero. So does BatchNorm normalising with
+    batch statistics (training mode): it couples the examples and biases the estimate
+    (:func:`refuse_batch_coupling`); in eval mode it is supported. Buffers move once per step, whatever K is.
 
     Example:
         >>> import torch, torch.nn.functional as F, fwdgrad
@@ -391,6 +409,7 @@ class ActivityForwardGradient(SampledEstimator):
     ) -> tuple[Tensor, dict[str, Tensor], set[str]]:
         """The activity estimate averaged over K passes, and the names of the parameters it gives exactly
         (an ``exact_output`` read-out's, in every pass)."""
+        refuse_batch_coupling(where, model)
         chosen = select_modules(where, model, self.modules)
         uncovered = uncovered_parameters(model, chosen, params)
         if uncovered:
