@@ -346,3 +346,19 @@ def test_hooks_run_once_per_step(name: str) -> None:
         expected = {n: c * passes + (1 if name == "fg-guess" and n == "readout" else 0) for n, c in plain.items()}
         assert {n: pre.get(n, 0) for n in plain} == expected, (step, pre)
         assert {n: post.get(n, 0) for n in plain} == expected, (step, post)
+
+
+# --- torch.compile'd models -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", fwdgrad.available_estimators())
+def test_a_compiled_model_gets_the_estimate_of_its_original(name: str) -> None:
+    """``est(torch.compile(model), loss_fn)`` runs the original module (forward-mode AD runs eagerly): the
+    same ``.grad`` as on the uncompiled twin for the same seed. The compiled forward itself never runs here,
+    so nothing is compiled (fast on CPU)."""
+    model, loss_fn = _task(name)
+    twin = copy.deepcopy(model)
+    _seeded(name)(model, loss_fn)
+    _seeded(name)(torch.compile(twin), loss_fn)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)

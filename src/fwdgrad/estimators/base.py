@@ -12,6 +12,9 @@ Gradient`, e.g. an implicit one whose directions can be regenerated) or the simp
 :meth:`Estimator.estimate` (``(loss, {name: gradient})``). :class:`SampledEstimator` is the shared base of
 the estimators that draw random tangents: it validates ``num_directions``, ``tangents``, ``seed`` /
 ``generator`` and ``chunk_size`` once for all of them.
+
+A ``torch.compile``'d model is run as its original module (:func:`eager_module`): forward-mode AD needs
+eager execution; the parameters are the same objects.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
 
-__all__ = ["Estimator", "LossFn", "SampledEstimator", "call_with_parameters", "trainable_parameters"]
+__all__ = ["Estimator", "LossFn", "SampledEstimator", "call_with_parameters", "eager_module", "trainable_parameters"]
 
 
 def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -41,6 +44,26 @@ def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter
     if not params:
         raise ValueError(f"{where}: model {type(model).__name__} has no parameter with requires_grad=True")
     return params
+
+
+def eager_module(model: Any) -> Any:
+    """The module an estimator runs: for a ``torch.compile``'d model (``torch._dynamo``'s ``OptimizedModule``)
+    its original module ``_orig_mod``, else ``model`` itself.
+
+    Forward-mode AD with dual tensors and fwdgrad's per-module passes (hooks and parameter swaps inside the
+    forward) run eagerly; Dynamo cannot trace them. The original module holds the very same ``nn.Parameter``
+    objects, so ``.grad`` and in-place updates reach the compiled model, which stays compiled for the
+    user's own calls.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> eager_module(torch.compile(lin)) is lin
+        True
+    """
+    while type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo"):
+        model = model._orig_mod
+    return model
 
 
 def check_rate(where: str, name: str, value: object, *, strictly_positive: bool, below_one: bool = False) -> float:
@@ -70,6 +93,7 @@ class Estimator:
 
     def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
         where = f"{type(self).__name__}.__call__"
+        model = eager_module(model)
         params = self._checked(where, model, loss_fn)
         grad = self.step(model, loss_fn, params)
         grad.accumulate(where, list(params.values()), list(params))
@@ -123,6 +147,7 @@ class Estimator:
         lr = check_rate(where, "lr", lr, strictly_positive=True)
         weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
         momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
+        model = eager_module(model)
         params = self._checked(where, model, loss_fn)
         grad = self.step(model, loss_fn, params, lean=True)
         buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
