@@ -362,3 +362,129 @@ def test_a_compiled_model_gets_the_estimate_of_its_original(name: str) -> None:
     _seeded(name)(torch.compile(twin), loss_fn)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+# --- state_dict / load_state_dict -------------------------------------------------------------------------
+
+
+def _through_torch_save(state: dict) -> dict:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["grad+SGD", "sgd_step"])
+@pytest.mark.parametrize("name", fwdgrad.available_estimators())
+def test_state_dict_resumes_bit_for_bit(name: str, fused: bool) -> None:
+    """2 steps, then the model, optimizer and estimator states are taken (the estimator's through
+    ``torch.save`` / ``torch.load(weights_only=True)``); 3 more steps give W. A fresh model, optimizer and
+    estimator (another seed) restored from those states give W bit for bit over the same 3 steps. With
+    ``sgd_step`` the momentum buffers live in the estimator's state."""
+    if fused and "fused" not in recipe(name).claims:
+        pytest.skip(f"{name} claims no fused step")
+    model, loss_fn = _task(name)
+    est = _seeded(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def steps(n: int, model: nn.Module, est: fwdgrad.Estimator, opt: torch.optim.Optimizer) -> None:
+        for _ in range(n):
+            if fused:
+                est.sgd_step(model, loss_fn, lr=0.05, momentum=0.9)
+            else:
+                opt.zero_grad(set_to_none=True)
+                est(model, loss_fn)
+                opt.step()
+
+    steps(2, model, est, opt)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), _through_torch_save(est.state_dict()))
+    assert saved[2]["unsaved"] == []
+    steps(3, model, est, opt)
+    fresh, _ = _task(name, seed=1)  # other initial weights, overwritten by the restored ones
+    fresh.load_state_dict(saved[0])
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    fresh_opt.load_state_dict(saved[1])
+    options = recipe(name).options()
+    fresh_est = fwdgrad.estimator(name, **({"seed": 1234} if options is not None and "seed" in options else {}))
+    fresh_est.load_state_dict(saved[2])
+    steps(3, fresh, fresh_est, fresh_opt)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_load_state_dict_refuses_what_is_not_a_state() -> None:
+    est = fwdgrad.estimator("fg-w", seed=0)
+    with pytest.raises(ValueError, match=r"ForwardGradient.load_state_dict: not a fwdgrad-estimator-state/1 state"):
+        est.load_state_dict({"weights": torch.zeros(2)})
+    with pytest.raises(ValueError, match="keeps no direction state"):
+        est.load_state_dict({"state": {"average": [], "count": 0}})
+    with pytest.raises(ValueError, match="has none; build it with seed"):
+        fwdgrad.estimator("fg-w").load_state_dict(est.state_dict())
+
+
+# --- state follows the parameters; meta models ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", _claiming("fused"))
+def test_state_follows_the_parameters_dtype(name: str) -> None:
+    """Two float32 steps (fused, with momentum, so every kind of state exists), then ``model.double()``: the
+    next steps run, write float64 ``.grad``, and every tensor of the estimator's state is float64."""
+    model, loss_fn = _task(name)
+    model.float()
+    est = _seeded(name)
+    cast = {"dtype": torch.float32}
+
+    def loss32(m: nn.Module) -> torch.Tensor:  # the data follows the model's dtype, as a user's loop would
+        with _inputs_as(**cast):
+            return loss_fn(m)
+
+    for _ in range(2):
+        est.sgd_step(model, loss32, lr=0.01, momentum=0.9)
+        est(model, loss32)
+    model.double()
+    cast["dtype"] = torch.float64
+    model.zero_grad(set_to_none=True)
+    for _ in range(2):
+        est.sgd_step(model, loss32, lr=0.01, momentum=0.9)
+        est(model, loss32)
+    assert all(p.grad.dtype == torch.float64 for p in model.parameters() if p.grad is not None)
+    floats = [t for t in _tensors(est.state_dict()) if t.dtype.is_floating_point]
+    assert floats and all(t.dtype == torch.float64 for t in floats), {t.dtype for t in floats}
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, list | tuple):
+        for v in x:
+            yield from _tensors(v)
+
+
+class _inputs_as(torch.overrides.TorchFunctionMode):
+    """Casts floating-point tensors created in float64 by the task's closure to ``dtype`` as they are used."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def cast(a):
+            if isinstance(a, torch.Tensor) and a.dtype == torch.float64 and not isinstance(a, nn.Parameter):
+                return a.to(self.dtype)
+            return a
+
+        args = tuple(cast(a) for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", fwdgrad.available_estimators())
+def test_a_model_on_the_meta_device_gets_one_clear_line(name: str) -> None:
+    model, loss_fn = _task(name)
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"is on the meta device \(shapes only, no values\); materialise"):
+        _seeded(name)(model, loss_fn)

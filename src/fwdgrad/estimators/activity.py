@@ -360,12 +360,13 @@ class ActivityForwardGradient(SampledEstimator):
             self.direction_beta = float(direction_beta)
             self._momentum = BoundMomentum(MomentumDirections(direction_beta))
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The state of stateful directions (``directions="momentum"``), for checkpoints; ``None`` otherwise."""
+    _state_attributes = ("_momentum",)
+
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The running average of ``directions="momentum"`` (``{"average", "count"}``), else ``None``."""
         return None if self._momentum is None else self._momentum.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`state_dict`; it binds to the model's parameters at the next step."""
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
         if self._momentum is None:
             if state is not None:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no state "

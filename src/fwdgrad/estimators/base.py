@@ -29,6 +29,7 @@ from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives import call_with_parameters
 from fwdgrad.directions import check_sampler_name
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
+from fwdgrad.estimators.state import bind_fused_momentum, load_state, state_of
 
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
@@ -43,6 +44,10 @@ def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{where}: model {type(model).__name__} has no parameter with requires_grad=True")
+    meta = next((n for n, p in params.items() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{where}: parameter {meta!r} is on the meta device (shapes only, no values); "
+                         "materialise the model first, e.g. model.to_empty(device='cpu') and initialise it")
     return params
 
 
@@ -86,6 +91,8 @@ class Estimator:
 
     per_example_loss: ClassVar[bool] = False
     _name: str = ""
+    #: attributes that :meth:`_extra_state` carries or that the next step rebuilds (not reported as unsaved)
+    _state_attributes: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -150,9 +157,33 @@ class Estimator:
         model = eager_module(model)
         params = self._checked(where, model, loss_fn)
         grad = self.step(model, loss_fn, params, lean=True)
-        buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
+        buffers = bind_fused_momentum(self, list(params.values())) if momentum else None
         grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
         return grad.loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's state between steps as a plain dict of tensors, ints, strings and lists: its
+        private generator, :meth:`sgd_step`'s momentum buffers and the recipe's own state (momentum
+        directions, feedback matrices, fixed guesses); safe for ``torch.save`` and ``torch.load(...,
+        weights_only=True)``. The format: :mod:`fwdgrad.estimators.state`.
+
+        Restored into a fresh estimator of the same recipe (:meth:`load_state_dict`) together with the model
+        and the optimizer, the next steps are the ones the uninterrupted run takes, bit for bit."""
+        return state_of(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a state of another format raises ``ValueError``); state bound to
+        parameters binds again at the next step, in the parameters' dtype and on their device."""
+        load_state(self, state)
+
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The recipe's own state for :meth:`state_dict` (``None``: it keeps none); subclasses extend it."""
+        return None
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no state of its own, "
+                             "got one")
 
     @staticmethod
     def _checked(where: str, model: nn.Module, loss_fn: Any) -> dict[str, nn.Parameter]:

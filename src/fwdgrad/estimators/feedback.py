@@ -408,6 +408,20 @@ class FeedbackAlignment(Estimator):
         self._steps = 0
         self._chain_model: weakref.ReferenceType[nn.Module] | None = None
 
+    _state_attributes = ("feedback", "_moments", "_chain_model")
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The feedback matrices, ``fdfa``'s Adam moments and its step count (for ``state_dict``)."""
+        return {"feedback": {n: b.clone() for n, b in self.feedback.items()},
+                "moments": {n: [m.clone(), v.clone()] for n, (m, v) in self._moments.items()},
+                "steps": self._steps}
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.feedback = {n: b.clone() for n, b in state.get("feedback", {}).items()}
+        self._moments = {n: (m.clone(), v.clone()) for n, (m, v) in state.get("moments", {}).items()}
+        self._steps = int(state.get("steps", 0))
+
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None and self._seed is not None:
             self._generator = torch.Generator(device=device).manual_seed(self._seed)
@@ -450,6 +464,10 @@ class FeedbackAlignment(Estimator):
         elif tuple(b.shape) != tuple(shape):
             raise ValueError(f"{where}: feedback for layer {name!r} has shape {tuple(b.shape)} but the model needs "
                              f"{tuple(shape)}; use one estimator per model")
+        elif b.dtype != like.dtype or b.device != like.device:  # model.double() / .to(device): follow it
+            b = self.feedback[name] = b.to(device=like.device, dtype=like.dtype)
+            if name in self._moments:
+                self._moments[name] = tuple(t.to(device=like.device, dtype=like.dtype) for t in self._moments[name])
         return b
 
     def estimate(
