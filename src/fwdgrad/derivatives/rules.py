@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
+from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers, swapped
 from fwdgrad.local import layer_method
 
 Tensor = torch.Tensor
@@ -290,31 +290,57 @@ def is_activity_layer(m: nn.Module) -> bool:
     return layer_method(m, "activity_weight_grads", "fwdgrad_activity_unit") is True
 
 
+def forward_rule(m: nn.Module) -> LayerRule | None:
+    """The rule of ``m`` as a description of what produced its output from the input it *received*, for a
+    weight rule applied to a stored input and output gradient; ``None`` when it does not describe that.
+
+    Unlike :func:`fast_rule`, the module's own hooks do not matter: the stored input is the one its forward
+    received (after every pre-hook) and the output is the one its forward returned, read before its own
+    forward hooks run (fwdgrad reads it with a prepended hook). Global forward hooks run before any module
+    hook, so a foreign one makes the rule inexact."""
+    rule = RULES.get(type(m))
+    if rule is None or not rule.eligible(m) or "forward" in m.__dict__ or _foreign(_module._global_forward_hooks):
+        return None
+    return rule
+
+
 def local_weight_grads(m: nn.Module, inputs: tuple[Any, ...], grad_output: Tensor) -> dict[str, Tensor]:
     """Parameter gradients of ``m`` alone (names relative to ``m``) from the gradient of its output.
 
-    In order: the layer's own :class:`ActivityLayer` rule, the registered rule of its type (when
-    :func:`fast_rule` vouches for it), else a backward graph that spans this module only (its forward
-    re-run on the stored inputs, hooks included)."""
+    ``inputs`` are the inputs ``m``'s forward received (after its pre-hooks) and ``grad_output`` is the
+    gradient of what it returned, before its own forward hooks (see :func:`forward_rule`). In order: the
+    layer's own :class:`ActivityLayer` rule, the registered rule of its type (when :func:`forward_rule`
+    vouches for it), else a backward graph that spans this module only: ``m.forward`` re-run on the stored
+    inputs with no pre-hook applied again (its children's hooks run in it: they are part of its forward)."""
     own = layer_method(m, "activity_weight_grads", "local_grads")
     if own is not None and len(inputs) == 1:
         return own(inputs[0], grad_output)
-    rule = fast_rule(m)
+    rule = forward_rule(m)
     if rule is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
         return rule.weight_grads(m, inputs[0], grad_output)
     return _module_vjp(m, inputs, grad_output)
 
 
-def _module_vjp(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
-    from torch.func import functional_call
+def _forward_as_received(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """``module.forward(*inputs)`` followed by the foreign global forward hooks: what produced the output a
+    prepended forward hook of ``module`` sees, from the inputs it received (pre-hooks already applied)."""
+    out = module.forward(*inputs)
+    for hook in _module._global_forward_hooks.values():
+        if not getattr(hook, "_fwdgrad_benign", False):
+            replaced = hook(module, inputs, out)
+            out = out if replaced is None else replaced
+    return out
 
+
+def _module_vjp(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     if not names:
         return {}
     saved = snapshot_buffers(module)  # the re-run must not move BatchNorm's statistics again
     with torch.enable_grad():
         ps = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters() if p.requires_grad}
-        out = functional_call(module, ps, inputs)
+        with swapped(module, ps):
+            out = _forward_as_received(module, inputs)
         grads = torch.autograd.grad(out, list(ps.values()), grad_outputs=g, allow_unused=True)
     restore_buffers(saved)
     return {n: torch.zeros_like(ps[n]) if gr is None else gr for n, gr in zip(names, grads)}
