@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fwdgrad
-from fwdgrad.integrations.state import estimator_state, load_estimator_state
 
 STATE_KEY = "fwdgrad_estimator"
 
@@ -59,10 +58,10 @@ class ForwardGradientModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STATE_KEY] = estimator_state(self.est)
+        checkpoint[STATE_KEY] = self.est.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_estimator_state(self.est, checkpoint[STATE_KEY])
+        self.est.load_state_dict(checkpoint[STATE_KEY])
 
 
 def synthetic_data(n: int = 64, inputs: int = 8, seed: int = 0) -> TensorDataset:

@@ -84,13 +84,11 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, m
 def test_the_estimator_state_is_what_makes_the_resumed_run_equal(tmp_path, monkeypatch) -> None:
     """The control: with the saved estimator state not restored (its generator starts again from the
     seed), the resumed run ends elsewhere."""
-    import fwdgrad.integrations.transformers as hf_integration
-
     kw = _resume_case("fused")
     whole = _trainer(tmp_path / "whole", **kw)
     whole.train()
-    monkeypatch.setattr(hf_integration, "load_estimator_state", lambda est, state: None)
     resumed = _trainer(tmp_path / "resumed", model=_model(), **kw)
+    monkeypatch.setattr(resumed.estimator, "load_state_dict", lambda state: None)
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
     assert not torch.equal(whole.model.classifier.weight, resumed.model.classifier.weight)
 

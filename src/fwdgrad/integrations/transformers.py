@@ -17,7 +17,8 @@ rest — data loading, evaluation, logging, callbacks, ``save_model``, checkpoin
   ``rademacher`` / ``rank1`` tangents no model-sized tensor is formed at all (each tensor's direction is
   drawn again from its seed). Gradient accumulation and clipping need a gradient and raise here.
 
-The estimator's state (its private generator; see :mod:`fwdgrad.integrations.state`) is written into
+The estimator's state (``est.state_dict()``: its private generator and any state of its own; see
+:mod:`fwdgrad.estimators.state`) is written into
 every checkpoint folder as ``fwdgrad_estimator.pt`` and read back by ``resume_from_checkpoint``, so a
 resumed run ends with the weights of an uninterrupted one, bit for bit. A registry name builds the
 estimator with ``seed=args.seed`` so that it has such a generator.
@@ -61,7 +62,6 @@ from torch import nn
 
 from fwdgrad._io import write_atomic
 from fwdgrad.estimators import Estimator, estimator
-from fwdgrad.integrations.state import estimator_state, load_estimator_state
 
 try:
     import transformers
@@ -176,7 +176,7 @@ class Trainer(transformers.Trainer):
         import io
 
         buf = io.BytesIO()
-        torch.save(estimator_state(self.estimator), buf)
+        torch.save(self.estimator.state_dict(), buf)
         write_atomic(os.path.join(output_dir, ESTIMATOR_FILE), buf.getvalue())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -192,7 +192,7 @@ class Trainer(transformers.Trainer):
         except Exception as exc:  # unpickling errors come in many types
             raise ValueError(f"fwdgrad Trainer: {path!r} is not readable: {exc}".splitlines()[0]) from None
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_estimator_state(self.estimator, state)
+        self.estimator.load_state_dict(state)
 
 
 def _build_estimator(spec: str | Estimator, options: dict[str, Any] | None, seed: int) -> Estimator:
