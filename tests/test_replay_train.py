@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fwdgrad import cli
-from fwdgrad.distributed import read_header, record_bytes, records
+from fwdgrad.distributed import load_initial_state, read_header, record_bytes, records
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TIMEOUT_S = 120
@@ -153,7 +153,7 @@ def test_zeroth_order_train_then_replay_is_bit_identical(
     out = folder / "replayed.pt"
     assert cli.main(["replay", str(log), "--init", str(folder / "replay" / f"{run}.init.pt"), "--out", str(out)]) == 0
     trained = torch.load(folder / "models" / f"{run}.pt", weights_only=True)["state_dict"]
-    init = torch.load(folder / "replay" / f"{run}.init.pt", weights_only=True)
+    init = load_initial_state(folder / "replay" / f"{run}.init.pt")
     assert any(not torch.equal(trained[k], init[k]) for k in trained)
     _assert_bit_identical(torch.load(out, weights_only=True), trained)
 
@@ -254,13 +254,13 @@ def test_replay_refuses_bad_input(tmp_path: Path, user_module: Path, capsys: pyt
         assert cli.main(["replay", str(log_path), "--init", str(init_path), "--out", str(tmp_path / "o.pt")]) == 2
         return capsys.readouterr().err
 
-    other = torch.load(init, weights_only=True)
+    other = load_initial_state(init)
     other["0.weight"] = other["0.weight"] + 1e-7
     torch.save(other, tmp_path / "other.pt")
     assert "the initial weights do not match the digest recorded in" in replay(log, tmp_path / "other.pt")
     # the trained weights are not the initial ones either
     assert "do not match the digest" in replay(log, tmp_path / "r" / "models" / f"{RUN}.pt")
-    missing = {k: v for k, v in torch.load(init, weights_only=True).items() if k != "3.bias"}
+    missing = {k: v for k, v in load_initial_state(init).items() if k != "3.bias"}
     torch.save(missing, tmp_path / "missing.pt")
     assert "the initial weights lack parameter(s) ['3.bias']" in replay(log, tmp_path / "missing.pt")
     raw = log.read_bytes()

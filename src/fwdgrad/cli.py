@@ -452,7 +452,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_file", metavar="MODEL", help="weights saved by --save-model (RUN_DIR/models/*.pt)")
     p.add_argument("--dataset", default=None,
                    help="dataset name or module.path:function (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the dataset files")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with the dataset files (default: the --data-dir the model was trained with)")
     p.add_argument("--download", action="store_true", help="download missing dataset files")
     p.add_argument("--split", choices=("test", "train"), default="test", help="which split to score")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
@@ -474,7 +475,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
     try:
-        data = load_dataset_for(dataset, args.data_dir, download=args.download)
+        data_dir = args.data_dir if args.data_dir is not None else saved.get("data_dir")
+        data = load_dataset_for(dataset, data_dir, download=args.download)
     except (FileNotFoundError, OSError, ValueError) as exc:
         _log(f"fwdgrad evaluate: error: {exc}")
         return 1
@@ -519,17 +521,24 @@ def _add_replay(p: argparse.ArgumentParser) -> None:
                    help="initial weights: a state dict (torch.save), e.g. the <method>_seed<k>.init.pt that "
                         "`fwdgrad train --replay-log` writes beside the log")
     p.add_argument("--out", required=True, metavar="MODEL.pt", help="where to write the rebuilt state dict")
+    p.add_argument("--allow-version-mismatch", action="store_true",
+                   help="replay a log written under another torch version (refused otherwise: the result may "
+                        "then differ from the trained weights in the last bits)")
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     from fwdgrad.distributed import digest, read_header, replay_file
 
-    try:
-        steps = replay_file(args.log, args.init, args.out)
-        header, _ = read_header(args.log)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
     import torch
+
+    try:
+        header, _ = read_header(args.log)
+        steps = replay_file(args.log, args.init, args.out, allow_version_mismatch=args.allow_version_mismatch)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if header.get("torch", torch.__version__) != torch.__version__:
+        _log(f"fwdgrad replay: warning: {args.log} was written under torch {header['torch']}, this is torch "
+             f"{torch.__version__}; the result may differ from the trained weights in the last bits")
 
     state = torch.load(args.out, weights_only=True)
     names = [n for n, _, _ in header["config"]["params"]]

@@ -26,6 +26,7 @@ from fwdgrad.distributed.replay import (
     replay,
     replay_file,
     running_buffers,
+    save_initial_state,
 )
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
 from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
@@ -54,6 +55,7 @@ __all__ = [
     "replay",
     "replay_file",
     "running_buffers",
+    "save_initial_state",
     "shard",
     "spawn_local",
     "step_seed",

@@ -35,7 +35,6 @@ from torch import nn
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators import Estimator, estimator, estimator_options
 from fwdgrad.models import num_parameters
-from fwdgrad.training import checkpoint as ckpt
 from fwdgrad.training.checkpoint import estimator_state, rng_state, set_estimator_state, set_rng_state
 from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import Splits, derived_seed, epoch_order, initial_model, order_digest, weights_digest
@@ -190,7 +189,7 @@ def replay_init_path(log: str | Path) -> Path:
 def _open_replay_log(
     path: Path, shared: Any, opt: torch.optim.Optimizer, config: RunConfig, model: nn.Module, resumed: bool
 ) -> Any:
-    from fwdgrad.distributed import ReplayLog
+    from fwdgrad.distributed import ReplayLog, save_initial_state
 
     where = f"fwdgrad: --replay-log {path}"
     try:
@@ -200,7 +199,7 @@ def _open_replay_log(
         log = ReplayLog(path, shared, optimizer=opt, clip_grad_norm=config.clip_grad_norm)
     except ValueError as exc:
         raise ValueError(f"{where}: {str(exc).removeprefix('fwdgrad.distributed.ReplayLog: ')}") from None
-    ckpt.save(replay_init_path(path), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    save_initial_state(replay_init_path(path), model.state_dict())
     return log
 
 
