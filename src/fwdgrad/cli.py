@@ -527,9 +527,9 @@ def _add_replay(p: argparse.ArgumentParser) -> None:
 
 
 def _run_replay(args: argparse.Namespace) -> int:
-    from fwdgrad.distributed import digest, read_header, replay_file
-
     import torch
+
+    from fwdgrad.distributed import digest, read_header, replay_file
 
     try:
         header, _ = read_header(args.log)

@@ -29,7 +29,7 @@ from fwdgrad.distributed.replay import (
     save_initial_state,
 )
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
-from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
+from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard, shard_bounds
 
 __all__ = [
     "MODES",
@@ -57,6 +57,7 @@ __all__ = [
     "running_buffers",
     "save_initial_state",
     "shard",
+    "shard_bounds",
     "spawn_local",
     "step_seed",
     "step_source",
