@@ -598,6 +598,17 @@ COMMANDS: dict[str, Command] = {
                      *_delegated("study", _studies_cli)),
 }
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help, unless the help states its default itself, or there is none
+    to state (``None``, or ``False`` for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry of :data:`COMMANDS`."""
     import fwdgrad
@@ -610,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                           formatter_class=_DefaultsHelpFormatter
                            if name not in ("train", "compare") else argparse.HelpFormatter)
         cmd.add_arguments(p)
     return parser
