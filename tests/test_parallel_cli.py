@@ -26,7 +26,8 @@ TIMEOUT_S = 120  # one 2-process run takes ~10 s on the 2 shared cores
 
 MODULE = textwrap.dedent('''
     """Tiny float64 data and model; STOP_AT_STEP=n makes the model raise KeyboardInterrupt (as Ctrl-C would)
-    at its n-th training forward pass, on every rank alike."""
+    at its n-th training forward pass, on every rank alike; FAIL_RANK=r makes rank r's 3rd training forward
+    pass give NaN (FAIL_HOW=nan) or raise."""
     import os
 
     import torch
@@ -59,6 +60,10 @@ MODULE = textwrap.dedent('''
                 self.calls += 1
                 if self.calls == self.stop:
                     raise KeyboardInterrupt
+                if os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK") and self.calls == 3:
+                    if os.environ.get("FAIL_HOW") == "nan":  # a NaN on this rank alone, at its 3rd step
+                        return super().forward(x) * float("nan")
+                    raise RuntimeError("this rank's forward pass failed")
             return super().forward(x)
 
 
@@ -176,6 +181,32 @@ def test_usage_errors_of_nproc(tmp_path: Path, user_module: Path, capsys: pytest
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_failure_on_one_rank_stops_every_rank_at_once_naming_it(tmp_path: Path, user_module: Path, how: str) -> None:
+    """A NaN on rank 1 alone: both ranks stop at that step, rank 0 reports one line naming rank 1 (the run
+    failed: exit 1 on both); an error raised on rank 1: rank 1 fails with it, rank 0 stops at once naming
+    rank 1 instead of waiting in the collective for its 60 s timeout."""
+    began = time.monotonic()
+    p = _fwdgrad(["train", *ARGS, "--epochs", "2", "--out-dir", str(tmp_path), "--name", "f", "--nproc", "2"],
+                 user_module, FAIL_RANK="1", FAIL_HOW=how)
+    took = time.monotonic() - began
+    assert p.returncode == 1, p.stderr
+    assert took < 45, took  # start-up of two processes included; a rank left waiting would take over 60 s
+    if how == "nan":
+        lines = [line for line in p.stderr.splitlines() if "not finite" in line]
+        assert len(lines) == 1, p.stderr
+        assert "stopped: non-finite loss at epoch 1, step 3: " in lines[0]
+        assert "directional derivatives of rank 1 (of 2) are not finite at step 2" in lines[0]
+        assert "exit status by rank: [1, 1]" in p.stderr, p.stderr
+        run = json.loads((tmp_path / "f" / "results.json").read_text())["runs"][0]
+        assert run["status"] == "stopped (non-finite)" and run["steps"] == 2
+    else:
+        assert "this rank's forward pass failed" in p.stderr  # rank 1's own error
+        assert "error: fwdgrad.distributed.SeedSharingSGD.accumulate: rank 1 (of 2) stopped at step 2: its " \
+            "estimator raised an error" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
 def test_tangent_parallel_run_records_its_bytes(tmp_path: Path, user_module: Path) -> None:
     p = _fwdgrad(["train", *ARGS, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "t", "--nproc", "2",
                   "--parallel", "tangent"], user_module)
@@ -273,9 +304,10 @@ def test_a_signal_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: 
         return
     assert launcher.returncode == 143, err
     assert "fwdgrad train: SIGTERM: forwarded to the 2 ranks, which stopped" in err, err
-    # rank 0 stopped on its own, not killed after the grace period: an interrupted rank leaves without the
-    # end-of-run barrier (which could wait for a peer still inside a training collective)
-    assert "(exit status by rank: [143, " in err, err
+    # both ranks stopped on their own, not killed after the grace period (an interrupted rank leaves without
+    # the end-of-run barrier, which could wait for a peer still inside a training collective), and neither
+    # aborted in the interpreter's teardown (-6 in 2 of 40 runs before leave_and_exit)
+    assert "(exit status by rank: [143, 143])" in err, err
     assert "--resume RUN_DIR --nproc 2" in err
     assert "interrupted (SIGTERM); partial report in" in err, err
     assert f"`fwdgrad train --resume {tmp_path / 'long'} --nproc 2` continues" in err, err

@@ -15,7 +15,14 @@ from fwdgrad.distributed.comm import (
     RankLostError,
     ReplicaMismatchError,
 )
-from fwdgrad.distributed.launch import LaunchInterrupted, die_with_launcher, free_port, init_from_env, spawn_local
+from fwdgrad.distributed.launch import (
+    LaunchInterrupted,
+    die_with_launcher,
+    free_port,
+    init_from_env,
+    leave_and_exit,
+    spawn_local,
+)
 from fwdgrad.distributed.replay import (
     ReplayLog,
     check_replayable,
@@ -48,6 +55,7 @@ __all__ = [
     "digest",
     "free_port",
     "init_from_env",
+    "leave_and_exit",
     "load_initial_state",
     "read_header",
     "record_bytes",

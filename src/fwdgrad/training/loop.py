@@ -441,6 +441,6 @@ def train_run(
         if rlog is not None:
             rlog.close()
     assert _params_finite(model), "fwdgrad.training: internal error, non-finite weights survived"
-    if log is not None and result.message:
+    if log is not None and result.message and not config.quiet:  # a failed run's message is reported at the end
         log(f"{spec.display} seed {seed}: {result.message}")
     return result
