@@ -232,7 +232,11 @@ def train_run(
     epoch with the checkpoint state of the run (tensors, plain containers). ``resume``: such a state;
     the run continues after its last complete epoch. ``on_start(result)``: sees the live result first (an
     interrupted run's partial report shows it). ``comm``: the collectives of the world when
-    ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one).
+    ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one). A method that
+    seed sharing can carry takes seed-shared steps even without ``config.parallel``, in a world of one
+    (:func:`~fwdgrad.training.parallel.seed_shared_mode`): the same seed gives the same run with or without
+    ``--nproc``. In data mode over several ranks each batch is split by
+    :func:`~fwdgrad.distributed.shard_bounds`, each rank weighted by its share (the last batch may be smaller).
     ``replay_log``: with ``config.parallel`` set, rank 0 writes there the replay log of the run's steps
     (:class:`fwdgrad.distributed.ReplayLog`, kind ``"optimizer"``) and, on a new run, the initial state dict
     next to it (``<log>.init.pt`` with the ``.log`` suffix replaced); a resumed run continues the log from its
