@@ -68,6 +68,25 @@ class _RankComm(LocalComm):
         return torch.stack(self._meet(tensor))
 
 
+_ESTIMATE = threading.Lock()
+
+
+def _shared(model: nn.Module, method: str, **kwargs: Any) -> SeedSharingSGD:
+    """A SeedSharingSGD whose estimator's step runs under one lock: forward-mode AD keeps its dual levels in
+    process-global state, so two threads must not be inside a JVP at once (real ranks are processes). The
+    collectives run outside the lock, as between processes."""
+    shared = SeedSharingSGD(model, method, **kwargs)
+    for name in ("step", "shared_step"):
+        inner = getattr(shared.estimator, name, None)
+        if inner is not None:
+            def locked(*args: Any, _inner: Callable[..., Any] = inner, **kw: Any) -> Any:
+                with _ESTIMATE:
+                    return _inner(*args, **kw)
+
+            setattr(shared.estimator, name, locked)
+    return shared
+
+
 def _run_ranks(world: int, body: Callable[[int, Any], Any]) -> list[Any]:
     """``body(rank, comm)`` on ``world`` threads; each rank's return value or raised exception, by rank."""
     shared = ThreadWorld(world)
@@ -90,8 +109,11 @@ def _run_ranks(world: int, body: Callable[[int, Any], Any]) -> list[Any]:
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    """The same initial weights on every rank (built under a lock: the initialisation draws from torch's
+    global generator, which the threads share)."""
+    with _ESTIMATE:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
 
 
 def _batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +133,7 @@ def test_unequal_shards_weighted_by_size_give_the_whole_batch_step(method: str, 
 
     def rank_body(rank: int, comm: Any) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         model = _model()
-        shared = SeedSharingSGD(model, method, seed=11, comm=comm, **options)
+        shared = _shared(model, method, seed=11, comm=comm, **options)
         lo, hi = shard_bounds(n, rank, comm.world)
         xs, ys = x[lo:hi], y[lo:hi]
 
@@ -137,7 +159,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_error_naming_it(method: str
 
     def rank_body(rank: int, comm: Any) -> Any:
         model = _model()
-        shared = SeedSharingSGD(model, method, seed=3, mode=mode, comm=comm, num_directions=2)
+        shared = _shared(model, method, seed=3, mode=mode, comm=comm, num_directions=2)
         shared.accumulate(lambda m: F.cross_entropy(m(x), y))  # a good step first
 
         def loss_fn(m: nn.Module) -> Tensor:
@@ -164,7 +186,7 @@ def test_an_error_in_one_ranks_estimator_stops_the_others_naming_it() -> None:
     x, y = _batch(8)
 
     def rank_body(rank: int, comm: Any) -> Any:
-        shared = SeedSharingSGD(_model(), "fg-w", seed=3, comm=comm, num_directions=2)
+        shared = _shared(_model(), "fg-w", seed=3, comm=comm, num_directions=2)
 
         def loss_fn(m: nn.Module) -> Tensor:
             if rank == 2:

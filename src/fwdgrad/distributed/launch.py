@@ -179,12 +179,12 @@ def leave_and_exit(comm: Comm, finished: bool, code: int) -> NoReturn:
     flush stdout and stderr, and exit with ``code`` at once (``os._exit``), skipping the interpreter's teardown.
 
     Why: a rank that returned normally from a run its peers stopped too (SIGTERM forwarded by ``--nproc``)
-    was seen to abort at interpreter exit, after its last Python frame, in 2 of 40 runs: ``terminate called
+    was seen to abort at interpreter exit, after its last Python frame, in 2 of 37 runs: ``terminate called
     without an active exception`` (exit -6) once rank 0, which hosts the store, had gone. A C++ object of
     torch.distributed that lives until finalization (the store's client or the gloo transport it was built
     on) is then destroyed with its peer already gone and its destructor ends in ``std::terminate``. Nothing of
     fwdgrad's state needs that teardown (files are written atomically, the run folder's lock is released by
-    then), so the rank ends before it: 0 aborts in 40 runs with this (docs/distributed.md).
+    then), so the rank ends before it: no abort in 40 runs with this (docs/distributed.md).
     """
     try:
         comm.leave(finished)
