@@ -65,7 +65,7 @@ from fwdgrad.distributed.comm import DistributedError, LocalComm, ReplicaMismatc
 from fwdgrad.distributed.seeds import ConcatSource, after_exchange, digest, shared_source, step_seed
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_options
-from fwdgrad.estimators.base import check_rate, trainable_parameters
+from fwdgrad.estimators.base import check_rate, eager_module, trainable_parameters
 
 Tensor = torch.Tensor
 MODES = ("data", "tangent")
@@ -136,7 +136,7 @@ class SeedSharingSGD:
         for own in ("seed", "generator"):
             if own in options:
                 raise ValueError(f"{where}: option {own!r} is set from the base seed; pass seed= only")
-        self.model, self.name, self.seed, self.mode = model, name, seed, mode
+        self.model, self.name, self.seed, self.mode = eager_module(model), name, seed, mode  # compiled: its module
         self.comm = comm if comm is not None else LocalComm()
         self.check_every, self.log = check_every, log
         known = estimator_options(name)
