@@ -167,9 +167,9 @@ class ZerothOrder(Estimator):
                 "swamps the finite difference; compute the loss in float32 (e.g. F.cross_entropy(logits.float(), "
                 "y))", stacklevel=4,
             )
-        if ledger is None or "rounded" in self._warned or not isinstance(ledger.perturbed, Tensor):
+        if ledger is None or "rounded" in self._warned or not ledger.perturbed:
             return
-        share = float(ledger.rounded_away) / max(1, int(ledger.perturbed))  # one host read per step
+        share = float(ledger.rounded_away) / ledger.perturbed  # one host read per step
         if share > ROUNDED_AWAY_WARNING:
             self._warned.add("rounded")
             warnings.warn(
