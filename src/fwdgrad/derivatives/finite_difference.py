@@ -263,7 +263,8 @@ class ScratchPerturbation(Perturbation):
 
     def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
         """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
-        (a loop over the tensors runs inside :meth:`scratch_pass`)."""
+        (a loop over the tensors runs inside :meth:`scratch_pass`); in bfloat16 / float16 with K > 1 a new
+        tensor (the sum runs in float32, see :meth:`_weighted`)."""
         return self._weighted(i, weights, self._draw_into)
 
 
