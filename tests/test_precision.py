@@ -399,3 +399,12 @@ def test_a_bfloat16_finetuning_run_reaches_the_float32_loss(monkeypatch) -> None
     half = train(torch.bfloat16, "stochastic", 1500, 0.02)
     assert half <= full + 0.05, (half, full)
     assert full < 0.6
+
+
+def test_zo_cons_keeps_theta_bit_for_bit_in_bfloat16_when_no_candidate_is_better() -> None:
+    """A step so large that both candidates lose: ZO-SGD-Cons keeps θ, and in bfloat16 (where the moves
+    there and back round by about their own size) it comes back bit for bit."""
+    model, x, y = _mlp(torch.bfloat16)
+    before = _flat(model)
+    fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, _loss(x, y), lr=1e3)
+    assert torch.equal(_flat(model), before)
