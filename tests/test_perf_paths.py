@@ -117,7 +117,8 @@ def test_keeping_tangents_only_where_it_is_cheaper() -> None:
     assert keep("gaussian", 4, cpu, grads_unset=False)  # one chunk holds them all anyway
     assert not keep("gaussian", 4, cpu, grads_unset=False, chunk_size=1)  # chunked: memory bounded by the chunk
     assert keep("sphere", 4, cpu, grads_unset=False, chunk_size=1)  # joint: cannot be drawn again
-    assert uses_fast_loop("gaussian", 4, chunk_size=1) and not uses_fast_loop("gaussian", 4)
+    assert uses_fast_loop("gaussian", 4, chunk_size=1) and uses_fast_loop("gaussian", 4)  # batched pass
+    assert not uses_fast_loop("sphere", 4) and not uses_fast_loop("given", 4)
 
 
 def _estimate(problem: Problem, *, fast: bool, tangents: str, k: int, chunk_size: int | None, grad_set: bool):

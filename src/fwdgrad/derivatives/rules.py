@@ -172,6 +172,17 @@ def module_rule(m: nn.Module, *, global_hooks: bool | None = None) -> ModuleRule
     return rule
 
 
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` carries a ``vmap`` batch dimension (beneath any ``jvp`` wrappers): the batched pass's
+    tangents of K directions."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
 # --- nn.Linear ------------------------------------------------------------------------------------------
 
 
@@ -186,6 +197,11 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
         u, v = w_t
         term = (x @ v).unsqueeze(-1) * u
         return term if b_t is None else term.add_(b_t)
+    if x.dim() >= 2 and vmapped(w_t):
+        # K directions under vmap (w_t batched, x shared): W_t x2ᵀ is one [K·out, in] @ [in, rows] product;
+        # vmap's rule for F.linear with a batched weight runs K narrow products (bmm) instead
+        term = (w_t @ x.reshape(-1, x.shape[-1]).mT).mT.reshape(*x.shape[:-1], w_t.shape[0])
+        return term if b_t is None else term + b_t
     return F.linear(x, w_t, b_t)
 
 

@@ -149,8 +149,12 @@ def draw_tensor(
     if num_directions == 1:
         return draw_direction(name, like, seed, 0, device).unsqueeze(0)
     out = torch.empty((num_directions, *like.shape), dtype=like.dtype, device=like.device)
+    in_place = name == "gaussian" and (device is None or torch.device(device) == like.device)
     for k in range(num_directions):
-        out[k] = draw_direction(name, like, seed, k, device)
+        if in_place:  # straight into the block (torch.randn is torch.empty + normal_): no copy
+            out[k].normal_(generator=scratch_generator(like.device, direction_seed(seed, k)))
+        else:
+            out[k] = draw_direction(name, like, seed, k, device)
     return out
 
 
