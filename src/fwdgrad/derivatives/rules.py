@@ -200,8 +200,10 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
     if x.dim() >= 2 and vmapped(w_t):
         # K directions under vmap (w_t batched, x shared): W_t x2ᵀ is one [K·out, in] @ [in, rows] product;
         # vmap's rule for F.linear with a batched weight runs K narrow products (bmm) instead
-        term = (w_t @ x.reshape(-1, x.shape[-1]).mT).mT.reshape(*x.shape[:-1], w_t.shape[0])
-        return term if b_t is None else term + b_t
+        wide = w_t @ x.reshape(-1, x.shape[-1]).mT  # [out, rows] per direction, fresh: the bias goes in in place
+        if b_t is not None:
+            wide.add_(b_t.unsqueeze(-1))
+        return wide.mT.reshape(*x.shape[:-1], w_t.shape[0])
     return F.linear(x, w_t, b_t)
 
 
@@ -210,7 +212,7 @@ def _linear_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, i
         # [..., out] as [rows, out]: one addmm into the fresh term, no second output-sized buffer
         term.view(-1, term.shape[-1]).addmm_(x_t.reshape(-1, x_t.shape[-1]), weight.t())
         return term
-    return term + F.linear(x_t, weight)
+    return F.linear(x_t, weight) + term  # the sum takes the layout of x_t·Wᵀ (term may be a transposed view)
 
 
 def _linear_weight_grads(m: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
