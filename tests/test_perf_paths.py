@@ -161,9 +161,12 @@ def _zeroed_grads(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("tangents", DENSE)
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
-def test_a_zero_grad_holds_the_tangent_and_ends_as_the_estimate(problem: Problem, tangents: str, fast: bool) -> None:
+def test_a_zero_grad_holds_the_tangent_and_ends_as_the_estimate(
+    problem: Problem, tangents: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """zero_grad(set_to_none=False): each tangent is drawn into its .grad and scaled there; the same .grad
     tensors end holding the estimate a None .grad gets (float64, 1e-10)."""
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)  # the test models are small: lend as large ones do
     want_model = problem.model()
     fwdgrad.ForwardGradient(1, tangents, seed=8, fast_paths=False)(want_model, problem.loss_fn)
     model = problem.model()
@@ -180,7 +183,8 @@ def test_a_zero_grad_holds_the_tangent_and_ends_as_the_estimate(problem: Problem
 
 
 @pytest.mark.parametrize("fail", ["nan", "raises"])
-def test_a_lent_zero_grad_is_zero_again_when_the_step_fails(fail: str) -> None:
+def test_a_lent_zero_grad_is_zero_again_when_the_step_fails(fail: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
     problem = PROBLEMS[0]
     model = problem.model()
     grads = _zeroed_grads(model)
@@ -197,8 +201,12 @@ def test_a_lent_zero_grad_is_zero_again_when_the_step_fails(fail: str) -> None:
     assert all(not g.any() for g in grads)
 
 
-def test_a_grad_is_lent_only_when_every_grad_is_zero_and_fits() -> None:
+def test_a_grad_is_lent_only_when_every_grad_is_zero_and_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     model = PROBLEMS[0].model()
+    _zeroed_grads(model)
+    assert fwdgrad.ForwardGradient(1, "gaussian", seed=1)._zero_grads(dict(model.named_parameters())) is None  # small
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
+    model.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
     est = fwdgrad.ForwardGradient(1, "gaussian", seed=1)
     assert est._zero_grads(params) is None  # None .grads: the spent tangent becomes .grad anyway
@@ -216,7 +224,8 @@ def test_a_grad_is_lent_only_when_every_grad_is_zero_and_fits() -> None:
         assert other._zero_grads(params) is None
 
 
-def test_a_lent_zero_grad_survives_the_fall_back_to_the_reference_path() -> None:
+def test_a_lent_zero_grad_survives_the_fall_back_to_the_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
     problem = next(p for p in PROBLEMS if p.id == "batchnorm")
 
     def penalised(model: torch.nn.Module) -> torch.Tensor:  # a weight used outside its module: reference path

@@ -13,6 +13,7 @@ from fwdgrad import local
 from fwdgrad.derivatives import local_weight_grads, module_directions, once_per_step
 from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
+from fwdgrad.directions import source as tangent_source
 from fwdgrad.directions.stateful import MomentumDirections, MomentumState
 from fwdgrad.estimators.base import LossFn, SampledEstimator
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient, PartlyImplicitGradient
@@ -180,13 +181,17 @@ class ForwardGradient(SampledEstimator):
         return grad.loss.detach()
 
     def _zero_grads(self, params: dict[str, nn.Parameter]) -> list[Tensor] | None:
-        """Every ``.grad``, when all are zero and may hold the step's one dense tangent each, else ``None``."""
+        """Every ``.grad``, when all are zero and may hold the step's one dense tangent each, else ``None`` (also
+        for a small model, :data:`~fwdgrad.directions.source.KEEP_SMALL_BYTES`: its kept tangents cost less
+        than the zero test's ops)."""
         plain = (type(self).step is ForwardGradient.step and self.tangents in ("gaussian", "rademacher")
                  and self.num_directions == 1 and self._momentum is None
                  and getattr(self, "readout", "perturb") == "perturb"
                  and getattr(self, "aggregation", "mean") == "mean")
+        if not plain or sum(p.numel() * p.element_size() for p in params.values()) <= tangent_source.KEEP_SMALL_BYTES:
+            return None
         grads = [p.grad for p in params.values()]
-        if not plain or any(
+        if any(
             g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous()
             or g.requires_grad for g, p in zip(grads, params.values())
         ) or len({id(g) for g in grads}) != len(grads):
