@@ -257,7 +257,8 @@ def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Ten
 
 
 def _conv_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
-    return term + F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups)
+    # the sum takes the layout of the input's term (under vmap the weight term's is direction-minor)
+    return F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups) + term
 
 
 def _conv_weight_grads(m: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
