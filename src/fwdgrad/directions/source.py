@@ -128,7 +128,7 @@ class TangentSource:
             # the seeds are all the generator gives; blocks drawn from them equal SAMPLERS[name]'s
             self._seeds = tensor_seeds(len(self.primals), generator)
             if not lean and num_directions == 1:  # the one direction itself: handing it out costs no select op
-                if into is not None and name != "rank1":
+                if into is not None:
                     self._homes = list(into)
                 self._first = per_tensor_blocks(name, self.primals, None, self._seeds, self._homes)
                 self._blocks = [d.unsqueeze(0) for d in self._first]
@@ -198,10 +198,6 @@ class TangentSource:
         homes, first = self._homes, self._first
         return (homes is not None and t is not None and homes[index] is t and first is not None
                 and first[index] is not None)
-
-    def lent_homes(self) -> list[Tensor]:
-        """The lent tensors (``into``), which hold tangents until :meth:`add_scaled` forms the estimate."""
-        return [h for h in self._homes or () if h is not None]
 
     @staticmethod
     def lean_possible(name: str) -> bool:
