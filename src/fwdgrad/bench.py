@@ -650,7 +650,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "in one process)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in each worker (0: torch's default; one thread by default, so the "
+                             "ratios do not move with other processes on shared cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA events, allocator peaks)")
     parser.add_argument("--out", default=None,
                         help="directory for the .md, .json and .png (default: runs/bench, or runs/bench-quick with "
