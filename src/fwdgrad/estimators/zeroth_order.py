@@ -53,7 +53,7 @@ class ZerothOrder(Estimator):
 
     Args:
         eps: the finite-difference step ε, a finite number > 0.
-        num_directions: K.
+        num_directions: K, the number of random directions (2K loss evaluations, one-sided K + 1).
         tangents: ``gaussian``, ``rademacher`` or ``sphere`` (radius √n).
         one_sided: forward difference, with ``L(θ)`` evaluated once and shared by the K directions.
         seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
