@@ -137,8 +137,16 @@ def write_results(out_dir: str, rows: list[dict], args: argparse.Namespace) -> N
     write_atomic(Path(out_dir) / "table.md", table(rows))
 
 
+def current(rows: list[dict]) -> list[dict]:
+    """The rows measured at today's default rates (a row at a rate the defaults have since left is dropped)."""
+    return [r for r in rows if math.isclose(r["lr"], default_lr(r["method"], r["optimizer"],
+                                                                num_parameters=r["parameters"])[0], rel_tol=1e-6)]
+
+
 def table(rows: list[dict]) -> str:
-    """One line per pair × optimizer: each method's verdict, with the failures spelled out."""
+    """One line per pair × optimizer: each method's verdict, with the failures spelled out (rows at the current
+    default rates only)."""
+    rows = current(rows)
     lines = ["| data × model (parameters, steps) | optimizer | learns | slow (< 5 % drop) | diverges |",
              "|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
