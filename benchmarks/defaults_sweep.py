@@ -147,7 +147,7 @@ def table(rows: list[dict]) -> str:
     """One line per pair × optimizer: each method's verdict, with the failures spelled out (rows at the current
     default rates only)."""
     rows = current(rows)
-    lines = ["| data × model (parameters, steps) | optimizer | learns | slow (< 5 % drop) | diverges |",
+    lines = ["| data × model (parameters, steps) | optimizer | learns (≥ 5 % drop) | slow (moved < 5 %) | diverges |",
              "|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
