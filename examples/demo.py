@@ -169,7 +169,8 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
     return [
         f"- Closest to backprop without a backward pass through the network: **{best['method']}** on "
         f"{best['model']}, {100 * best['test_acc']:.1f} % against backprop's {100 * ref['test_acc']:.1f} % on the "
-        f"same model ({gap:+.1f} points), at {t:.1f}× its time per epoch and {mem:.1f}× its peak step memory.",
+        f"same model ({gap:.1f} points behind), at {t:.1f}× its time per epoch and {mem:.1f}× its peak step "
+        "memory.",
         "- Next without a backward pass: " + ", ".join(f"{r['method']} {100 * r['test_acc']:.1f} %" for r in ranked[1:])
         + f"; chance is {100 * CHANCE:.0f} %.",
         low_line(low, rows) if low else
