@@ -459,20 +459,17 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    import inspect
-
-    from fwdgrad.estimators import available_estimators, estimator_options
+    from fwdgrad.estimators import available_estimators
+    from fwdgrad.estimators.catalog import describe
     from fwdgrad.training.lr import REFERENCE_PARAMETERS, default_lr, perturbs_weights
 
-    for name in available_estimators():
-        opts = estimator_options(name)
-        shown = "any keyword" if opts is None else ", ".join(
-            k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in opts.items() if k != "generator"
-        )
-        lrs = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
+    def lr_text(name: str) -> str:
+        text = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
         if perturbs_weights(name):
-            lrs += f" (sgd × {REFERENCE_PARAMETERS:,}/P on models with P > {REFERENCE_PARAMETERS:,} parameters)"
-        print(f"{name:<10} options: {shown or '-'}; default lr: {lrs}")
+            text += f" (sgd × {REFERENCE_PARAMETERS:,}/P on models with P > {REFERENCE_PARAMETERS:,} parameters)"
+        return text
+
+    print("\n".join(describe(available_estimators(), lr_text)).rstrip())
     return 0
 
 

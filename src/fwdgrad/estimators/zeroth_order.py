@@ -67,7 +67,7 @@ class ZerothOrder(Estimator):
         eps: the finite-difference step ε, a finite number > 0; ``None`` (default): ``1e-3``, or ``1e-2`` when
             a parameter is bfloat16 / float16 or ``torch.autocast`` computes in one of them
             (:func:`fwdgrad.derivatives.finite_difference.default_eps`; ``docs/precision.md``).
-        num_directions: K.
+        num_directions: K, the number of random directions (2K loss evaluations, one-sided K + 1).
         tangents: ``gaussian``, ``rademacher`` or ``sphere`` (radius √n).
         one_sided: forward difference, with ``L(θ)`` evaluated once and shared by the K directions.
         seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
