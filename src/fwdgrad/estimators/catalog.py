@@ -9,7 +9,7 @@ Example:
     >>> lines = describe(["zo"], lambda name: "sgd 0.0001, adam 0.001")
     >>> lines[0].split()[0], lines[1].strip()
     ('zo', 'default lr: sgd 0.0001, adam 0.001')
-    >>> any(line.split()[:2] == ["eps", "0.001"] for line in lines)
+    >>> any(line.split()[:2] == ["num_directions", "1"] for line in lines)
     True
 """
 
