@@ -11,7 +11,8 @@ method of :data:`METHODS`, a **fresh process**
    ``torch.cuda.set_per_process_memory_fraction``);
 2. builds the model in the method's dtype (bfloat16 weights are built in bfloat16, never through a float32
    copy), times ``--forwards`` no-grad forward passes of the next-token loss on one batch of ``--batch``
-   random sequences of ``--seq`` tokens, then runs ``--steps`` training steps (after one warm-up step);
+   random sequences of ``--seq`` tokens, then runs ``--steps`` training steps (after one warm-up step; the
+   losses the steps return are kept);
 3. reports its peak memory (CPU: the kernel's resident high-water mark ``VmHWM`` of the whole process —
    weights, optimizer state, activations, everything; CUDA: ``torch.cuda.max_memory_allocated``), the median
    step time as a ratio to the median forward, and the loss before and after.
@@ -187,16 +188,16 @@ def measure(spec: dict) -> dict:
         with torch.no_grad():
             return loss_fn(model)
 
-    start_loss = float(forward())
+    start_loss = float(forward())  # also the forward's warm-up
     forward_s = _median_seconds(forward, spec["forwards"], device)
     step = make_step(spec["method"], model, loss_fn)
-    step()  # warm-up: first-use costs (optimizer state, kernels) are part of the peak, not of the time
-    step_s = _median_seconds(step, spec["steps"], device)
+    losses = [float(step())]  # warm-up: first-use costs (optimizer state, kernels) are in the peak, not the time
+    step_s = _median_seconds(lambda: losses.append(float(step())), spec["steps"], device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"size": spec["size"], "method": spec["method"], "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": trainable, "peak_bytes": peak_bytes(device), "after_build_bytes": weights,
             "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
-            "loss_start": start_loss, "loss_end": float(forward()), "status": "ok"}
+            "loss_start": start_loss, "step_losses": losses, "status": "ok"}
 
 
 def run_worker(spec: dict) -> None:
@@ -359,10 +360,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--sizes", default="", help="comma-separated names of SIZES (default: all)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up step)")
-    p.add_argument("--forwards", type=int, default=2, help="timed no-grad forwards")
+    p.add_argument("--steps", type=int, default=1, help="timed training steps (after one warm-up step)")
+    p.add_argument("--forwards", type=int, default=1, help="timed no-grad forwards")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (size, method) before it counts as failed")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds per (size, method) before it counts as failed")
     p.add_argument("--quick", action="store_true", help="two tiny sizes (vocabulary 128): a smoke test")
     p.add_argument("--out", default="runs/largest_model")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
