@@ -12,7 +12,7 @@ import torch
 
 import fwdgrad
 from fwdgrad.diagnostics import diagnose, parse_methods, second_moments
-from fwdgrad.tangents import SAMPLERS
+from fwdgrad.directions import SAMPLERS
 
 D = torch.float64
 SIZES = {"w": (2, 3), "b": (2,)}  # n = 8

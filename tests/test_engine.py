@@ -264,10 +264,10 @@ def test_deep_copy_of_a_model_after_a_step_is_clean() -> None:
 
 @pytest.mark.parametrize("name", ["gaussian", "rademacher"])
 def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fwdgrad import tangents
+    from fwdgrad.directions import samplers
 
     like = [torch.zeros(40, 30), torch.zeros(30), torch.zeros(7, 3, 3, 3, dtype=torch.float64)]
-    monkeypatch.setattr(tangents, "PARALLEL_DRAW_MIN", 1)
+    monkeypatch.setattr(samplers, "PARALLEL_DRAW_MIN", 1)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -278,8 +278,8 @@ def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytes
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     assert [t.dtype for t in two] == [p.dtype for p in like]
-    seeds = tangents.tensor_seeds(3, torch.Generator().manual_seed(5))
-    assert torch.equal(tangents.draw_tensor(name, like[1], 2, seeds[1], "cpu"), one[1])
+    seeds = samplers.tensor_seeds(3, torch.Generator().manual_seed(5))
+    assert torch.equal(samplers.draw_tensor(name, like[1], 2, seeds[1], "cpu"), one[1])
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn", "twice-and-tied"])

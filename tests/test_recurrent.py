@@ -18,10 +18,10 @@ from fwdgrad.derivatives.through_time import (
     online_forward_gradient,
     run_sequence,
 )
+from fwdgrad.directions import sample_tangents
 from fwdgrad.directions.stateful import MomentumDirections
 from fwdgrad.models import build_model
 from fwdgrad.models.spiking import latency_encode, rate_encode
-from fwdgrad.tangents import sample_tangents
 from problems import RaisingBackward
 
 TOL = 1e-10

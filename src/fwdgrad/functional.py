@@ -54,7 +54,7 @@ def forward_grad(
             tensor; with ``has_aux``, to ``(scalar, aux)``.
         primals: the pytree ``θ`` at which to estimate the gradient.
         num_directions: K, the number of tangents averaged.
-        tangents: sampler name (see :mod:`fwdgrad.tangents`).
+        tangents: sampler name (see :mod:`fwdgrad.directions.samplers`).
         generator: source of randomness; the same state gives the same estimate bit for bit.
         chunk_size: at most this many directions are evaluated at once (bounds memory).
         has_aux: ``fn`` returns ``(scalar, aux)``; aux is returned as well.

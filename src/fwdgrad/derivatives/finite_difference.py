@@ -78,7 +78,7 @@ class Perturbation:
     r"""The K directions of one step, never stored: ``z_{k,i}`` (direction ``k``, tensor ``i``) is drawn
     from its own seed whenever it is needed.
 
-    The generator gives ``K·T`` seeds (``T`` tensors, :func:`fwdgrad.tangents.tensor_seeds`), direction-major;
+    The generator gives ``K·T`` seeds (``T`` tensors, :func:`fwdgrad.directions.tensor_seeds`), direction-major;
     ``z_{k,i} = draw_tensor(base, θ_i, 1, seed[k·T + i])[0]`` with ``base`` ``gaussian`` or ``rademacher``.
     ``sphere`` scales the Gaussian draws of direction ``k`` by ``√n / ‖g_k‖`` (``n`` entries in all); the K
     joint norms are computed once, from one pass of per-tensor draws, when the perturbation is built.
@@ -110,7 +110,7 @@ class Perturbation:
                 self._scale.append(math.sqrt(n) * sq.rsqrt())  # on the parameters' device: no host round trip
 
     def _draw(self, k: int, i: int) -> Tensor:
-        # on the tensor's own device, from its own seed (fwdgrad.tangents.draw_tensor)
+        # on the tensor's own device, from its own seed (fwdgrad.directions.draw_tensor)
         return draw_tensor(self._base, self.params[i], 1, self._seeds[k][i])[0]
 
     def direction(self, k: int, i: int) -> Tensor:

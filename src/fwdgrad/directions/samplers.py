@@ -246,7 +246,7 @@ def orthogonal(like: Sequence[Tensor], num_directions: int, generator: torch.Gen
     n = sum(p.numel() for p in like)
     if num_directions > n:
         raise ValueError(
-            f"fwdgrad.tangents.orthogonal: num_directions={num_directions} exceeds the number of "
+            f"fwdgrad.directions.orthogonal: num_directions={num_directions} exceeds the number of "
             f"parameters n={n}; at most n orthonormal directions exist"
         )
     ref = like[0]
@@ -369,7 +369,7 @@ def variance_factor(name: str, n: int, num_directions: int = 1) -> float:
     Rank-1's value holds when every tensor is either a vector or a matrix (the moment is the same as
     full Rademacher because the entries are ±1 and uncorrelated).
     """
-    check_sampler_name("fwdgrad.tangents.variance_factor", name)
+    check_sampler_name("fwdgrad.directions.variance_factor", name)
     k = num_directions
     if name == "gaussian":
         return (n + 1) / k

@@ -144,7 +144,7 @@ class ActivityPerturbation:
     """Context manager that adds an independent tangent to the output of every picked module.
 
     Use inside ``torch.autograd.forward_ad.dual_level()``. ``sites`` lists every call in forward order.
-    Tangents come from ``sampler`` (a name of :data:`fwdgrad.tangents.SAMPLERS`) with ``generator``; with
+    Tangents come from ``sampler`` (a name of :data:`fwdgrad.directions.SAMPLERS`) with ``generator``; with
     ``shared_noise`` one draw of the per-example shape is broadcast over the batch (dimension 0).
     """
 
