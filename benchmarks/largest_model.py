@@ -188,16 +188,23 @@ def measure(spec: dict) -> dict:
         with torch.no_grad():
             return loss_fn(model)
 
-    start_loss = float(forward())  # also the forward's warm-up
-    forward_s = _median_seconds(forward, spec["forwards"], device)
+    start: list[float] = []
+    losses: list[float] = []
+    # the first call of each is a warm-up (first-use costs are in the peak, not in the time) unless
+    # --forwards / --steps is 0: then the first call itself is timed (big sizes, where those costs are small)
+    first_forward = _median_seconds(lambda: start.append(float(forward())), 1, device)
+    forward_s = _median_seconds(forward, spec["forwards"], device) if spec["forwards"] else first_forward
     step = make_step(spec["method"], model, loss_fn)
-    losses = [float(step())]  # warm-up: first-use costs (optimizer state, kernels) are in the peak, not the time
-    step_s = _median_seconds(lambda: losses.append(float(step())), spec["steps"], device)
+    first_step = _median_seconds(lambda: losses.append(float(step())), 1, device)
+    step_s = first_step
+    if spec["steps"]:
+        step_s = _median_seconds(lambda: losses.append(float(step())), spec["steps"], device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"size": spec["size"], "method": spec["method"], "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": trainable, "peak_bytes": peak_bytes(device), "after_build_bytes": weights,
             "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
-            "loss_start": start_loss, "step_losses": losses, "status": "ok"}
+            "loss_start": start[0], "step_losses": losses,
+            "timed": {"forwards": spec["forwards"], "steps": spec["steps"]}, "status": "ok"}
 
 
 def run_worker(spec: dict) -> None:
@@ -240,11 +247,15 @@ def run_all(args) -> dict:
         raise SystemExit(f"largest_model.py: unknown method {unknown[0]!r}; choose from {METHODS}")
     res: dict = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": [],
                  "load_avg_start": os.getloadavg()[0], "torch": torch.__version__}
-    stopped: set[str] = set()
+    previous = Path(args.out) / "results.json"
+    if args.resume and previous.exists():
+        res["runs"] = json.loads(previous.read_text())["runs"]
+    done = {(r["size"], r["method"]) for r in res["runs"]}
+    stopped = {r["method"] for r in res["runs"] if r["status"] != "ok"}
     for size in sizes:
         n = count_parameters(config_of(size, args.quick, args.seq))
         for method in methods:
-            if method in stopped:
+            if method in stopped or (size, method) in done:
                 continue
             estimate = n * BYTES_PER_PARAMETER[method]
             if estimate > args.memory_cap * GB:
@@ -284,9 +295,10 @@ def table(res: dict) -> str:
     methods = a["methods"].split(",")
     lines = [
         f"Memory cap {a['memory_cap']:g} GB, device {a['device']}, batch {a['batch']} × {a['seq']} tokens, "
-        f"{a['steps']} timed steps after one warm-up, {a['threads']} thread(s), torch {res['torch']}; load average "
-        f"at start {res['load_avg_start']:.1f} (a shared machine: the times are noisy). Each cell: {where} in GB, "
-        "then the median step time as a multiple of one no-grad forward on the same batch.",
+        f"{a['threads']} thread(s), torch {res['torch']}; load average at start {res['load_avg_start']:.1f} (a "
+        f"shared machine: the times are noisy). Each cell: {where} in GB, then the median step time as a "
+        "multiple of one no-grad forward on the same batch (timed after one warm-up step and forward; sizes "
+        "marked † time the first step and the first forward themselves, `--steps 0 --forwards 0`).",
         "",
         "| size | parameters | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
@@ -296,7 +308,8 @@ def table(res: dict) -> str:
         runs = {r["method"]: r for r in res["runs"] if r["size"] == size}
         n = next(r["parameters"] for r in runs.values())
         cells = [_cell(runs.get(m)) for m in methods]
-        lines.append(f"| {size} | {n / 1e6:,.1f} M | " + " | ".join(cells) + " |")
+        first = any(r.get("timed", {}).get("steps", 1) == 0 for r in runs.values())
+        lines.append(f"| {size}{' †' if first else ''} | {n / 1e6:,.1f} M | " + " | ".join(cells) + " |")
     best = res.get("largest") or largest(res)
     base = best.get("adam-fp32", 0)
     lines += ["", "Largest size trained under the cap:", ""]
@@ -360,8 +373,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--sizes", default="", help="comma-separated names of SIZES (default: all)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1, help="timed training steps (after one warm-up step)")
-    p.add_argument("--forwards", type=int, default=1, help="timed no-grad forwards")
+    p.add_argument("--steps", type=int, default=1,
+                   help="timed training steps after one warm-up step (0: time the first step itself)")
+    p.add_argument("--forwards", type=int, default=1,
+                   help="timed no-grad forwards after one warm-up forward (0: time the first one)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (size, method) runs already in <out>/results.json and run only the others")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds per (size, method) before it counts as failed")
