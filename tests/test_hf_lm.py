@@ -88,6 +88,8 @@ def test_next_token_loss_is_hugging_faces_loss_with_padding(kind: str) -> None:
     assert loss.dtype == torch.float64  # ours keeps the logits' float64
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(next_token_loss(model, torch.stack([ids, mask], 1)), loss, rtol=0, atol=0)
+    encoding = transformers.BatchEncoding({"input_ids": ids, "attention_mask": mask})  # what a tokenizer returns
+    torch.testing.assert_close(next_token_loss(model, encoding), loss, rtol=0, atol=0)
     per_sequence = next_token_loss(model, {"input_ids": ids, "attention_mask": mask}, reduction="none")
     assert per_sequence.shape == (2,)
     counts = torch.tensor([6.0, 4.0], dtype=per_sequence.dtype)  # targets: positions 1..6 and 1..4

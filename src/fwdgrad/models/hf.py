@@ -20,6 +20,7 @@ Forward-mode estimators need attention on the math path: wrap their passes in
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,9 @@ def load_causal_lm(
 
 
 def _ids_and_mask(where: str, batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
         if "input_ids" not in batch:
-            raise ValueError(f"{where}: a dict batch needs 'input_ids', got keys {sorted(batch)}")
+            raise ValueError(f"{where}: a mapping batch needs 'input_ids', got keys {sorted(batch)}")
         return batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
     if isinstance(batch, Tensor) and batch.dim() == 2:
         return batch, None, None
@@ -230,7 +231,8 @@ def next_token_loss(model: nn.Module, batch: Any, *, reduction: str = "mean") ->
             returns ``.logits [B, T', V]``. With prompt tuning ``T' > T`` (virtual tokens first): the last
             ``T`` positions are the text's.
         batch: token ids ``[B, T]``; ``(ids, mask)`` stacked ``[B, 2, T]`` (:mod:`fwdgrad.data.glue`'s layout);
-            or a dict with ``input_ids`` and optional ``attention_mask`` and ``labels`` (``-100``: no target).
+            or a mapping (a dict, a tokenizer's ``BatchEncoding``) with ``input_ids`` and optional
+            ``attention_mask`` and ``labels`` (``-100``: no target).
         reduction: ``"mean"`` (over ``S``; what Hugging Face's ``labels=`` loss computes) or ``"none"`` (one
             loss per sequence ``[B]``, the mean over its targets: the per-example losses of ``fg-a``).
 
