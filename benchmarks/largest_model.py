@@ -296,7 +296,7 @@ def table(res: dict) -> str:
     lines = [
         f"Memory cap {a['memory_cap']:g} GB, device {a['device']}, batch {a['batch']} × {a['seq']} tokens, "
         f"{a['threads']} thread(s), torch {res['torch']}; load average at start {res['load_avg_start']:.1f} (a "
-        f"shared machine: the times are noisy). Each cell: {where} in GB, then the median step time as a "
+        f"shared machine: the times are noisy). Each cell: {where} in GB (2³⁰ bytes), then the median step time as a "
         "multiple of one no-grad forward on the same batch (timed after one warm-up step and forward; sizes "
         "marked † time the first step and the first forward themselves, `--steps 0 --forwards 0`).",
         "",
@@ -325,6 +325,8 @@ def _cell(r: dict | None) -> str:
     if r["status"] in ("ok", "over cap"):
         mark = "" if r["status"] == "ok" else " **over cap**"
         return f"{r['peak_bytes'] / GB:.2f} GB, {r['step_over_forward']:.1f}×{mark}"
+    if "can't allocate memory" in r["status"]:  # RLIMIT_AS refused an allocation: the method needs more
+        return f"over cap: allocation refused at {r['peak_bytes'] / GB:.2f} GB"
     return r["status"].replace("|", "/")
 
 
@@ -385,7 +387,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--quick", action="store_true", help="two tiny sizes (vocabulary 128): a smoke test")
     p.add_argument("--out", default="runs/largest_model")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report-only", action="store_true", help="rewrite table.md and memory.png from <out>/results.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        res = json.loads((Path(args.out) / "results.json").read_text())
+        res["largest"] = largest(res)
+        write_results(Path(args.out), res)
+        print(table(res))
+        return res
     if args.worker:
         run_worker(json.loads(args.worker))
         return None

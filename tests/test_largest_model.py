@@ -59,3 +59,6 @@ def test_sizes_over_the_cap_are_not_started(tmp_path) -> None:
     assert res["runs"][0]["status"].startswith("not started: estimate")
     assert res["largest"] == {"adam-fp32": 0}
     assert "not started" in (tmp_path / "table.md").read_text()
+    (tmp_path / "table.md").unlink()
+    again = largest_model.main(["--report-only", "--out", str(tmp_path)])  # the table from results.json
+    assert again["runs"] == res["runs"] and "not started" in (tmp_path / "table.md").read_text()
