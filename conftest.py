@@ -4,9 +4,13 @@ CI runs on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
+
+# Modules that import an optional extra at the top: their doctests run only where it is installed.
+collect_ignore = [] if importlib.util.find_spec("transformers") else ["src/fwdgrad/integrations/transformers.py"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -57,10 +57,17 @@ def _with_buffers() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
 
 
+def _shared_layer() -> nn.Module:
+    """One ``nn.Linear`` instance in two slots of a ``Sequential`` (a layer shared by position)."""
+    shared = nn.Linear(5, 5)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(5, 3))
+
+
 PROBLEMS = [
     Problem("mlp", _mlp, *_data((8, 6), 3, 1)),
     Problem("cnn", _cnn, *_data((4, 1, 6, 6), 3, 2)),
     Problem("batchnorm", _with_buffers, *_data((8, 6), 3, 3)),
+    Problem("shared-layer", _shared_layer, *_data((8, 6), 3, 4)),
 ]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import fwdgrad
 from fwdgrad.directions import TangentSource
+from fwdgrad.directions.stateful import MomentumState
 from problems import DEVICE
 
 DT = torch.float64
@@ -46,14 +47,14 @@ def _draws_for_one_guess(est, model, loss_fn, samples: int) -> tuple[torch.Tenso
     """``(u, [samples, n] estimates)``: one step to start the average, then ``samples`` draws, each from that
     same state (the same guess ``u``)."""
     est(model, loss_fn)
-    state = copy.deepcopy(est._momentum_state)
+    state = est._momentum.state_dict()
     draws = []
     for _ in range(samples):
-        est._momentum_state = copy.deepcopy(state)
+        est._momentum.load_state_dict(copy.deepcopy(state))
         model.zero_grad(set_to_none=True)
         est(model, loss_fn)
         draws.append(_flat(p.grad for p in model.parameters()))
-    return _flat(est._momentum.guess(state[1])), torch.stack(draws)
+    return _flat(est._momentum.source.guess(MomentumState(state["average"], state["count"]))), torch.stack(draws)
 
 
 def _z(draws: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_momentum_estimate_is_exact_along_the_guess() -> None:
     model, loss_fn = _task()
     est = fwdgrad.estimator("fg-w", directions="momentum", num_directions=2, seed=0)
     est(model, loss_fn)  # first step: no guess yet, a plain forward gradient that starts the average
-    u = _flat(est._momentum.guess(est._momentum_state[1]))
+    u = _flat(est._momentum.source.guess(est._momentum._state))
     model.zero_grad()
     est(model, loss_fn)
     ghat, true = _flat(p.grad for p in model.parameters()), _true(model, loss_fn)
@@ -183,7 +184,7 @@ def test_mixed_estimate_equals_autograd_along_the_mixed_tangents(k: int) -> None
     model, loss_fn = _task()
     est = fwdgrad.estimator("fg-w", directions="mixed", guess_weight=0.4, num_directions=k, seed=0)
     est(model, loss_fn)  # first step: plain directions, which start the average
-    u = est._momentum.guess(est._momentum_state[1])
+    u = est._momentum.source.guess(est._momentum._state)
     generator = copy.deepcopy(est._generator)
     model.zero_grad()
     est(model, loss_fn)

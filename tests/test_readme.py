@@ -34,3 +34,28 @@ def test_architecture_examples_run_and_register_generic_recipes() -> None:
     finally:
         for name in ("fg-w-orthogonal-doc", "fg-sign-doc"):
             registry._REGISTRY.pop(name, None)
+
+
+def test_own_training_loop_block_runs_every_line() -> None:
+    """The README's ``## Your own training loop`` recipe runs, and every line of it runs (a line tracer
+    records the executed lines of the block; blank and comment-only lines are not code)."""
+    import sys
+
+    section = README.read_text().split("## Your own training loop", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    name = "README.md[your own training loop]"
+    code_lines = {i for i, line in enumerate(block.splitlines(), start=1) if line.strip()
+                  and not line.strip().startswith("#")}
+    ran: set[int] = set()
+
+    def tracer(frame, event, arg):  # sys.settrace calls it for every event
+        if frame.f_code.co_filename == name and event == "line":
+            ran.add(frame.f_lineno)
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        exec(compile(block, name, "exec"), {"__name__": "__readme__"})
+    finally:
+        sys.settrace(None)
+    assert code_lines - ran == set(), sorted(code_lines - ran)

@@ -7,6 +7,8 @@ convention of ``torch.func`` and ``torch.optim``.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from typing import Any
 
 import torch
@@ -98,3 +100,63 @@ def check_number(
     if not tests[bound](value):
         raise ValueError(f"{where}: {name} must be {finite if say_finite else bound}, got {value!r}")
     return float(value)
+
+
+# -- values against type annotations (the run configuration's fields, checked from their annotations) ------
+
+def annotation_members(tp: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (``int | None`` → ``(int, NoneType)``); any other annotation alone."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def matches_annotation(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the annotated type ``tp`` (bool is not an int, an int is a float)."""
+    members = annotation_members(tp)
+    if len(members) > 1:
+        return any(matches_annotation(value, m) for m in members)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(matches_annotation(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            matches_annotation(k, args[0]) and matches_annotation(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def describe_annotation(tp: Any) -> str:
+    """``float | None`` → ``"a number or none"``, for error messages."""
+    members = annotation_members(tp)
+    if len(members) > 1:
+        return " or ".join(describe_annotation(m) for m in members)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    if tp in names:
+        return names[tp]
+    if origin is list:
+        return f"a list of {describe_annotation(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def as_annotated(value: Any, tp: Any) -> Any:
+    """An int given for a float-only field becomes a float (``lr = 1`` → 1.0), in lists too."""
+    members = annotation_members(tp)
+    if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
+        return float(value)
+    if isinstance(value, list):
+        inner = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list]
+        if inner:
+            return [as_annotated(v, inner[0]) for v in value]
+    return value

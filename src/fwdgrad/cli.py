@@ -87,6 +87,10 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
                                                  f"module.path:function, see docs/cli.md (default: {d.dataset})")
     g.add_argument("--data-dir", default=S, metavar="DIR",
                    help="folder with the dataset files (default: $FWDGRAD_DATA_DIR, else ./data)")
+    g.add_argument("--prompt", default=S, metavar="PROTOCOL[,seed=N][,words=A|B]",
+                   help="with --dataset sst2 and --model hf:DIR: prompts scored by the LM head at the label words "
+                        "(MeZO's protocol: k16, k512, k=N per class, or opt = 1000/500/1000); see docs/integrations.md "
+                        "(default: off, a classifier head)")
     g.add_argument("--download", action="store_true", default=S,
                    help="download missing dataset files into --data-dir, checksum-verified (default: off)")
     g.add_argument("--model", default=S, metavar="NAME[:KEY=VALUE,...]",
@@ -215,6 +219,11 @@ def _config_from_args(args: argparse.Namespace, defaults: RunConfig) -> RunConfi
         for text in getattr(args, "methods", None) or []:
             methods.extend(parse_method_list(text, f"{where}: --methods"))
         config = config_from_mapping(given, config, where)
+        if config.prompt is not None and config.model == "hf":  # the LM head scores the label words
+            from fwdgrad.data.prompts import prompt_model_options
+
+            config = dataclasses.replace(config, model="hf-prompt",
+                                         model_options=prompt_model_options(config.prompt, config.model_options))
         if methods:
             config = dataclasses.replace(config, methods=methods)
         if config.replay_log and config.parallel is None:  # a replayable step is a seed-shared one

@@ -24,6 +24,22 @@ class NonFiniteError(FloatingPointError):
     """The loss or a gradient estimate is NaN or infinite; nothing was written to the parameters."""
 
 
+@contextlib.contextmanager
+def explain_float16_overflow(params: object) -> Iterator[None]:
+    """Add the likely reason to a :class:`NonFiniteError` raised in the block when a parameter is float16,
+    whose range ends at 65504 (PyTorch's forward-AD rules, ``layer_norm``'s among them, overflow there where
+    bfloat16 and float32 do not)."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        if not any(getattr(p, "dtype", None) == torch.float16 for p in params):  # type: ignore[attr-defined]
+            raise
+        raise NonFiniteError(
+            f"{exc}; the parameters are float16, whose range ends at 65504: a tangent or an activation may have "
+            "overflowed (bfloat16 weights, or float32 weights under torch.autocast, have float32's range)"
+        ) from None
+
+
 def _describe(exc: BaseException) -> str | None:
     text = str(exc)
     match = _NO_FORWARD_AD.search(text)

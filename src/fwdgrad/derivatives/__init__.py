@@ -55,7 +55,7 @@ from fwdgrad.derivatives.rules import (
     register_module_rule,
     register_rule,
 )
-from fwdgrad.derivatives.watch import LossFn, once_per_step, restore_buffers, snapshot_buffers
+from fwdgrad.derivatives.watch import LossFn, functional_call_once, once_per_step, restore_buffers, snapshot_buffers
 from fwdgrad.derivatives.window import windowed_directions
 from fwdgrad.directions import PER_TENSOR_SAMPLERS, TangentSource
 from fwdgrad.errors import explain_forward_ad_errors
@@ -138,6 +138,7 @@ __all__ = [
     "fast_directions",
     "fast_rule",
     "forward_mode",
+    "functional_call_once",
     "is_activity_layer",
     "local_weight_grads",
     "module_directions",

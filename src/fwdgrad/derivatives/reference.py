@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fwdgrad._validation import check_real_scalar
-from fwdgrad.derivatives.watch import LossFn
+from fwdgrad.derivatives.watch import LossFn, functional_call_once
 from fwdgrad.directions import TangentSource
 
 Tensor = torch.Tensor
@@ -150,8 +150,9 @@ def _finish_one_by_one(
 
 def call_with_parameters(model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor]) -> Any:
     """``loss_fn(model)`` with the named parameters replaced by ``params`` (dual or batched tensors), via
-    ``torch.func.functional_call``; the module's own parameters are restored afterwards."""
-    return functional_call(_LossOf(model, loss_fn), {"model." + n: t for n, t in params.items()}, ())
+    :func:`functional_call_once`; the module's own parameters are restored afterwards, every slot of a
+    module registered twice included."""
+    return functional_call_once(_LossOf(model, loss_fn), {"model." + n: t for n, t in params.items()})
 
 
 class _LossOf(nn.Module):

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
+from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers, swapped
 from fwdgrad.local import layer_method
 
 Tensor = torch.Tensor
@@ -172,6 +172,22 @@ def module_rule(m: nn.Module, *, global_hooks: bool | None = None) -> ModuleRule
     return rule
 
 
+# --- the compute dtype ----------------------------------------------------------------------------------
+
+
+def in_dtype(t: Any, dtype: torch.dtype) -> Any:
+    """``t`` in ``dtype`` (``None`` and rank-1 factor pairs pass through, each factor cast).
+
+    The rules form a tangent in the dtype of the module's output, the *compute dtype*: the parameters' own
+    dtype, except under ``torch.autocast``, where a float32 layer computes in bfloat16 / float16 and its
+    tangent must too (the dtype PyTorch's own forward-AD rules use there: the cast is part of the layer)."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(in_dtype(f, dtype) for f in t)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # --- nn.Linear ------------------------------------------------------------------------------------------
 
 
@@ -180,6 +196,7 @@ def _linear_primal(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None)
 
 
 def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
+    x, w_t, b_t = in_dtype(x, out.dtype), in_dtype(w_t, out.dtype), in_dtype(b_t, out.dtype)
     if w_t is None:  # frozen weight, trainable bias
         return torch.zeros_like(out) + b_t
     if isinstance(w_t, tuple):  # rank-1: x W_tᵀ = (x·v) uᵀ
@@ -190,6 +207,7 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
 
 
 def _linear_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
+    x_t, weight = in_dtype(x_t, term.dtype), in_dtype(weight, term.dtype)
     if inplace and term.dim() >= 2 and term.is_contiguous() and x_t.shape[:-1] == term.shape[:-1]:
         # [..., out] as [rows, out]: one addmm into the fresh term, no second output-sized buffer
         term.view(-1, term.shape[-1]).addmm_(x_t.reshape(-1, x_t.shape[-1]), weight.t())
@@ -222,6 +240,7 @@ def _conv_primal(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -
 
 
 def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Tensor | None) -> Tensor:
+    x, w_t, b_t = in_dtype(x, out.dtype), in_dtype(w_t, out.dtype), in_dtype(b_t, out.dtype)
     if w_t is None:
         return torch.zeros_like(out) + b_t.view(-1, *([1] * (out.dim() - 2)))
     if isinstance(w_t, tuple):  # rank-1: conv(x, u ⊗ v) = u · conv(x, v), one output map per group
@@ -239,6 +258,7 @@ def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Ten
 
 
 def _conv_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
+    x_t, weight = in_dtype(x_t, term.dtype), in_dtype(weight, term.dtype)
     return term + F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups)
 
 
@@ -270,31 +290,57 @@ def is_activity_layer(m: nn.Module) -> bool:
     return layer_method(m, "activity_weight_grads", "fwdgrad_activity_unit") is True
 
 
+def forward_rule(m: nn.Module) -> LayerRule | None:
+    """The rule of ``m`` as a description of what produced its output from the input it *received*, for a
+    weight rule applied to a stored input and output gradient; ``None`` when it does not describe that.
+
+    Unlike :func:`fast_rule`, the module's own hooks do not matter: the stored input is the one its forward
+    received (after every pre-hook) and the output is the one its forward returned, read before its own
+    forward hooks run (fwdgrad reads it with a prepended hook). Global forward hooks run before any module
+    hook, so a foreign one makes the rule inexact."""
+    rule = RULES.get(type(m))
+    if rule is None or not rule.eligible(m) or "forward" in m.__dict__ or _foreign(_module._global_forward_hooks):
+        return None
+    return rule
+
+
 def local_weight_grads(m: nn.Module, inputs: tuple[Any, ...], grad_output: Tensor) -> dict[str, Tensor]:
     """Parameter gradients of ``m`` alone (names relative to ``m``) from the gradient of its output.
 
-    In order: the layer's own :class:`ActivityLayer` rule, the registered rule of its type (when
-    :func:`fast_rule` vouches for it), else a backward graph that spans this module only (its forward
-    re-run on the stored inputs, hooks included)."""
+    ``inputs`` are the inputs ``m``'s forward received (after its pre-hooks) and ``grad_output`` is the
+    gradient of what it returned, before its own forward hooks (see :func:`forward_rule`). In order: the
+    layer's own :class:`ActivityLayer` rule, the registered rule of its type (when :func:`forward_rule`
+    vouches for it), else a backward graph that spans this module only: ``m.forward`` re-run on the stored
+    inputs with no pre-hook applied again (its children's hooks run in it: they are part of its forward)."""
     own = layer_method(m, "activity_weight_grads", "local_grads")
     if own is not None and len(inputs) == 1:
         return own(inputs[0], grad_output)
-    rule = fast_rule(m)
+    rule = forward_rule(m)
     if rule is not None and len(inputs) == 1 and isinstance(inputs[0], Tensor):
         return rule.weight_grads(m, inputs[0], grad_output)
     return _module_vjp(m, inputs, grad_output)
 
 
-def _module_vjp(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
-    from torch.func import functional_call
+def _forward_as_received(module: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """``module.forward(*inputs)`` followed by the foreign global forward hooks: what produced the output a
+    prepended forward hook of ``module`` sees, from the inputs it received (pre-hooks already applied)."""
+    out = module.forward(*inputs)
+    for hook in _module._global_forward_hooks.values():
+        if not getattr(hook, "_fwdgrad_benign", False):
+            replaced = hook(module, inputs, out)
+            out = out if replaced is None else replaced
+    return out
 
+
+def _module_vjp(module: nn.Module, inputs: tuple[Any, ...], g: Tensor) -> dict[str, Tensor]:
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     if not names:
         return {}
     saved = snapshot_buffers(module)  # the re-run must not move BatchNorm's statistics again
     with torch.enable_grad():
         ps = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters() if p.requires_grad}
-        out = functional_call(module, ps, inputs)
+        with swapped(module, ps):
+            out = _forward_as_received(module, inputs)
         grads = torch.autograd.grad(out, list(ps.values()), grad_outputs=g, allow_unused=True)
     restore_buffers(saved)
     return {n: torch.zeros_like(ps[n]) if gr is None else gr for n, gr in zip(names, grads)}

@@ -75,8 +75,8 @@ from typing import Any, Protocol, Union, runtime_checkable
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call
 
+from fwdgrad.derivatives.watch import functional_call_once
 from fwdgrad.directions import check_sampler_name, sample_tangents
 
 Tensor = torch.Tensor
@@ -394,7 +394,7 @@ def online_forward_gradient(
             vs = _directions(where, directions, primals, generator)
             with fwAD.dual_level():
                 duals = {"model." + n: fwAD.make_dual(p, v) for n, p, v in zip(params, primals, vs)}
-                state, loss = functional_call(runner, duals, (seq, state, start, stop))
+                state, loss = functional_call_once(runner, duals, (seq, state, start, stop))
                 state = _map_state(lambda s: _primal(s).clone(), state)
                 if loss is None:
                     loss_p, deriv = seq.new_zeros(()), seq.new_zeros(())

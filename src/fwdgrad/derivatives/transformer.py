@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any
@@ -140,45 +141,64 @@ def _plain(x: Any) -> tuple[Any, Tensor | None]:
 # -- the rule ---------------------------------------------------------------------------------------------
 
 
-def mha_jvp(
-    m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], values: dict[str, tuple[Any, Any]],
-) -> tuple[Tensor, Tensor | None] | None:
-    """``m(*args, **kwargs)`` for ``nn.MultiheadAttention`` ``m`` under forward AD: ``(output, weights)``
-    with their tangents (dual tensors; a plain tensor where the tangent is zero), or ``None`` for a call this
-    rule does not describe. ``values``: ``name → (primal, tangent)`` for the names of ``_parameters(m)``."""
-    try:
-        bound = _SIGNATURE.bind(m, *args, **kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    a = bound.arguments
-    query, key, value = a["query"], a["key"], a["value"]
-    need_weights, average, is_causal = a["need_weights"], a["average_attn_weights"], a["is_causal"]
-    if not all(isinstance(x, Tensor) and not x.is_nested for x in (query, key, value)):
-        return None
-    if m.training and m.dropout > 0.0:  # the RNG draw of the math path is not reproduced here
-        return None
-    if not all(isinstance(f, bool) for f in (need_weights, average, is_causal)):
-        return None
-    (xq, xq_t), (xk, xk_t), (xv, xv_t) = _plain(query), _plain(key), _plain(value)
-    dtype = values["out_proj.weight"][0].dtype
-    if not (xq.dtype == xk.dtype == xv.dtype == dtype):
-        return None
+@dataclasses.dataclass
+class _Call:
+    """One ``nn.MultiheadAttention`` call the rule describes: inputs and their tangents as ``[N, L, E]`` /
+    ``[N, S, kdim]`` / ``[N, S, vdim]`` views, the masks as additive float masks (``key_padding_mask``
+    ``[N, S]``, ``attn_mask`` ``[1 or N·H, L, S]``), and the flags of the call."""
+
+    x: tuple[Tensor, Tensor, Tensor]
+    x_t: tuple[Tensor | None, Tensor | None, Tensor | None]
+    kpm: Tensor | None
+    attn_mask: Tensor | None
+    causal: bool
+    batched: bool
+    need_weights: bool
+    average: bool
+
+
+def _call_masks(a: dict[str, Any], dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None] | None:
+    """``(key_padding_mask, attn_mask)`` as primal tensors, or ``None`` where the rule does not describe them:
+    a mask with a tangent (a learned mask: its tangent would be lost), a float mask of another dtype, masks of
+    mixed kinds (PyTorch warns and converts; not reproduced), ``is_causal`` without a mask (PyTorch raises)."""
     masks = []
     for mask in (a["key_padding_mask"], a["attn_mask"]):
         if mask is not None:
             if not isinstance(mask, Tensor) or fwAD.unpack_dual(mask).tangent is not None:
-                return None  # a learned mask: its tangent would be lost
+                return None
             mask = fwAD.unpack_dual(mask).primal
             if mask.dtype != torch.bool and mask.dtype != dtype:
                 return None
         masks.append(mask)
     kpm, attn_mask = masks
     if kpm is not None and attn_mask is not None and (kpm.dtype == torch.bool) != (attn_mask.dtype == torch.bool):
-        return None  # PyTorch warns and converts; not reproduced
-    if is_causal and attn_mask is None:
-        return None  # PyTorch raises: the general path says so
+        return None
+    if a["is_causal"] and attn_mask is None:
+        return None
+    return kpm, attn_mask
 
+
+def _bind_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype) -> _Call | None:
+    """The call ``m(*args, **kwargs)`` in the rule's layout, or ``None`` for a call it does not describe
+    (dropout in training mode, nested or mistyped inputs, masks as in :func:`_call_masks`, shapes the module
+    would refuse)."""
+    try:
+        bound = _SIGNATURE.bind(m, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    need_weights, average, is_causal = a["need_weights"], a["average_attn_weights"], a["is_causal"]
+    if not all(isinstance(x, Tensor) and not x.is_nested for x in (a["query"], a["key"], a["value"])):
+        return None
+    if m.training and m.dropout > 0.0:  # the RNG draw of the math path is not reproduced here
+        return None
+    if not all(isinstance(f, bool) for f in (need_weights, average, is_causal)):
+        return None
+    (xq, xq_t), (xk, xk_t), (xv, xv_t) = _plain(a["query"]), _plain(a["key"]), _plain(a["value"])
+    masks = _call_masks(a, dtype) if xq.dtype == xk.dtype == xv.dtype == dtype else None
+    if masks is None:
+        return None
     batched = xq.dim() == 3
     if xq.dim() not in (2, 3) or xk.dim() != xq.dim() or xv.dim() != xq.dim():
         return None
@@ -191,85 +211,123 @@ def mha_jvp(
         return x if m.batch_first else x.transpose(0, 1)
 
     xq, xq_t, xk, xk_t, xv, xv_t = (to_nle(x) for x in (xq, xq_t, xk, xk_t, xv, xv_t))
-    n, tgt, e = xq.shape
-    src = xk.shape[1]
-    h = m.num_heads
-    d = e // h
-    if e != m.embed_dim or xk.shape[0] != n or xv.shape[:2] != xk.shape[:2]:
+    kpm, attn_mask = _shaped_masks(m, masks, batched, xq.shape, xk.shape[1], dtype)
+    if kpm is False or _refused_shapes(m, xq, xk, xv):
         return None
-    if xk.shape[2] != m.kdim or xv.shape[2] != m.vdim or (m._qkv_same_embed_dim and xk.shape != xv.shape):
-        return None
+    causal = is_causal and kpm is None and not need_weights  # PyTorch then drops attn_mask for SDPA's own
+    return _Call((xq, xk, xv), (xq_t, xk_t, xv_t), kpm, None if causal else attn_mask, causal, batched,
+                 need_weights, average)
+
+
+def _refused_shapes(m: nn.Module, xq: Tensor, xk: Tensor, xv: Tensor) -> bool:
+    """Whether the inputs' shapes are ones ``m`` would refuse (embedding sizes, batch sizes)."""
+    if xq.shape[2] != m.embed_dim or xk.shape[0] != xq.shape[0] or xv.shape[:2] != xk.shape[:2]:
+        return True
+    return xk.shape[2] != m.kdim or xv.shape[2] != m.vdim or (m._qkv_same_embed_dim and xk.shape != xv.shape)
+
+
+def _shaped_masks(
+    m: nn.Module, masks: tuple[Tensor | None, Tensor | None], batched: bool, q_shape: torch.Size, src: int,
+    dtype: torch.dtype,
+) -> tuple[Any, Tensor | None]:
+    """The masks as additive float masks in the rule's shapes: ``key_padding_mask`` ``[N, S]``, ``attn_mask``
+    ``[1 or N·H, L, S]``; ``(False, None)`` where a mask's shape is one the module would refuse."""
+    kpm, attn_mask = masks
+    n, tgt, _ = q_shape
     if kpm is not None:
         if kpm.dim() != (2 if batched else 1):
-            return None
+            return False, None
         kpm = kpm if batched else kpm.unsqueeze(0)
         if kpm.shape != (n, src):
-            return None
+            return False, None
         kpm = _float_mask(kpm, dtype)
     if attn_mask is not None:
         if attn_mask.dim() == 2 and attn_mask.shape == (tgt, src):
             attn_mask = attn_mask.unsqueeze(0)
-        elif not (attn_mask.dim() == 3 and attn_mask.shape == (n * h, tgt, src)):
-            return None
+        elif not (attn_mask.dim() == 3 and attn_mask.shape == (n * m.num_heads, tgt, src)):
+            return False, None
         attn_mask = _float_mask(attn_mask, dtype)
-    causal = is_causal and kpm is None and not need_weights  # PyTorch then drops attn_mask for SDPA's own
-    if causal:
-        attn_mask = None
+    return kpm, attn_mask
 
-    # in-projections
-    def param(name: str) -> tuple[Any, Any]:
-        return values.get(name, (None, None))
 
-    b_in, b_in_t = param("in_proj_bias")
+def _in_projections(
+    m: nn.Module, call: _Call, values: dict[str, tuple[Any, Any]]
+) -> list[tuple[Tensor, Tensor | None]]:
+    """``[(Q, Q_t), (K, K_t), (V, V_t)]``, each ``[N, ·, E]``: the inputs through the module's in-projections.
+    (PyTorch projects self-attention inputs with one packed matmul: the same values, rounding aside.)"""
+    e = m.embed_dim
+    b_in, b_in_t = values.get("in_proj_bias", (None, None))
     biases = [(None, None)] * 3 if b_in is None else [
         (b_in[i * e:(i + 1) * e], None if b_in_t is None else b_in_t[i * e:(i + 1) * e]) for i in range(3)
     ]
     if m._qkv_same_embed_dim:
-        w_in, w_in_t = param("in_proj_weight")
+        w_in, w_in_t = values.get("in_proj_weight", (None, None))
         weights = [(w_in[i * e:(i + 1) * e], _rows(w_in_t, i * e, (i + 1) * e)) for i in range(3)]
     else:
-        weights = [param(f"{c}_proj_weight") for c in "qkv"]
-    projected = []
-    for (x, x_t), (w, w_t), (b, b_t) in zip(((xq, xq_t), (xk, xk_t), (xv, xv_t)), weights, biases):
-        projected.append((F.linear(x, w, b), _linear_tangent(x, x_t, w, w_t, b_t)))
-    (q, q_t), (k, k_t), (v, v_t) = projected
-    # (PyTorch projects self-attention inputs with one packed matmul: the same values, rounding aside)
+        weights = [values.get(f"{c}_proj_weight", (None, None)) for c in "qkv"]
+    return [(F.linear(x, w, b), _linear_tangent(x, x_t, w, w_t, b_t))
+            for x, x_t, (w, w_t), (b, b_t) in zip(call.x, call.x_t, weights, biases)]
 
-    bias_k, bias_k_t = param("bias_k")
-    bias_v, bias_v_t = param("bias_v")
+
+def _extra_keys(
+    m: nn.Module, call: _Call, values: dict[str, tuple[Any, Any]], kv: list[tuple[Tensor, Tensor | None]]
+) -> list[tuple[Tensor, Tensor | None]] | None:
+    """``[(K, K_t), (V, V_t)]`` as ``[N, H, S', d]`` heads with the ``bias_k``/``bias_v`` row and the
+    ``add_zero_attn`` zero row appended where the module asks, the call's masks padded to match; ``None``
+    where only one of ``bias_k``/``bias_v`` is set."""
+    (k, k_t), (v, v_t) = kv
+    n, e, h = k.shape[0], m.embed_dim, m.num_heads
+    bias_k, bias_k_t = values.get("bias_k", (None, None))
+    bias_v, bias_v_t = values.get("bias_v", (None, None))
     if (bias_k is None) != (bias_v is None):
         return None
+    pads = 0
     if bias_k is not None:
         bias_k_t, bias_v_t = _dense(bias_k_t, bias_k), _dense(bias_v_t, bias_v)
         k, k_t = _cat(k, k_t, bias_k.expand(n, 1, e), None if bias_k_t is None else bias_k_t.expand(n, 1, e), 1)
         v, v_t = _cat(v, v_t, bias_v.expand(n, 1, e), None if bias_v_t is None else bias_v_t.expand(n, 1, e), 1)
-        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
-
-    def heads(x: Tensor | None) -> Tensor | None:  # [N, S, E] → [N, H, S, d]
-        return None if x is None else x.view(n, x.shape[1], h, d).transpose(1, 2)
-
-    q, q_t, k, k_t, v, v_t = (heads(x) for x in (q, q_t, k, k_t, v, v_t))
+        pads += 1
+    k, k_t, v, v_t = (_heads(x, h) for x in (k, k_t, v, v_t))
     if m.add_zero_attn:
-        zeros = torch.zeros(n, h, 1, d, dtype=dtype, device=k.device)
+        zeros = torch.zeros(n, h, 1, e // h, dtype=k.dtype, device=k.device)
         k, k_t = _cat(k, k_t, zeros, None, 2)
         v, v_t = _cat(v, v_t, zeros, None, 2)
-        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-        kpm = None if kpm is None else F.pad(kpm, (0, 1))
-    s_len = k.shape[2]
+        pads += 1
+    if pads:
+        call.attn_mask = None if call.attn_mask is None else F.pad(call.attn_mask, (0, pads))
+        call.kpm = None if call.kpm is None else F.pad(call.kpm, (0, pads))
+    return [(k, k_t), (v, v_t)]
 
-    # the additive mask, [N or 1, H or 1, L, S']
+
+def _heads(x: Tensor | None, h: int) -> Tensor | None:
+    """``[N, S, E] → [N, H, S, d]``."""
+    return None if x is None else x.view(x.shape[0], x.shape[1], h, x.shape[2] // h).transpose(1, 2)
+
+
+def _attention_bias(call: _Call, h: int, tgt: int, s_len: int, like: Tensor) -> Tensor | None:
+    """The additive mask :math:`M`, ``[N or 1, H or 1, L, S']``: ``attn_mask`` plus ``key_padding_mask``, or
+    the causal mask (``-inf`` above the diagonal)."""
+    n = like.shape[0]
     bias = None
-    if attn_mask is not None:
-        bias = attn_mask.view(1, 1, tgt, s_len) if attn_mask.shape[0] == 1 else attn_mask.view(n, h, tgt, s_len)
-    if kpm is not None:
-        kpm = kpm.view(n, 1, 1, s_len)
+    if call.attn_mask is not None:
+        mask = call.attn_mask
+        bias = mask.view(1, 1, tgt, s_len) if mask.shape[0] == 1 else mask.view(n, h, tgt, s_len)
+    if call.kpm is not None:
+        kpm = call.kpm.view(n, 1, 1, s_len)
         bias = kpm if bias is None else bias + kpm
-    if causal:
-        allowed = torch.ones(tgt, s_len, dtype=torch.bool, device=q.device).tril()
-        bias = torch.zeros(tgt, s_len, dtype=dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    if call.causal:
+        allowed = torch.ones(tgt, s_len, dtype=torch.bool, device=like.device).tril()
+        bias = torch.zeros(tgt, s_len, dtype=like.dtype, device=like.device).masked_fill_(~allowed, float("-inf"))
+    return bias
 
-    scale = 1.0 / math.sqrt(d)
+
+def _attend(
+    q: Tensor, q_t: Tensor | None, kv: list[tuple[Tensor, Tensor | None]], bias: Tensor | None, need_weights: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """``(O, O_t, P, P_t)`` per head (module docstring): :math:`S = cQK^\top + M`, :math:`P = softmax(S)`,
+    :math:`O = PV` and their tangents; ``q`` ``[N, H, L, d]``, ``kv`` ``[N, H, S', d]``."""
+    (k, k_t), (v, v_t) = kv
+    scale = 1.0 / math.sqrt(q.shape[-1])
     q = q * scale
     kt = k.transpose(-2, -1)
     scores = q @ kt
@@ -292,14 +350,35 @@ def mha_jvp(
     if v_t is not None:
         term = p @ v_t
         o_t = term if o_t is None else o_t.add_(term)
-    del v, v_t
+    return o, o_t, p, p_t
+
+
+def mha_jvp(
+    m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], values: dict[str, tuple[Any, Any]],
+) -> tuple[Tensor, Tensor | None] | None:
+    """``m(*args, **kwargs)`` for ``nn.MultiheadAttention`` ``m`` under forward AD: ``(output, weights)``
+    with their tangents (dual tensors; a plain tensor where the tangent is zero), or ``None`` for a call this
+    rule does not describe. ``values``: ``name → (primal, tangent)`` for the names of ``_parameters(m)``."""
+    call = _bind_call(m, args, kwargs, values["out_proj.weight"][0].dtype)
+    if call is None:
+        return None
+    (q, q_t), *kv = _in_projections(m, call, values)
+    kv = _extra_keys(m, call, values, kv)
+    if kv is None:
+        return None
+    n, tgt, e = q.shape
+    h = m.num_heads
+    q, q_t = _heads(q, h), _heads(q_t, h)
+    bias = _attention_bias(call, h, tgt, kv[0][0].shape[2], q)
+    o, o_t, p, p_t = _attend(q, q_t, kv, bias, call.need_weights)
+    del kv
 
     def merge(x: Tensor | None) -> Tensor | None:  # [N, H, L, d] → [N, L, E]
         return None if x is None else x.transpose(1, 2).reshape(n, tgt, e)
 
     o, o_t = merge(o), merge(o_t)
-    w_o, w_o_t = param("out_proj.weight")
-    b_o, b_o_t = param("out_proj.bias")
+    w_o, w_o_t = values.get("out_proj.weight", (None, None))
+    b_o, b_o_t = values.get("out_proj.bias", (None, None))
     y = F.linear(o, w_o, b_o)
     y_t = _linear_tangent(o, o_t, w_o, w_o_t, b_o_t)
     del o, o_t
@@ -307,17 +386,17 @@ def mha_jvp(
     def back(x: Tensor | None) -> Tensor | None:  # [N, L, E] → the caller's layout
         if x is None:
             return None
-        if not batched:
+        if not call.batched:
             return x.squeeze(0)
         return x if m.batch_first else x.transpose(0, 1)
 
     out = _dual(back(y), back(y_t))
-    if not need_weights:
+    if not call.need_weights:
         return out, None
-    if average:
+    if call.average:
         p = p.mean(1)
         p_t = None if p_t is None else p_t.mean(1)
-    if not batched:
+    if not call.batched:
         p = p.squeeze(0)
         p_t = None if p_t is None else p_t.squeeze(0)
     return out, _dual(p, p_t)

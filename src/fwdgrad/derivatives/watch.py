@@ -6,6 +6,9 @@ that counts every torch call on it: a loss that touches a parameter outside its 
 penalty in ``loss_fn``, ``module.forward`` called directly, a tied weight used through ``F.linear``) would
 make the pass wrong, so the pass reports it and the caller takes the reference path instead, with the
 buffers restored first (:func:`snapshot_buffers`).
+
+Every substitution of parameters by name goes through :func:`swapped` / :func:`functional_call_once`, which
+swap each slot exactly once (a module registered under two names keeps its ``nn.Parameter`` objects).
 """
 
 from __future__ import annotations
@@ -70,6 +73,75 @@ def watched_view(param: Tensor, primal: Tensor) -> Tensor:
     w = Tensor._make_subclass(_Watched, primal.detach(), False)
     _WATCHED[key] = (weakref.ref(param, lambda _, key=key: _WATCHED.pop(key, None)), layout, w)
     return w
+
+
+def slot_names(module: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor)`` → one qualified name per distinct slot (``owner._parameters[attr]`` or
+    ``owner._buffers[attr]``, owners distinct by identity) that holds the tensor.
+
+    A module instance registered twice (``nn.Sequential(lin, act, lin)``) is *one* owner: its weight has one
+    slot, reachable under two names. A weight tied into two modules (``b.weight = a.weight``) has two."""
+    out: dict[int, list[str]] = {}
+    for prefix, owner in module.named_modules():  # duplicates removed: each owner once, by identity
+        for attr, t in (*owner._parameters.items(), *owner._buffers.items()):
+            if t is not None:
+                out.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return out
+
+
+@contextmanager
+def swapped(module: nn.Module, tensors: dict[str, Tensor]) -> Iterator[None]:
+    """The named parameters / buffers of ``module`` replaced by ``tensors``, every slot exactly once, and
+    restored afterwards.
+
+    Each given name is expanded to every distinct slot holding the same tensor (:func:`slot_names`: a weight
+    tied into two modules follows its replacement in both; a module registered under two names has one
+    slot). ``torch.func.functional_call``'s own weight tying swaps such a module's slot twice and restores it
+    to the replacement, leaving the module without its ``nn.Parameter``. Two different values for one tensor
+    raise ``ValueError``; a name ``module`` does not have raises ``KeyError``.
+    """
+    current = dict(module.named_parameters(remove_duplicate=False))
+    current.update(module.named_buffers(remove_duplicate=False))
+    slots = slot_names(module)
+    expanded: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        if name not in current:
+            raise KeyError(f"fwdgrad: {type(module).__name__} has no parameter or buffer {name!r}")
+        for slot in slots.get(id(current[name]), [name]):
+            if slot in expanded and expanded[slot] is not value:
+                raise ValueError(f"fwdgrad: two values given for the tied tensor at {slot!r}")
+            expanded[slot] = value
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for slot, value in expanded.items():
+            prefix, _, attr = slot.rpartition(".")
+            owner = module.get_submodule(prefix)
+            table = owner._parameters if attr in owner._parameters else owner._buffers
+            saved.append((table, attr, table[attr]))
+            table[attr] = value
+        yield
+    finally:
+        for table, attr, old in reversed(saved):
+            table[attr] = old
+
+
+def functional_call_once(
+    module: nn.Module, tensors: dict[str, Tensor], args: Any = (), kwargs: dict[str, Any] | None = None
+) -> Any:
+    """``module(*args, **kwargs)`` with the named tensors substituted (:func:`swapped`): what
+    ``torch.func.functional_call`` does, with every slot swapped exactly once.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> net = torch.nn.Sequential(lin, torch.nn.Tanh(), lin)
+        >>> out = functional_call_once(net, {"0.weight": torch.zeros(2, 2)}, (torch.ones(1, 2),))
+        >>> isinstance(net[2].weight, torch.nn.Parameter) and net[2].weight is lin.weight
+        True
+    """
+    args = args if isinstance(args, tuple) else (args,)
+    with swapped(module, tensors):
+        return module(*args, **(kwargs or {}))
 
 
 class ModulePass:

@@ -103,15 +103,20 @@ class BoundMomentum:
         self._state: MomentumState | None = None
 
     def bind(self, params: Sequence[Tensor]) -> MomentumState:
-        """The state of ``params`` (zero averages the first time, or after the parameters changed)."""
+        """The state of ``params`` (zero averages the first time, or after the parameters changed), its
+        averages in the parameters' dtype and on their device: a state restored from a checkpoint, or kept
+        across ``model.double()`` / ``model.to(device)``, follows the parameters (values converted, as
+        ``torch.optim`` does on ``load_state_dict``)."""
         ids = [id(p) for p in params]
         if self._state is not None and self._ids is None:  # restored from a checkpoint
             if [m.shape for m in self._state.average] == [p.shape for p in params]:
-                self._state.average = [m.to(p.device) for m, p in zip(self._state.average, params)]
                 self._ids = ids
         if self._state is None or self._ids != ids:
             self._state, self._ids = self.source.init([p.detach() for p in params]), ids
-        return self._state
+        state = self._state
+        if any(m.dtype != p.dtype or m.device != p.device for m, p in zip(state.average, params)):
+            state.average = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(state.average, params)]
+        return state
 
     def update(self, state: MomentumState, estimate: Sequence[Tensor]) -> MomentumState:
         """:meth:`MomentumDirections.update`."""

@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
+from fwdgrad.derivatives import functional_call_once
 from fwdgrad.distributed.seeds import step_source
 from fwdgrad.estimators import ImplicitGradient
 
@@ -64,7 +65,7 @@ class _Stage:
         tangents = tuple(src.dense(i, 0) for i in range(len(names)))  # type: ignore[attr-defined]
 
         def f(x: Tensor, *ps: Tensor) -> Tensor:
-            out = functional_call(self.module, dict(zip(names, ps, strict=True)), (x,))
+            out = functional_call_once(self.module, dict(zip(names, ps, strict=True)), (x,))
             return self.criterion(out, target) if self.last else out  # type: ignore[arg-type]
 
         with torch.no_grad():

@@ -196,7 +196,9 @@ class ActivityPerturbation:
     def __enter__(self) -> ActivityPerturbation:
         for name, module in self.chosen:
             hook = lambda m, a, o, _n=name: self._perturb(_n, m, a, o)
-            self._handles.append(module.register_forward_hook(hook))
+            # first of the module's own hooks: the site is what its forward returned (the weight rule's
+            # output); forward hooks of the user's run after it, in forward mode, as the rest of the network
+            self._handles.append(module.register_forward_hook(hook, prepend=True))
         if self.skip_inactive:
             for m in self.model.modules():
                 if isinstance(m, nn.ReLU):
@@ -231,6 +233,23 @@ def uncovered_parameters(
         elif id(p) in outside:
             out[n] = "tied to a module that is not perturbed"
     return out
+
+
+def refuse_batch_coupling(where: str, model: nn.Module) -> None:
+    """Raise ``ValueError`` when a module of ``model`` normalises with *batch* statistics (BatchNorm in
+    training mode, or without running statistics), before anything runs.
+
+    Such a module couples the examples of a batch: example ``b``'s loss then depends on every example's
+    perturbed activities, the per-example derivative ``d_b`` carries the other examples' tangents, and
+    ``d_b/B · u_b`` is biased (measured: 0.23 from the gradient however many directions are averaged). In
+    eval mode BatchNorm is a per-channel affine map and activity perturbation is exact in expectation."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            raise ValueError(
+                f"{where}: {type(m).__name__} {name!r} normalises with batch statistics (training mode), which "
+                "couples the examples and biases activity perturbation; call model.eval() on it, use a "
+                "per-example norm (LayerNorm, GroupNorm) or weight perturbation ('fg-w')"
+            )
 
 
 def _coverage_error(where: str, uncovered: dict[str, str]) -> ValueError:
@@ -294,8 +313,9 @@ class ActivityForwardGradient(SampledEstimator):
 
     A trainable parameter that the perturbed modules cannot reach (registered in no perturbed module, tied
     into another one, or used outside their forward, as in ``nn.LSTM`` or ``nn.MultiheadAttention``)
-    raises ``ValueError`` naming it: the estimate would be a silent zero. Buffers (BatchNorm statistics)
-    move once per step, whatever K is.
+    raises ``ValueError`` naming it: the estimate would be a silent zero. So does BatchNorm normalising with
+    batch statistics (training mode): it couples the examples and biases the estimate
+    (:func:`refuse_batch_coupling`); in eval mode it is supported. Buffers move once per step, whatever K is.
 
     Example:
         >>> import torch, torch.nn.functional as F, fwdgrad
@@ -340,12 +360,13 @@ class ActivityForwardGradient(SampledEstimator):
             self.direction_beta = float(direction_beta)
             self._momentum = BoundMomentum(MomentumDirections(direction_beta))
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The state of stateful directions (``directions="momentum"``), for checkpoints; ``None`` otherwise."""
+    _state_attributes = ("_momentum",)
+
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The running average of ``directions="momentum"`` (``{"average", "count"}``), else ``None``."""
         return None if self._momentum is None else self._momentum.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`state_dict`; it binds to the model's parameters at the next step."""
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
         if self._momentum is None:
             if state is not None:
                 raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no state "
@@ -389,6 +410,7 @@ class ActivityForwardGradient(SampledEstimator):
     ) -> tuple[Tensor, dict[str, Tensor], set[str]]:
         """The activity estimate averaged over K passes, and the names of the parameters it gives exactly
         (an ``exact_output`` read-out's, in every pass)."""
+        refuse_batch_coupling(where, model)
         chosen = select_modules(where, model, self.modules)
         uncovered = uncovered_parameters(model, chosen, params)
         if uncovered:

@@ -12,6 +12,9 @@ Gradient`, e.g. an implicit one whose directions can be regenerated) or the simp
 :meth:`Estimator.estimate` (``(loss, {name: gradient})``). :class:`SampledEstimator` is the shared base of
 the estimators that draw random tangents: it validates ``num_directions``, ``tangents``, ``seed`` /
 ``generator`` and ``chunk_size`` once for all of them.
+
+A ``torch.compile``'d model is run as its original module (:func:`eager_module`): forward-mode AD needs
+eager execution; the parameters are the same objects.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from torch import nn
 from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives import call_with_parameters
 from fwdgrad.directions import check_sampler_name
+from fwdgrad.errors import explain_float16_overflow
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient
+from fwdgrad.estimators.state import bind_fused_momentum, load_state, state_of
 
 Tensor = torch.Tensor
 LossFn = Callable[[nn.Module], Tensor]
 
-__all__ = ["Estimator", "LossFn", "SampledEstimator", "call_with_parameters", "trainable_parameters"]
+__all__ = ["Estimator", "LossFn", "SampledEstimator", "call_with_parameters", "eager_module", "trainable_parameters"]
 
 
 def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -40,7 +45,31 @@ def trainable_parameters(where: str, model: nn.Module) -> dict[str, nn.Parameter
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{where}: model {type(model).__name__} has no parameter with requires_grad=True")
+    meta = next((n for n, p in params.items() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{where}: parameter {meta!r} is on the meta device (shapes only, no values); "
+                         "materialise the model first, e.g. model.to_empty(device='cpu') and initialise it")
     return params
+
+
+def eager_module(model: Any) -> Any:
+    """The module an estimator runs: for a ``torch.compile``'d model (``torch._dynamo``'s ``OptimizedModule``)
+    its original module ``_orig_mod``, else ``model`` itself.
+
+    Forward-mode AD with dual tensors and fwdgrad's per-module passes (hooks and parameter swaps inside the
+    forward) run eagerly; Dynamo cannot trace them. The original module holds the very same ``nn.Parameter``
+    objects, so ``.grad`` and in-place updates reach the compiled model, which stays compiled for the
+    user's own calls.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> eager_module(torch.compile(lin)) is lin
+        True
+    """
+    while type(model).__name__ == "OptimizedModule" and type(model).__module__.startswith("torch._dynamo"):
+        model = model._orig_mod
+    return model
 
 
 def check_rate(where: str, name: str, value: object, *, strictly_positive: bool, below_one: bool = False) -> float:
@@ -63,6 +92,8 @@ class Estimator:
 
     per_example_loss: ClassVar[bool] = False
     _name: str = ""
+    #: attributes that :meth:`_extra_state` carries or that the next step rebuilds (not reported as unsaved)
+    _state_attributes: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -70,9 +101,11 @@ class Estimator:
 
     def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
         where = f"{type(self).__name__}.__call__"
+        model = eager_module(model)
         params = self._checked(where, model, loss_fn)
-        grad = self.step(model, loss_fn, params)
-        grad.accumulate(where, list(params.values()), list(params))
+        with explain_float16_overflow(params.values()):
+            grad = self.step(model, loss_fn, params)
+            grad.accumulate(where, list(params.values()), list(params))
         return grad.loss.detach()
 
     def step(
@@ -123,11 +156,38 @@ class Estimator:
         lr = check_rate(where, "lr", lr, strictly_positive=True)
         weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
         momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
+        model = eager_module(model)
         params = self._checked(where, model, loss_fn)
-        grad = self.step(model, loss_fn, params, lean=True)
-        buffers = self.__dict__.setdefault("_momentum_buffers", {}) if momentum else None
-        grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
+        with explain_float16_overflow(params.values()):
+            grad = self.step(model, loss_fn, params, lean=True)
+            buffers = bind_fused_momentum(self, list(params.values())) if momentum else None
+            grad.sgd_(where, list(params.values()), lr, weight_decay, momentum, buffers)
+        torch.clear_autocast_cache()  # a forward later in this autocast region must see the new weights
         return grad.loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's state between steps as a plain dict of tensors, ints, strings and lists: its
+        private generator, :meth:`sgd_step`'s momentum buffers and the recipe's own state (momentum
+        directions, feedback matrices, fixed guesses); safe for ``torch.save`` and ``torch.load(...,
+        weights_only=True)``. The format: :mod:`fwdgrad.estimators.state`.
+
+        Restored into a fresh estimator of the same recipe (:meth:`load_state_dict`) together with the model
+        and the optimizer, the next steps are the ones the uninterrupted run takes, bit for bit."""
+        return state_of(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a state of another format raises ``ValueError``); state bound to
+        parameters binds again at the next step, in the parameters' dtype and on their device."""
+        load_state(self, state)
+
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The recipe's own state for :meth:`state_dict` (``None``: it keeps none); subclasses extend it."""
+        return None
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no state of its own, "
+                             "got one")
 
     @staticmethod
     def _checked(where: str, model: nn.Module, loss_fn: Any) -> dict[str, nn.Parameter]:

@@ -6,8 +6,10 @@ Supported models (``dfa`` also trains models of units, below): a sequential chai
 with ``fwdgrad_elementwise = True``) and then by any of ``Flatten``, ``MaxPool2d``, ``AvgPool2d``,
 ``Identity``; ``Flatten``/pools may also come first. The last layer is an ``nn.Linear`` producing the logits.
 The model's forward must apply its leaf modules in registration order (checked once against the model's own
-output). ``fwdgrad.models`` ``fdfa-mlp``, ``fdfa-cnn`` and ``mlp`` have this form. Anything else raises
-``ValueError`` naming the module.
+output: the first call on a model runs two more forwards, the chain and the model). A layer used twice
+(one instance in two slots) is two stages of the chain, and its weight gradient is the sum of both.
+``fwdgrad.models`` ``fdfa-mlp``, ``fdfa-cnn`` and ``mlp`` have this form. Anything else raises ``ValueError``
+naming the module.
 
 Write layer :math:`l` as :math:`z_l = W_l x_l + b_l` (or a convolution), :math:`a_l = f_l(z_l)`,
 :math:`x_{l+1} = \text{post}_l(a_l)`, logits :math:`y = z_L`, output error :math:`e = \partial L/\partial y`
@@ -122,7 +124,7 @@ def parse_chain(where: str, model: nn.Module) -> tuple[list[nn.Module], list[Sta
     """Split ``model``'s leaf modules into leading structure ops and :class:`Stage` s; raise if unsupported."""
     pre: list[nn.Module] = []
     stages: list[Stage] = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a layer used twice is two stages
         if any(True for _ in m.children()):
             if any(True for _ in m.parameters(recurse=False)):
                 raise ValueError(f"{where}: module {name!r} ({type(m).__name__}) holds parameters and submodules; "
@@ -294,6 +296,20 @@ class FeedbackAlignment(Estimator):
         self._steps = 0
         self._chain_model: weakref.ReferenceType[nn.Module] | None = None
 
+    _state_attributes = ("feedback", "_moments", "_chain_model")
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The feedback matrices, ``fdfa``'s Adam moments and its step count (for ``state_dict``)."""
+        return {"feedback": {n: b.clone() for n, b in self.feedback.items()},
+                "moments": {n: [m.clone(), v.clone()] for n, (m, v) in self._moments.items()},
+                "steps": self._steps}
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.feedback = {n: b.clone() for n, b in state.get("feedback", {}).items()}
+        self._moments = {n: (m.clone(), v.clone()) for n, (m, v) in state.get("moments", {}).items()}
+        self._steps = int(state.get("steps", 0))
+
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None and self._seed is not None:
             self._generator = torch.Generator(device=device).manual_seed(self._seed)
@@ -336,6 +352,10 @@ class FeedbackAlignment(Estimator):
         elif tuple(b.shape) != tuple(shape):
             raise ValueError(f"{where}: feedback for layer {name!r} has shape {tuple(b.shape)} but the model needs "
                              f"{tuple(shape)}; use one estimator per model")
+        elif b.dtype != like.dtype or b.device != like.device:  # model.double() / .to(device): follow it
+            b = self.feedback[name] = b.to(device=like.device, dtype=like.dtype)
+            if name in self._moments:
+                self._moments[name] = tuple(t.to(device=like.device, dtype=like.dtype) for t in self._moments[name])
         return b
 
     def estimate(
@@ -363,7 +383,7 @@ class FeedbackAlignment(Estimator):
             for pname, g in layer_weight_grads(st.layer, x, d).items():
                 n = name_of.get(id(getattr(st.layer, pname)))
                 if n is not None:
-                    grads[n] = g.to(grads[n].dtype)
+                    grads[n] = grads[n] + g.to(grads[n].dtype)  # a layer used twice: both stages
         if self.mode == "fdfa":
             self._update_feedback(where, stages, runner)
         return loss.detach(), grads

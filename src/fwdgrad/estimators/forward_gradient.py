@@ -13,7 +13,7 @@ from fwdgrad import local
 from fwdgrad.derivatives import local_weight_grads, module_directions, once_per_step
 from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
-from fwdgrad.directions.stateful import MomentumDirections, MomentumState
+from fwdgrad.directions.stateful import BoundMomentum, MomentumDirections, MomentumState
 from fwdgrad.estimators.base import LossFn, SampledEstimator
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient, PartlyImplicitGradient
 from fwdgrad.estimators.registry import register_estimator
@@ -132,10 +132,9 @@ class ForwardGradient(SampledEstimator):
                                     ("aggregation", aggregation, "mean")):
             if value != default:
                 setattr(self, key, value)
-        self._momentum: MomentumDirections | None = None
-        self._momentum_state: tuple[list[int] | None, MomentumState] | None = None
+        self._momentum: BoundMomentum | None = None
         if directions != "sampled":
-            self._momentum = MomentumDirections(direction_beta)
+            self._momentum = BoundMomentum(MomentumDirections(direction_beta))
             self.direction_beta = float(direction_beta)
 
     @property
@@ -143,20 +142,19 @@ class ForwardGradient(SampledEstimator):
         """Whether the per-module passes are used (``False``: the reference path)."""
         return self._fast_paths
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The state of stateful directions (``directions="momentum"`` or ``"mixed"``), for checkpoints; ``None``
-        otherwise."""
-        if self._momentum_state is None:
-            return None
-        state = self._momentum_state[1]
-        return {"average": [m.clone() for m in state.average], "count": state.count}
+    _state_attributes = ("_momentum",)
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`state_dict`; it binds to the model's parameters at the next step."""
-        if state is None:
-            self._momentum_state = None
-            return
-        self._momentum_state = (None, MomentumState([t.clone() for t in state["average"]], int(state["count"])))
+    def _extra_state(self) -> dict[str, Any] | None:
+        """The running average of stateful directions (``directions="momentum"`` or ``"mixed"``):
+        ``{"average": [tensors], "count": int}``, or ``None``."""
+        return None if self._momentum is None else self._momentum.state_dict()
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        if self._momentum is not None:
+            self._momentum.load_state_dict(state)
+        elif state is not None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no direction state "
+                             "(directions='sampled'), got a saved one")
 
     def step(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], *, lean: bool = False
@@ -175,20 +173,12 @@ class ForwardGradient(SampledEstimator):
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> Gradient:
         assert self._momentum is not None
-        ids = [id(p) for p in params.values()]
-        if self._momentum_state is not None and self._momentum_state[0] is None:  # loaded: bind to these params
-            loaded = self._momentum_state[1]
-            if [m.shape for m in loaded.average] == [p.shape for p in params.values()]:
-                loaded.average = [m.to(p.device) for m, p in zip(loaded.average, params.values())]
-                self._momentum_state = (ids, loaded)
-        if self._momentum_state is None or self._momentum_state[0] != ids:
-            self._momentum_state = (ids, self._momentum.init([p.detach() for p in params.values()]))
-        state = self._momentum_state[1]
+        state = self._momentum.bind(list(params.values()))
         if getattr(self, "directions", "sampled") == "mixed":
             return self._step_mixed(where, model, loss_fn, params, state)
         step_loss = once_per_step(model, loss_fn)  # buffers move once over both passes
         fresh = self._perturbed(where, model, step_loss, params, False)
-        u = self._momentum.guess(state)
+        u = self._momentum.source.guess(state)
         if u is None:
             grads = fresh.materialise()
         else:
@@ -209,7 +199,7 @@ class ForwardGradient(SampledEstimator):
         """``directions="mixed"``: one pass along ``v_k = β√n·u + √(1−β²)·ε_k`` (plain sampled directions
         until the running average has a direction)."""
         assert self._momentum is not None
-        u = self._momentum.guess(state)
+        u = self._momentum.source.guess(state)
         if u is None:
             grad = self._perturbed(where, model, loss_fn, params, False)
         else:
@@ -326,8 +316,15 @@ class _ReadoutCapture:
 
     @staticmethod
     def _plain(x: Any) -> torch.Tensor | None:
-        if not isinstance(x, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        """The primal value of ``x``: inside the batched pass (``vmap`` over ``jvp``) the primal is not batched,
+        so ``jvp``'s wrappers are peeled; a batched value gives ``None`` (then a plain forward reads it)."""
+        if not isinstance(x, torch.Tensor):
             return None
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(x):
+            if functorch.is_batchedtensor(x):
+                return None
+            x = functorch.get_unwrapped(x)
         return fwAD.unpack_dual(x).primal.detach()
 
     def _on_head(self, m: nn.Module, args: Any, out: Any) -> None:
@@ -345,7 +342,9 @@ class _ReadoutCapture:
 
     def __enter__(self) -> _ReadoutCapture:
         self._done, self._head_out = False, None
-        self._handles = [self.head.register_forward_hook(self._on_head),
+        # prepended: the read-out's output as its forward returned it (a user hook replacing it makes the
+        # read-out no longer the model's output, which check() refuses)
+        self._handles = [self.head.register_forward_hook(self._on_head, prepend=True),
                          self.model.register_forward_hook(self._on_model)]
         return self
 

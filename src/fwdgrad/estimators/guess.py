@@ -164,6 +164,16 @@ class GuessForwardGradient(Estimator):
         self.last_guesses: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ helpers
+    _state_attributes = ("_layout", "_fixed", "last_guesses")
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The ``fixed-ntk`` head weights drawn once, by block (for ``state_dict``)."""
+        return {"fixed": {k: {n: t.clone() for n, t in w.items()} for k, w in self._fixed.items()}}
+
+    def _load_extra_state(self, state: dict[str, Any] | None) -> None:
+        fixed = (state or {}).get("fixed", {})
+        self._fixed = {int(k): {n: t.clone() for n, t in w.items()} for k, w in fixed.items()}
+
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self._generator is None and self._seed is not None:
             self._generator = torch.Generator(device=device).manual_seed(self._seed)

@@ -53,6 +53,7 @@ from fwdgrad.estimators.activity import (
     Site,
     accumulate_site_grads,
     masked,
+    refuse_batch_coupling,
     select_modules,
 )
 from fwdgrad.estimators.backprop import BP_LR
@@ -173,6 +174,7 @@ class LocalActivityForwardGradient(SampledEstimator):
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         where = f"{type(self).__name__}.__call__"
+        refuse_batch_coupling(where, model)
         chosen = select_modules(where, model, self.modules)
         grads = _zeros_like_params(params)
         loss, heads = None, []

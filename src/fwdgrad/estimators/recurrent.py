@@ -38,6 +38,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
+from fwdgrad.derivatives.rules import global_hooks_active, has_hidden_behaviour
 from fwdgrad.derivatives.through_time import (
     WindowedSequence,
     check_diagonal_model,
@@ -120,7 +121,13 @@ class ForwardExactGradient(Estimator):
     def estimate(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        check_diagonal_model(f"{type(self).__name__}.__call__", model)
+        where = f"{type(self).__name__}.__call__"
+        check_diagonal_model(where, model)
+        hooked = [n for n, m in model.cell.named_modules() if has_hidden_behaviour(m)]
+        if hooked or global_hooks_active():
+            seen = f"the hooks or instance forward of cell.{hooked[0]}".rstrip(".") if hooked else "global module hooks"
+            raise ValueError(f"{where}: forward-exact computes the cell by its DiagonalCell rule, which cannot see "
+                             f"{seen}; remove them or use bp-tbptt")
         return forward_exact_gradient(model, loss_fn, chunk=self.chunk)
 
 

@@ -12,6 +12,7 @@ inference. The directional derivatives come from :mod:`fwdgrad.derivatives.finit
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -19,19 +20,30 @@ from torch import nn
 from fwdgrad._validation import check_number, check_positive_int, make_generator
 from fwdgrad.derivatives.finite_difference import (
     FD_SAMPLERS,
+    HALF_PRECISION,
     Perturbation,
     PerturbationSource,
+    RoundingLedger,
     ScratchPerturbation,
     check_eps,
     check_restore,
+    default_eps,
     evaluate_loss,
     last_offset,
     spsa_directional_derivatives,
 )
-from fwdgrad.errors import NonFiniteError
+from fwdgrad.directions import tensor_seeds
+from fwdgrad.errors import NonFiniteError, explain_float16_overflow
 from fwdgrad.estimators.base import Estimator, LossFn, trainable_parameters
 from fwdgrad.estimators.gradient import Gradient, ImplicitGradient, MappedGradient
 from fwdgrad.estimators.registry import register_estimator
+from fwdgrad.estimators.rounding import check_rounding, stochastic_round_
+
+#: The share of perturbed entries whose ``θ + εz`` rounds back to ``θ`` above which a step warns (once).
+#: Such an entry's estimate loses its mean (the difference does not see it), a bias of about that share on
+#: the large entries. Measured (docs/precision.md, bfloat16 MLP): 31 % at ε = 1e-3 (relative error of ``d``
+#: 0.26), 12 % at 3e-3 (0.08), 3 % at 1e-2 (0.026).
+ROUNDED_AWAY_WARNING = 0.2
 
 Tensor = torch.Tensor
 
@@ -52,16 +64,28 @@ class ZerothOrder(Estimator):
     seed). Only forward passes run, under ``torch.no_grad()``: 2K of them (one-sided K + 1).
 
     Args:
-        eps: the finite-difference step ε, a finite number > 0.
+        eps: the finite-difference step ε, a finite number > 0; ``None`` (default): ``1e-3``, or ``1e-2`` when
+            a parameter is bfloat16 / float16 or ``torch.autocast`` computes in one of them
+            (:func:`fwdgrad.derivatives.finite_difference.default_eps`; ``docs/precision.md``).
         num_directions: K.
         tangents: ``gaussian``, ``rademacher`` or ``sphere`` (radius √n).
         one_sided: forward difference, with ``L(θ)`` evaluated once and shared by the K directions.
         seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
         generator: the generator to draw from; ``None`` with no seed uses torch's global RNG.
-        restore: ``"regenerate"`` (undo each perturbation by subtracting it; no extra memory; leaves a
-            rounding drift of about one unit roundoff per step on entries with ``|θ| ≲ ε|z|``) or
-            ``"snapshot"`` (copy the parameters and copy them back: bit-exact, one more copy of the
-            parameters in memory). See :mod:`fwdgrad.derivatives.finite_difference`.
+        restore: ``"exact"`` (default: undo each perturbation by subtracting it, and write back the few
+            entries that rounding would not bring back, kept as the perturbation is added: bit-exact in
+            every dtype, for about 0.6 byte per parameter), ``"regenerate"`` (subtract only;
+            no extra memory; leaves a rounding drift of about one unit roundoff per step on entries with
+            ``|θ| ≲ ε|z|``) or ``"snapshot"`` (copy the parameters and copy them back: bit-exact, one more copy
+            of the parameters in memory). See :mod:`fwdgrad.derivatives.finite_difference`.
+        rounding: how the fused :meth:`sgd_step` writes its update into bfloat16 / float16 weights:
+            ``"nearest"`` (default) or ``"stochastic"`` (unbiased stochastic rounding from the estimator's
+            generator, :mod:`fwdgrad.estimators.rounding`: updates below the weights' resolution are not lost
+            on average). float32 / float64 weights round to nearest either way.
+
+    Half precision: each step warns once when more than 20 % of the perturbed entries round back to ``θ``
+    (raise ``eps``), and once when ``loss_fn`` returns a bfloat16 / float16 loss, whose own rounding swamps
+    the difference (compute it in float32, e.g. ``F.cross_entropy(logits.float(), y)``).
 
     The returned loss is ``L(θ)`` (one-sided) or the mean of ``(L⁺ + L⁻)/2`` (two-point, ``L(θ) + O(ε²)``).
     A non-finite loss raises :class:`fwdgrad.NonFiniteError` with the parameters restored (bit-exact
@@ -79,19 +103,23 @@ class ZerothOrder(Estimator):
         (True, True)
     """
 
+    #: why ``rounding="stochastic"`` is refused (``None``: it is available)
+    no_stochastic_rounding: str | None = None
+
     def __init__(
         self,
-        eps: float = 1e-3,
+        eps: float | None = None,
         num_directions: int = 1,
         tangents: str = "gaussian",
         one_sided: bool = False,
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        restore: str = "regenerate",
+        restore: str = "exact",
+        rounding: str = "nearest",
     ) -> None:
         where = type(self).__name__
-        self.eps = check_eps(where, eps)
+        self.eps = None if eps is None else check_eps(where, eps)
         check_positive_int(where, "num_directions", num_directions)
         if tangents not in FD_SAMPLERS:
             raise ValueError(f"{where}: tangents must be one of {FD_SAMPLERS}, got {tangents!r}")
@@ -101,7 +129,17 @@ class ZerothOrder(Estimator):
         self.tangents = tangents
         self.one_sided = one_sided
         self.restore = check_restore(where, restore)
+        if check_rounding(where, rounding) != "nearest":
+            if self.no_stochastic_rounding is not None:
+                raise ValueError(f"{where}: rounding='stochastic' is not available: {self.no_stochastic_rounding}")
+            self.rounding = rounding  # non-default only, so the default repr stays as it was
         self._generator = make_generator(where, seed, generator)
+        self._warned: set[str] = set()
+
+    def step_size(self, params: list[Tensor] | dict[str, nn.Parameter]) -> float:
+        """The ε a step on ``params`` uses: ``eps``, or :func:`~fwdgrad.derivatives.finite_difference.default_eps`."""
+        tensors = list(params.values()) if isinstance(params, dict) else params
+        return default_eps(tensors) if self.eps is None else self.eps
 
     # -- the pieces a subclass varies -------------------------------------------------------------------
 
@@ -110,11 +148,34 @@ class ZerothOrder(Estimator):
     ) -> tuple[Tensor, Tensor, ScratchPerturbation]:
         tensors = list(params.values())
         source = ScratchPerturbation(self.tangents, tensors, self.num_directions, self._generator)
+        restore = "regenerate" if leave_last else self.restore
+        ledger = RoundingLedger(tensors) if restore == "exact" else None
+        eps = self.step_size(tensors)
         loss, d = spsa_directional_derivatives(
-            model, loss_fn, tensors, source, eps=self.eps, one_sided=self.one_sided, restore=self.restore,
-            leave_last=leave_last, where=where,
+            model, loss_fn, tensors, source, eps=eps, one_sided=self.one_sided, restore=restore,
+            leave_last=leave_last, where=where, ledger=ledger,
         )
+        self._warn_precision(where, loss, ledger, eps)
         return loss, d, source
+
+    def _warn_precision(self, where: str, loss: Tensor, ledger: RoundingLedger | None, eps: float) -> None:
+        """The two one-line warnings of half precision, each once per estimator (see the class docstring)."""
+        if loss.dtype in HALF_PRECISION and "loss" not in self._warned:
+            self._warned.add("loss")
+            warnings.warn(
+                f"{where}: loss_fn returns a {loss.dtype} loss, whose rounding (about 2^-8 of it in bfloat16) "
+                "swamps the finite difference; compute the loss in float32 (e.g. F.cross_entropy(logits.float(), "
+                "y))", stacklevel=4,
+            )
+        if ledger is None or "rounded" in self._warned or not isinstance(ledger.perturbed, Tensor):
+            return
+        share = float(ledger.rounded_away) / max(1, int(ledger.perturbed))  # one host read per step
+        if share > ROUNDED_AWAY_WARNING:
+            self._warned.add("rounded")
+            warnings.warn(
+                f"{where}: {share:.0%} of the perturbed entries round back to θ at eps={eps:g} (their "
+                "perturbation is lost, so is their gradient); raise eps (docs/precision.md)", stacklevel=4,
+            )
 
     def _direction(self, source: ScratchPerturbation, i: int, d: Tensor, scratch: bool = False) -> Tensor:
         """Tensor ``i``'s update direction (what is written to ``.grad``): here ``(1/K) Σ_k d_k z_{k,i}``; with
@@ -151,7 +212,8 @@ class ZerothOrder(Estimator):
         tensors = list(params.values())
         perturbation = Perturbation(self.tangents, tensors, self.num_directions, self._generator)
         loss, d = spsa_directional_derivatives(
-            model, loss_fn, tensors, perturbation, eps=self.eps, one_sided=self.one_sided, restore="snapshot",
+            model, loss_fn, tensors, perturbation, eps=self.step_size(tensors), one_sided=self.one_sided,
+            restore="snapshot",
             where=where,
         )
         return ImplicitGradient(loss, d, PerturbationSource(perturbation))
@@ -178,10 +240,13 @@ class ZerothOrder(Estimator):
 
         Perturb in place (``+εz, L⁺, −2εz, L⁻, +εz`` per direction), then update each tensor from its
         directions drawn again: no gradient, no stored direction, no autograd graph; the temporaries are one
-        tensor's direction (two for the sum over K). ``.grad`` is not touched. For ``zo`` with
-        ``restore="regenerate"`` the last ``+εz`` is folded into the update (one pass less over the
-        parameters: three draws of each tensor per step with K = 1, where MeZO's loop makes four). For the same seed the
-        result equals ``est(model, loss_fn)`` followed by ``torch.optim.SGD(params, lr,
+        tensor's direction (two for the sum over K). ``.grad`` is not touched. For ``zo`` with float32 /
+        float64 weights (``restore="exact"`` or ``"regenerate"``) the last ``+εz`` is folded into the update
+        (one pass less over the parameters: three draws of each tensor per step with K = 1, where MeZO's loop
+        makes four), which leaves float32's rounding of the fold; with bfloat16 / float16 weights (and
+        ``restore="exact"``) that rounding would be the size of the update, so the step restores the
+        parameters exactly and then updates them (four draws), with the ``rounding`` chosen. For the same
+        seed the result equals ``est(model, loss_fn)`` followed by ``torch.optim.SGD(params, lr,
         weight_decay=weight_decay).step()``, up to rounding.
 
         Args:
@@ -217,15 +282,25 @@ class ZerothOrder(Estimator):
                 raise ValueError(f"{where}: ZO-SGD-Cons takes no momentum, got momentum={momentum!r}")
             if lr == 0:
                 raise ValueError(f"{where}: lr must be > 0 with momentum, got {lr!r}")
-            return super().sgd_step(model, loss_fn, lr, weight_decay, momentum)
+            if getattr(self, "rounding", "nearest") != "nearest":
+                raise ValueError(f"{where}: rounding='stochastic' is for the plain fused step, got "
+                                 f"momentum={momentum!r}")
+            return super().sgd_step(model, loss_fn, lr, weight_decay, momentum)  # clears autocast's cache too
         if not callable(loss_fn):
             raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}")
         params = trainable_parameters(where, model)
-        if type(self) is ZerothOrder and self.restore == "regenerate":
-            return self._folded_step(where, model, loss_fn, params, lr, weight_decay)
-        loss, d, source = self._differences(where, model, loss_fn, params)
-        _check_finite(where, loss, d, "no parameter was updated")
-        self._update(where, model, loss_fn, params, source, d, lr, weight_decay)
+        half = any(p.dtype in HALF_PRECISION for p in params.values())
+        # fold the last +εz into the update (one draw pass less) where its rounding is float32's, far below any
+        # update; in half precision it would be the size of the update: restore exactly, then update
+        exactly_back = (self.restore == "exact" and half) or getattr(self, "rounding", "nearest") != "nearest"
+        with explain_float16_overflow(params.values()):
+            if type(self) is ZerothOrder and self.restore != "snapshot" and not exactly_back:
+                loss = self._folded_step(where, model, loss_fn, params, lr, weight_decay)
+            else:
+                loss, d, source = self._differences(where, model, loss_fn, params)
+                _check_finite(where, loss, d, "no parameter was updated")
+                self._update(where, model, loss_fn, params, source, d, lr, weight_decay)
+        torch.clear_autocast_cache()  # the next forward in this autocast region must see the new weights
         return loss
 
     def _folded_step(
@@ -236,7 +311,7 @@ class ZerothOrder(Estimator):
         ``θ_new = (1 − a)·(θ + o z_{K−1}) − Σ_k w_k z_k`` with ``a = lr·wd``, ``w_k = lr·d_k/K`` and
         ``w_{K−1} += (1 − a)·o``: one pass, one draw per tensor and direction."""
         loss, d, source = self._differences(where, model, loss_fn, params, leave_last=True)
-        o = last_offset(self.eps, self.one_sided)
+        o = last_offset(self.step_size(params), self.one_sided)
         try:
             _check_finite(where, loss, d, "no parameter was updated")
         except NonFiniteError:
@@ -256,8 +331,15 @@ class ZerothOrder(Estimator):
         self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter],
         source: ScratchPerturbation, d: Tensor, lr: float, weight_decay: float,
     ) -> None:
+        stochastic = getattr(self, "rounding", "nearest") == "stochastic"
+        seeds = tensor_seeds(len(params), self._generator) if stochastic else None
         with source.scratch_pass():
             for i, p in enumerate(params.values()):
+                if seeds is not None and p.dtype in HALF_PRECISION:  # θ(1 − lr·wd) − lr·ĝ in float32, then SR
+                    value = p.float().mul_(1.0 - lr * weight_decay)
+                    value.sub_(self._direction(source, i, d, scratch=True).float(), alpha=lr)
+                    stochastic_round_(p, value, seeds[i])
+                    continue
                 if weight_decay:
                     p.mul_(1.0 - lr * weight_decay)
                 p.sub_(self._direction(source, i, d, scratch=True), alpha=lr)
@@ -312,6 +394,9 @@ class ZerothOrderConservative(ZerothOrder):
         >>> x = torch.randn(5, 3)
         >>> loss = fwdgrad.estimator("zo-cons", seed=0).sgd_step(model, lambda m: m(x).pow(2).mean(), lr=0.1)
     """
+
+    #: why ``rounding="stochastic"`` is refused (``None``: it is available)
+    no_stochastic_rounding = "its moves between the candidates must come back exactly"
 
     unshareable = (
         "ZO-SGD-Cons picks among θ, θ − lr·ĝ and θ + lr·ĝ by evaluating the loss at each, a choice that is "

@@ -109,6 +109,7 @@ from fwdgrad.models import blockcnn as _blockcnn  # noqa: E402, F401
 from fwdgrad.models import cnn as _cnn  # noqa: E402
 from fwdgrad.models import feedback as _feedback  # noqa: E402, F401
 from fwdgrad.models import hf as _hf  # noqa: E402, F401  (registers 'hf'; transformers imported lazily)
+from fwdgrad.models import hf_prompt as _hf_prompt  # noqa: E402, F401  (registers 'hf-prompt')
 from fwdgrad.models import mlp as _mlp  # noqa: E402
 from fwdgrad.models import resnet_blocks as _resnet_blocks  # noqa: E402, F401
 from fwdgrad.models.localmixer import LocalMixer as LocalMixer  # noqa: E402

@@ -9,7 +9,7 @@ at the end of every epoch and after every run, holding only tensors and plain co
                     "started_at": str},
      "current": None | {"method": display, "seed": int, "epoch": k,     # k complete epochs: the position
                         "model": state_dict, "optimizer": state_dict, "scheduler": state_dict,
-                        "estimator": {"generator": ByteTensor | None, "state": estimator.state_dict() | None},
+                        "estimator": estimator.state_dict() (fwdgrad.estimators.state),
                         "rng": {"torch": ByteTensor, "cuda": [ByteTensor], "python": tuple, "numpy": tuple},
                         "result": RunResult state (history so far)}}
 
@@ -19,7 +19,6 @@ The position in the data order is the epoch count: the order of epoch ``e`` is a
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from fwdgrad._io import write_atomic
+from fwdgrad.estimators.state import load_state, state_of
 
 CHECKPOINT_FORMAT = "fwdgrad-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -63,42 +63,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
-def _holds_tensor(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if depth > 3:
-        return False
-    if isinstance(value, list | tuple | set):
-        return any(_holds_tensor(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_tensor(v, depth + 1) for v in value.values())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return any(_holds_tensor(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
-    return False
-
-
 def estimator_state(est: Any) -> dict[str, Any]:
-    """The state of an estimator: its ``_generator`` (a ``torch.Generator`` or ``None``) and, when it has
-    one, its own ``state_dict()`` (stateful direction sources). Without ``state_dict``, attributes holding
-    tensors (state a checkpoint cannot carry, e.g. a momentum of past estimates) are named in ``"unsaved"``,
-    so a resumed run can say that it may differ from an uninterrupted one."""
-    gen = getattr(est, "_generator", None)
-    own = est.state_dict() if callable(getattr(est, "state_dict", None)) else None
-    unsaved = [] if own is not None else sorted(
-        k for k, v in vars(est).items() if k != "_generator" and _holds_tensor(v))
-    return {"generator": gen.get_state() if isinstance(gen, torch.Generator) else None, "state": own,
-            "unsaved": unsaved}
+    """The state of an estimator: ``est.state_dict()`` (format: :mod:`fwdgrad.estimators.state`), or the
+    base class's for a subclass that removed it; attributes holding tensors that it does not carry are named
+    in ``"unsaved"``, so a resumed run can say that it may differ from an uninterrupted one."""
+    own = getattr(est, "state_dict", None)
+    return own() if callable(own) else state_of(est)
 
 
 def set_estimator_state(est: Any, state: dict[str, Any]) -> None:
-    """Restore what :func:`estimator_state` returned."""
-    gen = getattr(est, "_generator", None)
-    if state.get("generator") is not None:
-        if not isinstance(gen, torch.Generator):
-            raise ValueError("fwdgrad: the checkpoint holds an estimator generator but the estimator has none")
-        gen.set_state(state["generator"])
-    if state.get("state") is not None:
-        est.load_state_dict(state["state"])
+    """Restore what :func:`estimator_state` returned (checkpoints written before that format load too)."""
+    own = getattr(est, "load_state_dict", None)
+    if callable(own):
+        own(state)
+    else:
+        load_state(est, state)
 
 
 def to_bytes(obj: Any) -> bytes:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fwdgrad._validation import as_annotated, describe_annotation, matches_annotation
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 RESERVED_METHOD_KEYS = ("lr", "label")
 OPTIMIZERS = ("sgd", "adam")
@@ -276,6 +278,7 @@ class RunConfig:
     # what to train
     dataset: str = "mnist1d"  # fwdgrad.data name: mnist1d, mnist, fashion-mnist, cifar10
     data_dir: str | None = None  # folder of the dataset files (default: fwdgrad.data's own default)
+    prompt: str | None = None  # sst2 as label-word prompts: k16, k512, k=N or opt [,seed=N][,words=A|B]
     download: bool = False  # download missing files into data_dir (needs network)
     model: str = "mlp"  # fwdgrad.models name
     model_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 256, "depth": 2}
@@ -390,6 +393,14 @@ class RunConfig:
             raise ValueError(f"{where}: method {dup[0]!r} is listed twice; give one of them label=...")
         if not isinstance(self.model_options, dict):
             raise ValueError(f"{where}: model_options must be a table/dict, got {self.model_options!r}")
+        if self.prompt is not None:
+            from fwdgrad.data.prompts import parse_prompt_spec
+
+            parse_prompt_spec(self.prompt)
+            if self.dataset != "sst2" or self.model != "hf-prompt":
+                raise ValueError(f"{where}: prompt needs dataset sst2 (a folder of two-column TSV files) and model "
+                                 f"hf-prompt (the CLI makes it of --model hf:DIR), got {self.dataset!r} and "
+                                 f"{self.model!r}")
         if self.name is not None and not _NAME.match(self.name):
             raise ValueError(f"{where}: name must be letters, digits and _.+- , got {self.name!r}")
         return self
@@ -403,49 +414,6 @@ class RunConfig:
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(RunConfig)
-
-
-def _union_members(tp: Any) -> tuple[Any, ...]:
-    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` has the annotated type ``tp`` (bool is not an int, an int is a float)."""
-    members = _union_members(tp)
-    if len(members) > 1:
-        return any(_matches(value, m) for m in members)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return True
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    return isinstance(value, tp) if isinstance(tp, type) else True
-
-
-def _describe(tp: Any) -> str:
-    """``float | None`` → ``"a number or none"``, for error messages."""
-    members = _union_members(tp)
-    if len(members) > 1:
-        return " or ".join(_describe(m) for m in members)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
-    if tp in names:
-        return names[tp]
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is dict:
-        return "a table"
-    return getattr(tp, "__name__", str(tp))
 
 
 def check_fields(where: str, values: Mapping[str, Any]) -> None:
@@ -463,25 +431,13 @@ def check_fields(where: str, values: Mapping[str, Any]) -> None:
         tp = _FIELD_TYPES.get(key)
         if tp is None:
             continue
-        if not _matches(value, tp):
+        if not matches_annotation(value, tp):
             shown = _format_value(value) if isinstance(value, bool) else repr(value)  # TOML spelling of booleans
-            raise ValueError(f"{where}: {key} must be {_describe(tp)}, got {shown} ({type(value).__name__})")
+            raise ValueError(f"{where}: {key} must be {describe_annotation(tp)}, got {shown} ({type(value).__name__})")
         items = value if isinstance(value, list) else [value]
         bad = [v for v in items if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise ValueError(f"{where}: {key} must be finite, got {value!r}")
-
-
-def _as_annotated(value: Any, tp: Any) -> Any:
-    """An int given for a float-only field becomes a float (``lr = 1`` → 1.0), in lists too."""
-    members = _union_members(tp)
-    if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
-        return float(value)
-    if isinstance(value, list):
-        inner = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list]
-        if inner:
-            return [_as_annotated(v, inner[0]) for v in value]
-    return value
 
 
 def check_device_name(where: str, device: Any) -> None:
@@ -565,7 +521,7 @@ def config_from_mapping(values: Mapping[str, Any], base: RunConfig | None = None
     if isinstance(updates.get("lr_sweep"), tuple):
         updates["lr_sweep"] = list(updates["lr_sweep"])
     check_fields(where, updates)
-    updates = {k: _as_annotated(v, _FIELD_TYPES[k]) for k, v in updates.items()}
+    updates = {k: as_annotated(v, _FIELD_TYPES[k]) for k, v in updates.items()}
     return dataclasses.replace(base or RunConfig(), **updates)
 
 

@@ -181,6 +181,12 @@ def load_data(config: RunConfig) -> DatasetLike:
     SST-2 TSV files in ``data_dir``, tokenised with the tokenizer of the ``hf`` model's folder)."""
     from fwdgrad.training.factories import load_dataset_for
 
+    if config.dataset == "sst2" and config.prompt is not None:
+        from fwdgrad.data.prompts import load_prompt_dataset
+
+        if config.data_dir is None:
+            raise ValueError("fwdgrad: --prompt needs --data-dir DIR (the task's train.tsv / dev.tsv)")
+        return load_prompt_dataset(config.data_dir, config.model_options.get("path", ""), config.prompt)
     if config.dataset == "sst2":
         from pathlib import Path
 
