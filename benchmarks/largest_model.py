@@ -60,6 +60,7 @@ import fwdgrad
 from fwdgrad._io import write_atomic
 from fwdgrad._procmem import status_kib
 from fwdgrad.derivatives.attention import forward_mode_attention
+from fwdgrad.estimators import estimator_options
 from fwdgrad.models.hf import causal_lm_config, load_causal_lm, next_token_loss
 
 GB = 2**30
@@ -200,7 +201,10 @@ def measure(spec: dict) -> dict:
     if spec["steps"]:
         step_s = _median_seconds(lambda: losses.append(float(step())), spec["steps"], device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"size": spec["size"], "method": spec["method"], "parameters": sum(p.numel() for p in model.parameters()),
+    zo = estimator_options("zo") or {}
+    code = {"zo_eps": zo.get("eps"), "zo_restore": zo.get("restore")} if spec["method"].startswith("zo") else {}
+    return {**code, "size": spec["size"], "method": spec["method"],
+            "parameters": sum(p.numel() for p in model.parameters()),
             "trainable": trainable, "peak_bytes": peak_bytes(device), "after_build_bytes": weights,
             "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
             "loss_start": start[0], "step_losses": losses,
@@ -298,7 +302,9 @@ def table(res: dict) -> str:
         f"{a['threads']} thread(s), torch {res['torch']}; load average at start {res['load_avg_start']:.1f} (a "
         f"shared machine: the times are noisy). Each cell: {where} in GB (2³⁰ bytes), then the median step time as a "
         "multiple of one no-grad forward on the same batch (timed after one warm-up step and forward; sizes "
-        "marked † time the first step and the first forward themselves, `--steps 0 --forwards 0`).",
+        "marked † time the first step and the first forward themselves, `--steps 0 --forwards 0`). Cells marked "
+        "‡ were measured with `zo` before the half-precision fix (eps 1e-3 in every dtype, `regenerate` "
+        "restore): their memory is valid, their bfloat16 estimates were not (eps lost to rounding).",
         "",
         "| size | parameters | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
@@ -324,6 +330,8 @@ def _cell(r: dict | None) -> str:
         return "—"
     if r["status"] in ("ok", "over cap"):
         mark = "" if r["status"] == "ok" else " **over cap**"
+        if r["method"].startswith("zo") and "zo_restore" not in r:
+            mark += " ‡"
         return f"{r['peak_bytes'] / GB:.2f} GB, {r['step_over_forward']:.1f}×{mark}"
     if "can't allocate memory" in r["status"]:  # RLIMIT_AS refused an allocation: the method needs more
         return f"over cap: allocation refused at {r['peak_bytes'] / GB:.2f} GB"
