@@ -8,6 +8,7 @@ Three parts (``--part``, default all):
   entries whose ``θ + εz`` rounds back to ``θ``. MLP 8-16-16-4 (tanh), batch 64, ``--directions`` directions.
 * ``restore``: what ``restore="exact"`` saves per step (share of entries, bytes) on an MLP 784-256-256-10,
   per dtype at the default ε and at 1e-3.
+* ``timing``: the median step time per restore mode (a loaded machine: read the ratios only).
 * ``sgd``: the fused step's update in bfloat16: the share of entries whose update ``lr·ĝ`` is lost entirely
   by round-to-nearest, per learning rate; then training (MLP 16-32-4 on a fixed generated task, ``--steps``
   fused ``zo`` steps at ``--lr``) in float32, in bfloat16 with round-to-nearest and with stochastic
@@ -106,6 +107,37 @@ def part_restore(args: argparse.Namespace) -> None:
                   f"{n * params[0].element_size() / 1024:.0f} KiB | {back / steps:.1%} |", flush=True)
 
 
+def part_timing(args: argparse.Namespace) -> None:
+    """Median step time of ``zo`` per restore mode (``.grad`` and fused with lr = 0), MLP 784-256-256-10."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    print("| weights | restore | .grad step ms | fused step ms |\n|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = nn.Sequential(nn.Linear(784, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+        model, xs = model.to(dtype), x.to(dtype)
+
+        def loss_fn(m: nn.Module, xs: torch.Tensor = xs) -> torch.Tensor:
+            return F.cross_entropy(m(xs).float(), y)
+
+        for restore in ("exact", "regenerate", "snapshot"):
+            est = fwdgrad.estimator("zo", seed=0, restore=restore)
+            times: dict[str, list[float]] = {"grad": [], "fused": []}
+            for _ in range(args.timing_steps):  # round-robin: the two kinds of step see the same load
+                for kind in times:
+                    start = time.perf_counter()
+                    if kind == "grad":
+                        est(model, loss_fn)
+                        model.zero_grad(set_to_none=True)
+                    else:
+                        est.sgd_step(model, loss_fn, lr=0.0)
+                    times[kind].append(time.perf_counter() - start)
+            grad_ms, fused_ms = (statistics.median(t[2:]) * 1e3 for t in times.values())
+            print(f"| {str(dtype)[6:]} | {restore} | {grad_ms:.1f} | {fused_ms:.1f} |", flush=True)
+
+
 def _task() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 16, generator=g)
@@ -158,18 +190,19 @@ def part_sgd(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("eps", "restore", "sgd", "all"), default="all")
+    parser.add_argument("--part", choices=("eps", "restore", "sgd", "timing", "all"), default="all")
     parser.add_argument("--directions", type=int, default=200)
     parser.add_argument("--restore-steps", type=int, default=20)
+    parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    for part in ("eps", "restore", "sgd") if args.part == "all" else (args.part,):
+    for part in ("eps", "restore", "sgd", "timing") if args.part == "all" else (args.part,):
         print(f"\n## {part}\n", flush=True)
-        {"eps": part_eps, "restore": part_restore, "sgd": part_sgd}[part](args)
+        {"eps": part_eps, "restore": part_restore, "sgd": part_sgd, "timing": part_timing}[part](args)
 
 
 if __name__ == "__main__":

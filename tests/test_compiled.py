@@ -63,3 +63,17 @@ def test_the_compiled_model_still_runs_compiled_after_a_step() -> None:
     fwdgrad.estimator("fg-w", seed=0).sgd_step(compiled, loss_fn, lr=0.1)
     x = torch.randn(4, 6, dtype=DT)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_seed_sharing_on_a_compiled_model_equals_the_uncompiled_run() -> None:
+    """SeedSharingSGD calls the estimator's step itself: it too runs the compiled model's original module."""
+    from fwdgrad.distributed import SeedSharingSGD
+
+    model, loss_fn = _task()
+    twin = copy.deepcopy(model)
+    plain, shared = SeedSharingSGD(model, "fg-w", seed=4), SeedSharingSGD(torch.compile(twin), "fg-w", seed=4)
+    for _ in range(2):
+        plain.step(loss_fn, lr=0.1)
+        shared.step(loss_fn, lr=0.1)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert type(q) is nn.Parameter and torch.equal(p, q)

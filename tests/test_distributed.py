@@ -188,10 +188,11 @@ def test_zo_refusals_and_config() -> None:
                                          "step uses restore='snapshot'"):
         SeedSharingSGD(model, "zo", seed=0, restore="regenerate")
     base = SeedSharingSGD(model, "zo", seed=0).config()
-    assert base["estimator_config"] == {"tangents": "gaussian", "num_directions": 1, "eps": 1e-3, "one_sided": False,
+    # eps None: the dtype's default (1e-3, or 1e-2 in half precision), recorded as such
+    assert base["estimator_config"] == {"tangents": "gaussian", "num_directions": 1, "eps": None, "one_sided": False,
                                         "restore": "snapshot"}
-    assert SeedSharingSGD(model, "zo", seed=0, eps=1e-3).config()["estimator_config"] == base["estimator_config"]
-    for change in ({"eps": 1e-4}, {"one_sided": True}, {"tangents": "rademacher"}):
+    assert SeedSharingSGD(model, "zo", seed=0, eps=None).config()["estimator_config"] == base["estimator_config"]
+    for change in ({"eps": 1e-4}, {"eps": 1e-3}, {"one_sided": True}, {"tangents": "rademacher"}):
         assert SeedSharingSGD(model, "zo", seed=0, **change).config()["estimator_config"] != base["estimator_config"]
     assert "estimator_config" not in SeedSharingSGD(model, "fg-w", seed=0).config()  # fg-w's header unchanged
 

@@ -282,25 +282,50 @@ def test_per_tensor_draws_do_not_depend_on_threads(name: str, monkeypatch: pytes
     assert torch.equal(samplers.draw_tensor(name, like[1], 2, seeds[1], "cpu"), one[1])
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "twice-and-tied"])
-def test_rank1_directions_are_batched_in_one_pass_and_equal_the_reference(case: str) -> None:
+def _sequence_model() -> tuple[nn.Module, object]:
+    """Linear layers on [B, T, in] inputs (the wide product's reshape) and a frozen-weight layer."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[2].weight.requires_grad_(False)
+    x = torch.randn(5, 7, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return model, lambda m: m(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("tangents", PER_TENSOR)
+@pytest.mark.parametrize("case", ["mlp", "cnn", "twice-and-tied", "sequence"])
+def test_k_directions_are_batched_in_one_pass_and_equal_the_reference(case: str, tangents: str) -> None:
     if case == "twice-and-tied":
         model, loss_fn = _seeded(TwiceAndTied)(), _twice_and_tied_loss
+    elif case == "sequence":
+        model, loss_fn = _sequence_model()
     else:
         problem = next(p for p in PROBLEMS if p.id == case)
         model, loss_fn = problem.model(), problem.loss_fn
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     primals = [p.detach() for p in params.values()]
-    source = TangentSource("rank1", primals, 5, torch.Generator().manual_seed(1))
-    for chunk_size in (None, 2):
-        got = batched_directions(model, loss_fn, params, source, where="t", chunk_size=chunk_size)
-        assert got is not None
-        loss, dirs = derivatives.reference_directions(model, loss_fn, params, source.materialise(), chunk_size=None,
-                                                 where="t")
-        torch.testing.assert_close(got[1], dirs, rtol=0, atol=TOL)
-        torch.testing.assert_close(got[0], loss, rtol=0, atol=TOL)
+    for lean in (False, True) if tangents != "rank1" else (False,):
+        source = TangentSource(tangents, primals, 5, torch.Generator().manual_seed(1), lean=lean)
+        for chunk_size in (None, 2):
+            got = batched_directions(model, loss_fn, params, source, where="t", chunk_size=chunk_size)
+            assert got is not None
+            loss, dirs = derivatives.reference_directions(model, loss_fn, params, source.materialise(),
+                                                          chunk_size=None, where="t")
+            torch.testing.assert_close(got[1], dirs, rtol=0, atol=TOL)
+            torch.testing.assert_close(got[0], loss, rtol=0, atol=TOL)
     assert all(type(p) is nn.Parameter for p in model.parameters())
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_dense_k_directions_take_the_batched_pass_or_the_reference_never_k_windowed_passes() -> None:
+    problem = next(p for p in PROBLEMS if p.id == "batchnorm")  # training mode: the batched pass declines
+    model = problem.model()
+    params = dict(model.named_parameters())
+    source = TangentSource("gaussian", [p.detach() for p in params.values()], 3, torch.Generator())
+    before = [b.clone() for b in model.buffers()]
+    assert derivatives.fast_directions(model, problem.loss_fn, params, source, where="t") is None
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+    model.eval()
+    assert derivatives.fast_directions(model, problem.loss_fn, params, source, where="t") is not None
 
 
 def test_batched_pass_declines_batchnorm_in_training_and_restores_its_buffers() -> None:

@@ -26,7 +26,8 @@ TIMEOUT_S = 120  # one 2-process run takes ~10 s on the 2 shared cores
 
 MODULE = textwrap.dedent('''
     """Tiny float64 data and model; STOP_AT_STEP=n makes the model raise KeyboardInterrupt (as Ctrl-C would)
-    at its n-th training forward pass, on every rank alike."""
+    at its n-th training forward pass, on every rank alike; FAIL_RANK=r makes rank r's 3rd training forward
+    pass give NaN (FAIL_HOW=nan) or raise."""
     import os
 
     import torch
@@ -59,6 +60,10 @@ MODULE = textwrap.dedent('''
                 self.calls += 1
                 if self.calls == self.stop:
                     raise KeyboardInterrupt
+                if os.environ.get("FAIL_RANK", "none") == os.environ.get("RANK") and self.calls == 3:
+                    if os.environ.get("FAIL_HOW") == "nan":  # a NaN on this rank alone, at its 3rd step
+                        return super().forward(x) * float("nan")
+                    raise RuntimeError("this rank's forward pass failed")
             return super().forward(x)
 
 
@@ -66,7 +71,7 @@ MODULE = textwrap.dedent('''
         return Net(nn.Linear(input_shape[0], width), nn.Tanh(), nn.Linear(width, num_classes)).double()
 ''')
 
-# 100 examples, batches of 8: 12 full batches per epoch (the partial 13th is dropped in data mode)
+# 100 examples, batches of 8: 12 full batches per epoch and a 13th of 4
 ARGS = ["--dataset", "pdata:make_data", "--model", "pdata:make_net", "--method", "fg-w:num_directions=2",
         "--batch-size", "8", "--val-fraction", "0", "--lr", "0.05", "--threads", "1", "--save-model", "--no-plots",
         "--quiet"]
@@ -95,11 +100,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "models" / "fg-w_num_directions-2_seed0.pt", weights_only=True)["state_dict"]
 
 
-def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
+def test_data_parallel_over_two_processes_equals_the_plain_one_process_run(
     tmp_path: Path, user_module: Path
 ) -> None:
-    out = ["--epochs", "2", "--out-dir", str(tmp_path)]
-    assert cli.main(["train", *ARGS, *out, "--parallel", "data", "--name", "one"]) == 0
+    """The same command with and without ``--nproc 2``: the plain run draws the seed-shared directions, and the
+    last batch (3 of 99 examples) is split 2 + 1 with weights 2/3 and 1/3, so both runs take the same 13 steps
+    an epoch on the same examples and end with the same weights up to float64 rounding."""
+    out = ["--epochs", "2", "--train-subset", "99", "--out-dir", str(tmp_path)]
+    assert cli.main(["train", *ARGS, *out, "--name", "one"]) == 0
     two = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "two", "--replay-log"], user_module)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("report:") == 1  # rank 0 alone reports
@@ -109,10 +117,10 @@ def test_data_parallel_over_two_processes_equals_one_process_on_the_whole_batch(
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10)
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert (r1["world"], r1["mode"], r2["world"], r2["mode"]) == (1, "data", 2, "data")
+    assert (r2["world"], r2["mode"]) == (2, "data")
     run1, run2 = r1["runs"][0], r2["runs"][0]
-    assert run1["steps"] == run2["steps"] == 2 * 12  # last partial batch dropped, in both
-    assert run1["bytes_per_step"] == 0.0
+    assert run1["steps"] == run2["steps"] == 2 * 13  # the last, smaller batch too, in both
+    assert run1["examples_seen"] == run2["examples_seen"] == 2 * 99
     # one all_reduce of [loss, d_1, d_2] in float64 per step: 8·(K+1) = 24 bytes, measured by the wrapper
     assert run2["bytes_per_step"] == 24.0
     assert run2["figures"]["train_loss"] == pytest.approx(run1["figures"]["train_loss"], rel=1e-12)
@@ -173,6 +181,32 @@ def test_usage_errors_of_nproc(tmp_path: Path, user_module: Path, capsys: pytest
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_failure_on_one_rank_stops_every_rank_at_once_naming_it(tmp_path: Path, user_module: Path, how: str) -> None:
+    """A NaN on rank 1 alone: both ranks stop at that step, rank 0 reports one line naming rank 1 (the run
+    failed: exit 1 on both); an error raised on rank 1: rank 1 fails with it, rank 0 stops at once naming
+    rank 1 instead of waiting in the collective for its 60 s timeout."""
+    began = time.monotonic()
+    p = _fwdgrad(["train", *ARGS, "--epochs", "2", "--out-dir", str(tmp_path), "--name", "f", "--nproc", "2"],
+                 user_module, FAIL_RANK="1", FAIL_HOW=how)
+    took = time.monotonic() - began
+    assert p.returncode == 1, p.stderr
+    assert took < 45, took  # start-up of two processes included; a rank left waiting would take over 60 s
+    if how == "nan":
+        lines = [line for line in p.stderr.splitlines() if "not finite" in line]
+        assert len(lines) == 1, p.stderr
+        assert "stopped: non-finite loss at epoch 1, step 3: " in lines[0]
+        assert "directional derivatives of rank 1 (of 2) are not finite at step 2" in lines[0]
+        assert "exit status by rank: [1, 1]" in p.stderr, p.stderr
+        run = json.loads((tmp_path / "f" / "results.json").read_text())["runs"][0]
+        assert run["status"] == "stopped (non-finite)" and run["steps"] == 2
+    else:
+        assert "this rank's forward pass failed" in p.stderr  # rank 1's own error
+        assert "error: fwdgrad.distributed.SeedSharingSGD.accumulate: rank 1 (of 2) stopped at step 2: its " \
+            "estimator raised an error" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
 def test_tangent_parallel_run_records_its_bytes(tmp_path: Path, user_module: Path) -> None:
     p = _fwdgrad(["train", *ARGS, "--epochs", "1", "--out-dir", str(tmp_path), "--name", "t", "--nproc", "2",
                   "--parallel", "tangent"], user_module)
@@ -190,12 +224,12 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(tmp_path: Path,
     assert whole.returncode == 0, whole.stderr
     # both ranks stop (KeyboardInterrupt) in the 5th step of epoch 2; rank 0 keeps the checkpoint of epoch 1
     cut = _fwdgrad(["train", *ARGS, *out, "--nproc", "2", "--name", "cut", "--replay-log"], user_module,
-                   STOP_AT_STEP=str(12 + 5))
+                   STOP_AT_STEP=str(13 + 5))
     assert cut.returncode == 130, cut.stderr
     assert "--resume" in cut.stderr
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["current"]["epoch"] == 1 and ckpt["current"]["world"] == 2
-    assert ckpt["current"]["shared"]["step"] == 12
+    assert ckpt["current"]["shared"]["step"] == 13
     # one process cannot continue a 2-process run
     assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 2
     resumed = _fwdgrad(["train", "--resume", str(tmp_path / "cut"), "--nproc", "2"], user_module)
@@ -203,7 +237,7 @@ def test_resume_under_two_processes_equals_the_uninterrupted_run(tmp_path: Path,
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     r = json.loads((tmp_path / "cut" / "results.json").read_text())
-    assert r["complete"] and r["world"] == 2 and r["runs"][0]["steps"] == 36
+    assert r["complete"] and r["world"] == 2 and r["runs"][0]["steps"] == 39
     # the replay log of the interrupted and resumed run rebuilds the uninterrupted run's weights
     log, init = (tmp_path / "cut" / "replay" / f"fg-w_num_directions-2_seed0{s}" for s in (".log", ".init.pt"))
     assert cli.main(["replay", str(log), "--init", str(init), "--out", str(tmp_path / "replayed.pt")]) == 0
@@ -270,9 +304,10 @@ def test_a_signal_to_the_launcher_stops_every_rank(tmp_path: Path, user_module: 
         return
     assert launcher.returncode == 143, err
     assert "fwdgrad train: SIGTERM: forwarded to the 2 ranks, which stopped" in err, err
-    # rank 0 stopped on its own, not killed after the grace period: an interrupted rank leaves without the
-    # end-of-run barrier (which could wait for a peer still inside a training collective)
-    assert "(exit status by rank: [143, " in err, err
+    # both ranks stopped on their own, not killed after the grace period (an interrupted rank leaves without
+    # the end-of-run barrier, which could wait for a peer still inside a training collective), and neither
+    # aborted in the interpreter's teardown (-6 in 2 of 37 runs before leave_and_exit, none in 40 after)
+    assert "(exit status by rank: [143, 143])" in err, err
     assert "--resume RUN_DIR --nproc 2" in err
     assert "interrupted (SIGTERM); partial report in" in err, err
     assert f"`fwdgrad train --resume {tmp_path / 'long'} --nproc 2` continues" in err, err

@@ -56,9 +56,12 @@ def test_a_draw_into_a_scratch_buffer_is_the_same_draw(name: str, dtype: torch.d
 
 def test_a_bad_scratch_buffer_raises_naming_it() -> None:
     like = torch.zeros(5, 3)
-    for out in [torch.zeros(15), torch.zeros(16, dtype=torch.float64), torch.zeros(4, 4)]:
+    for name, out in [("rademacher", torch.zeros(15)), ("gaussian", torch.zeros(14)),
+                      ("gaussian", torch.zeros(16, dtype=torch.float64)), ("gaussian", torch.zeros(4, 4))]:
         with pytest.raises(ValueError, match=r"^fwdgrad.directions.draw_direction: out must be a flat"):
-            draw_direction("gaussian", like, 1, 0, out=out)
+            draw_direction(name, like, 1, 0, out=out)
+    exact = torch.zeros(15)  # a Gaussian draw needs only numel entries (a lent .grad's storage)
+    assert draw_direction("gaussian", like, 1, 0, out=exact).data_ptr() == exact.data_ptr()
 
 
 @pytest.mark.parametrize("name", DENSE)
@@ -117,7 +120,8 @@ def test_keeping_tangents_only_where_it_is_cheaper() -> None:
     assert keep("gaussian", 4, cpu, grads_unset=False)  # one chunk holds them all anyway
     assert not keep("gaussian", 4, cpu, grads_unset=False, chunk_size=1)  # chunked: memory bounded by the chunk
     assert keep("sphere", 4, cpu, grads_unset=False, chunk_size=1)  # joint: cannot be drawn again
-    assert uses_fast_loop("gaussian", 4, chunk_size=1) and not uses_fast_loop("gaussian", 4)
+    assert uses_fast_loop("gaussian", 4, chunk_size=1) and uses_fast_loop("gaussian", 4)  # batched pass
+    assert not uses_fast_loop("sphere", 4) and not uses_fast_loop("given", 4)
 
 
 def _estimate(problem: Problem, *, fast: bool, tangents: str, k: int, chunk_size: int | None, grad_set: bool):
@@ -146,3 +150,92 @@ def test_k_directions_in_chunks_equal_the_reference_for_the_same_seed(
             torch.testing.assert_close(a, b, rtol=0, atol=TOL)
         for a, b in zip(buffers, ref_buffers):
             torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def _zeroed_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tangents", DENSE)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.id)
+def test_a_zero_grad_holds_the_tangent_and_ends_as_the_estimate(
+    problem: Problem, tangents: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero_grad(set_to_none=False): each tangent is drawn into its .grad and scaled there; the same .grad
+    tensors end holding the estimate a None .grad gets (float64, 1e-10)."""
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)  # the test models are small: lend as large ones do
+    want_model = problem.model()
+    fwdgrad.ForwardGradient(1, tangents, seed=8, fast_paths=False)(want_model, problem.loss_fn)
+    model = problem.model()
+    grads = _zeroed_grads(model)
+    storage = [g.data_ptr() for g in grads]
+    est = fwdgrad.ForwardGradient(1, tangents, seed=8, fast_paths=fast)
+    assert est._zero_grads(dict(model.named_parameters())) is not None
+    est(model, problem.loss_fn)
+    assert [p.grad for p in model.parameters()] == grads and [g.data_ptr() for g in grads] == storage
+    for p, q in zip(model.parameters(), want_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=TOL)
+    est(model, problem.loss_fn)  # .grad no longer zero: the next estimate is added, drawn again
+    assert est._zero_grads(dict(model.named_parameters())) is None
+
+
+@pytest.mark.parametrize("fail", ["nan", "raises"])
+def test_a_lent_zero_grad_is_zero_again_when_the_step_fails(fail: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
+    problem = PROBLEMS[0]
+    model = problem.model()
+    grads = _zeroed_grads(model)
+
+    def loss_fn(m: torch.nn.Module) -> torch.Tensor:
+        loss = problem.loss_fn(m)
+        if fail == "raises":
+            raise RuntimeError("user error after the forward")
+        return loss * float("nan")
+
+    with pytest.raises(fwdgrad.NonFiniteError if fail == "nan" else RuntimeError):
+        fwdgrad.ForwardGradient(1, "gaussian", seed=1)(model, loss_fn)
+    assert [p.grad for p in model.parameters()] == grads
+    assert all(not g.any() for g in grads)
+
+
+def test_a_grad_is_lent_only_when_every_grad_is_zero_and_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = PROBLEMS[0].model()
+    _zeroed_grads(model)
+    assert fwdgrad.ForwardGradient(1, "gaussian", seed=1)._zero_grads(dict(model.named_parameters())) is None  # small
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
+    model.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    est = fwdgrad.ForwardGradient(1, "gaussian", seed=1)
+    assert est._zero_grads(params) is None  # None .grads: the spent tangent becomes .grad anyway
+    grads = _zeroed_grads(model)
+    assert est._zero_grads(params) == grads
+    grads[-1][0] = 1e-30
+    assert est._zero_grads(params) is None
+    grads[-1].zero_()
+    first = next(iter(params.values()))
+    first.grad = torch.zeros(first.shape[::-1], dtype=first.dtype).T  # not contiguous
+    assert est._zero_grads(params) is None
+    first.grad = torch.zeros_like(first)
+    for other in (fwdgrad.ForwardGradient(2, "gaussian", seed=1), fwdgrad.ForwardGradient(1, "rank1", seed=1),
+                  fwdgrad.ForwardGradient(1, "gaussian", seed=1, directions="momentum")):
+        assert other._zero_grads(params) is None
+
+
+def test_a_lent_zero_grad_survives_the_fall_back_to_the_reference_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source_module, "KEEP_SMALL_BYTES", 0)
+    problem = next(p for p in PROBLEMS if p.id == "batchnorm")
+
+    def penalised(model: torch.nn.Module) -> torch.Tensor:  # a weight used outside its module: reference path
+        return problem.loss_fn(model) + 0.1 * model[0].weight.pow(2).sum()
+
+    want_model, model = problem.model(), problem.model()
+    fwdgrad.ForwardGradient(1, "rademacher", seed=2, fast_paths=False)(want_model, penalised)
+    _zeroed_grads(model)
+    fwdgrad.ForwardGradient(1, "rademacher", seed=2)(model, penalised)
+    for p, q in zip(model.parameters(), want_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=TOL)
+    for a, b in zip(model.buffers(), want_model.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)

@@ -1,4 +1,5 @@
-"""The Python examples of the README and of docs/architecture.md run as written."""
+"""The Python examples of the README, of docs/tour.md (the README's long form) and of docs/architecture.md
+run as written."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+TOUR = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "tour.md").read_text(), flags=re.S)
 ARCHITECTURE = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "architecture.md").read_text(), flags=re.S)
 
 
 def test_readme_has_examples() -> None:
-    assert len(BLOCKS) >= 2
+    assert len(BLOCKS) >= 1 and len(TOUR) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(TOUR)))
+def test_tour_example_runs(index: int) -> None:
+    exec(compile(TOUR[index], f"docs/tour.md[python block {index}]", "exec"), {"__name__": "__readme__"})
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

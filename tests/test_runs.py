@@ -237,7 +237,7 @@ def test_save_model_then_evaluate(tmp_path: Path, user_module: Path, keep_thread
         assert f"accuracy {100 * run['figures']['test_acc']:.2f} %" in out, out
         assert f"loss {run['figures']['test_loss']:.4f}" in out
     assert cli.main(["evaluate", str(tmp_path / "m" / "results.json")]) == 2
-    assert "not a readable fwdgrad file" in capsys.readouterr().err
+    assert "is not a readable fwdgrad saved model" in capsys.readouterr().err
 
 
 def test_factory_contract_errors(tmp_path: Path, user_module: Path, capsys: pytest.CaptureFixture[str]) -> None:

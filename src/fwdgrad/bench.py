@@ -650,13 +650,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "in one process)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in each worker (0: torch's default; one thread by default, so the "
+                             "ratios do not move with other processes on shared cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA events, allocator peaks)")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for the .md, .json and .png")
+    parser.add_argument("--out", default=None,
+                        help="directory for the .md, .json and .png (default: runs/bench, or runs/bench-quick with "
+                             "--quick; the committed reports in benchmarks/results are written only when named, "
+                             "and never by --quick)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--append", action="store_true",
                         help="keep the results already in OUT/speed_memory.json (a configuration run again replaces "
                              "its old row) and report them together")
+
+
+def output_folder(out: str | None, quick: bool) -> Path:
+    """Where ``fwdgrad bench`` writes: ``out``, else ``runs/bench`` (``runs/bench-quick`` with ``--quick``).
+    A quick run refuses a folder that holds a report of a full run (``speed_memory.json`` whose command has
+    no ``--quick``, e.g. the committed ``benchmarks/results``): its tiny models would replace the measured grid."""
+    folder = Path(out) if out is not None else Path("runs") / ("bench-quick" if quick else "bench")
+    report = folder / "speed_memory.json"
+    if quick and report.is_file():
+        try:
+            command = str(json.loads(report.read_text()).get("command", ""))
+        except (OSError, ValueError, AttributeError):
+            command = ""
+        if "--quick" not in command.split():
+            raise ValueError(f"fwdgrad bench: --quick would overwrite the report of a full run in {folder} "
+                             f"({command or 'unreadable'!r}); give another --out")
+    return folder
 
 
 def run_from_args(args: argparse.Namespace, command: str) -> int:
@@ -685,6 +707,7 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         fused = {"both": (False, True), "no": (False,), "yes": (True,)}[args.fused]
         configs = full_configs(models, ks, names, fused, args.chunk_size, baselines)
         steps, warmup = args.steps, args.warmup
+    args.out = str(output_folder(args.out, args.quick))
     previous = load_results(Path(args.out) / "speed_memory.json") if args.append else []
     earlier: list[str] = []
     if previous:

@@ -170,7 +170,8 @@ def _add_run_options(p: argparse.ArgumentParser, defaults: RunConfig, *, many_me
     g.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
                    help="data: every process takes an equal shard of each batch along the same directions; "
                         "tangent: every process draws its own directions on the whole batch (default: data with "
-                        "--nproc or torchrun, else off; given alone: the same seed-shared steps in one process)")
+                        "--nproc or torchrun, else off; a plain run of a method that --nproc accepts takes the "
+                        "same seed-shared steps in one process, so --nproc N changes only the rounding)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=S, help=f"parent folder of run folders (default: {d.out_dir})")
     g.add_argument("--name", default=S,
@@ -296,14 +297,32 @@ def _run_experiment_command(args: argparse.Namespace, defaults: RunConfig) -> in
             config = dataclasses.replace(config, quiet=True)
     if comm is None:
         return _execute(args, config, argv, resume, comm)[0]
-    finished = False
+    return _execute_rank(args, config, argv, resume, comm)
+
+
+def _execute_rank(args: argparse.Namespace, config: RunConfig, argv: list[str], resume: str | None,
+                  comm: object) -> int:
+    """:func:`_execute` on a rank of a world, which then leaves the world and ends its process
+    (:func:`fwdgrad.distributed.leave_and_exit`: a barrier first after a run that went to its end, none after
+    an interrupted or failed one, whose peers may still be inside a collective; no interpreter teardown).
+    An error is printed here, since nothing after this returns."""
+    import traceback
+
+    from fwdgrad.distributed import leave_and_exit
+
+    finished, code = False, 1
     try:
         code, finished = _execute(args, config, argv, resume, comm)
-        return code
-    finally:
-        # a barrier first after a run that went to its end (every rank took the same steps), none after an
-        # interrupted or failed one: a peer may still be inside a collective there: see Comm.leave
-        comm.leave(finished)
+    except UsageError as exc:
+        print(f"fwdgrad {args.command}: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # reported here: the process ends below
+        traceback.print_exc()
+    leave_and_exit(comm, finished, code)  # type: ignore[arg-type]
 
 
 
@@ -440,61 +459,17 @@ def _add_nothing(p: argparse.ArgumentParser) -> None:
 
 
 def _run_methods(args: argparse.Namespace) -> int:
-    import inspect
-
-    from fwdgrad.estimators import available_estimators, estimator_options
+    from fwdgrad.estimators import available_estimators
+    from fwdgrad.estimators.catalog import describe
     from fwdgrad.training.lr import REFERENCE_PARAMETERS, default_lr, perturbs_weights
 
-    for name in available_estimators():
-        opts = estimator_options(name)
-        shown = "any keyword" if opts is None else ", ".join(
-            k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in opts.items() if k != "generator"
-        )
-        lrs = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
+    def lr_text(name: str) -> str:
+        text = ", ".join(f"{opt} {default_lr(name, opt)[0]:g}" for opt in OPTIMIZERS)
         if perturbs_weights(name):
-            lrs += f" (sgd × {REFERENCE_PARAMETERS:,}/P on models with P > {REFERENCE_PARAMETERS:,} parameters)"
-        print(f"{name:<10} options: {shown or '-'}; default lr: {lrs}")
-    return 0
+            text += f" (sgd × {REFERENCE_PARAMETERS:,}/P on models with P > {REFERENCE_PARAMETERS:,} parameters)"
+        return text
 
-
-def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_file", metavar="MODEL", help="weights saved by --save-model (RUN_DIR/models/*.pt)")
-    p.add_argument("--dataset", default=None,
-                   help="dataset name or module.path:function (default: the one the model was trained on)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="folder with the dataset files")
-    p.add_argument("--download", action="store_true", help="download missing dataset files")
-    p.add_argument("--split", choices=("test", "train"), default="test", help="which split to score")
-    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
-    p.add_argument("--device", default="cpu", help="torch device")
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from fwdgrad.training.checkpoint import MODEL_FORMAT, load
-    from fwdgrad.training.factories import build_model_for, load_dataset_for
-    from fwdgrad.training.loop import evaluate
-
-    try:
-        saved = load(args.model_file, MODEL_FORMAT)
-        dataset = args.dataset or saved["dataset"]
-        model = build_model_for(saved["model"], saved["input_shape"], saved["num_classes"], saved["model_options"])
-        model.load_state_dict(saved["state_dict"])
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(str(exc).removeprefix("fwdgrad: ")) from None
-    try:
-        data = load_dataset_for(dataset, args.data_dir, download=args.download)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        _log(f"fwdgrad evaluate: error: {exc}")
-        return 1
-    x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_train, data.y_train)
-    if list(x.shape[1:]) != list(saved["input_shape"]) or data.num_classes != saved["num_classes"]:
-        raise UsageError(f"{dataset!r} has inputs {list(x.shape[1:])} and {data.num_classes} classes; the model "
-                         f"expects {saved['input_shape']} and {saved['num_classes']}")
-    model.to(args.device)
-    loss, acc = evaluate(model, x, y, args.batch_size, args.device)
-    print(f"{args.model_file}: {saved['method']} seed {saved['seed']} on {dataset} {args.split} "
-          f"({len(y)} examples): accuracy {100 * acc:.2f} %, loss {loss:.4f}")
+    print("\n".join(describe(available_estimators(), lr_text)).rstrip())
     return 0
 
 
@@ -520,31 +495,6 @@ def _run_bench(args: argparse.Namespace) -> int:
         return run_from_args(args, "fwdgrad " + shlex.join(args.argv))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-
-
-def _add_replay(p: argparse.ArgumentParser) -> None:
-    p.add_argument("log", metavar="LOG", help="replay log written by seed-sharing training (fwdgrad.distributed)")
-    p.add_argument("--init", required=True, metavar="INIT.pt",
-                   help="initial weights: a state dict (torch.save), e.g. the <method>_seed<k>.init.pt that "
-                        "`fwdgrad train --replay-log` writes beside the log")
-    p.add_argument("--out", required=True, metavar="MODEL.pt", help="where to write the rebuilt state dict")
-
-
-def _run_replay(args: argparse.Namespace) -> int:
-    from fwdgrad.distributed import digest, read_header, replay_file
-
-    try:
-        steps = replay_file(args.log, args.init, args.out)
-        header, _ = read_header(args.log)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-    import torch
-
-    state = torch.load(args.out, weights_only=True)
-    names = [n for n, _, _ in header["config"]["params"]]
-    print(f"replayed {steps} steps of {args.log} onto {args.init}: wrote {args.out} "
-          f"(weights digest {digest([(n, state[n]) for n in names]):016x})")
-    return 0
 
 
 def _delegated(command: str, load: Callable[[], ModuleType]) -> tuple[AddArguments, Runner]:
@@ -573,6 +523,18 @@ def _diagnostics_cli() -> ModuleType:
     return cli
 
 
+def _evaluate_cli() -> ModuleType:
+    from fwdgrad.training import evaluate_cli
+
+    return evaluate_cli
+
+
+def _replay_cli() -> ModuleType:
+    from fwdgrad.distributed import cli
+
+    return cli
+
+
 def _studies_cli() -> ModuleType:
     from fwdgrad.studies import cli
 
@@ -587,16 +549,28 @@ COMMANDS: dict[str, Command] = {
     "methods": Command("list the registered estimators, their options and default learning rates",
                        _add_nothing, _run_methods),
     "models": Command("list the registered models and their options", _add_nothing, _run_models),
-    "evaluate": Command("score weights saved with --save-model on a dataset split", _add_evaluate, _run_evaluate),
+    "evaluate": Command("score weights saved with --save-model on a dataset split",
+                        *_delegated("evaluate", _evaluate_cli)),
     "bench": Command("step time and extra step memory of forward gradients vs backprop (round-robin timing)",
                      _add_bench, _run_bench),
     "replay": Command("rebuild trained weights bit for bit from a seed-sharing replay log and the initial weights",
-                      _add_replay, _run_replay),
+                      *_delegated("replay", _replay_cli)),
     "diagnose": Command("cosine, bias, variance, E|g|^2 vs theory, SNR, time and memory of each estimator on one "
                         "batch", *_delegated("diagnose", _diagnostics_cli)),
     "study": Command("the theory papers as runnable studies: linreg, testfunctions, frankwolfe",
                      *_delegated("study", _studies_cli)),
 }
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help, unless the help states its default itself, or there is none
+    to state (``None``, or ``False`` for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per entry of :data:`COMMANDS`."""
@@ -610,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter
+                           formatter_class=_DefaultsHelpFormatter
                            if name not in ("train", "compare") else argparse.HelpFormatter)
         cmd.add_arguments(p)
     return parser

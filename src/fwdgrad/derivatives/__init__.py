@@ -3,7 +3,7 @@ r"""Layer 2 — derivatives: how ``⟨∇L, v_k⟩`` is obtained for K direction
 :func:`module_directions` returns the loss and the K directional derivatives of ``loss_fn(model)`` along
 the tangents of a :class:`fwdgrad.directions.TangentSource`. It picks, in order:
 
-1. the batched per-module pass (:mod:`~fwdgrad.derivatives.batched`, ``vmap`` over K, rank-1 tangents),
+1. the batched per-module pass (:mod:`~fwdgrad.derivatives.batched`, ``vmap`` over K > 1 directions),
 2. the windowed per-module pass (:mod:`~fwdgrad.derivatives.window`, one direction at a time),
 3. the reference path (:mod:`~fwdgrad.derivatives.reference`: ``torch.func`` JVPs through
    ``functional_call``, the tangents of ``chunk_size`` directions materialised at a time),
@@ -72,15 +72,15 @@ def forward_mode(where: str, model: nn.Module | None) -> Iterator[None]:
 
 
 def uses_fast_loop(name: str, num_directions: int, chunk_size: int | None = None) -> bool:
-    """Whether the per-module passes apply: one direction, or ``rank1`` tangents (whose batched pass costs
-    about ``1 + K`` matmul units against ``1 + 2K`` for the reference ``vmap(jvp)`` with dense tangents), or
-    one direction per pass (``chunk_size=1``: the windowed pass draws each tensor's tangent as its module
-    runs, so no model-sized tangent exists, where the reference path materialises one per direction)."""
+    """Whether the per-module passes apply: to every per-tensor sampler (``gaussian``, ``rademacher``,
+    ``rank1``) whatever K is. K > 1 runs the batched pass, ``chunk_size`` directions at a time, where a
+    Linear/Conv2d forms the K weight tangents' term as one wide product (about ``1 + 2K`` matmul units dense,
+    ``1 + K`` rank-1); one direction per pass (``chunk_size=1``) runs the windowed pass, which draws each
+    tensor's tangent as its module runs (no model-sized tangent). Stored tangents (``given``): one direction
+    only. ``num_directions`` and ``chunk_size`` matter only for ``given``; kept for callers."""
     if name == "given":  # stored tangents (a guess): one direction runs the windowed pass
         return num_directions == 1
-    if name not in PER_TENSOR_SAMPLERS:
-        return False
-    return num_directions == 1 or name == "rank1" or chunk_size == 1
+    return name in PER_TENSOR_SAMPLERS
 
 
 def fast_directions(
@@ -88,13 +88,15 @@ def fast_directions(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """The per-module passes alone: batched over K (``chunk_size`` at a time) where the model allows it, else
-    one windowed pass per direction; ``None``, buffers restored, when neither can vouch for the model."""
+    (rank-1, or one direction) one windowed pass per direction; ``None``, buffers restored, when neither can
+    vouch for the model, and for dense K > 1 that the batched pass declines (the reference ``vmap(jvp)``,
+    about ``1 + 2K`` units, beats K windowed passes of 3 each)."""
     plist = list(params.values())
-    if source.num_directions > 1 and source.factored and chunk_size != 1:  # one direction a pass: windowed
+    if source.num_directions > 1 and chunk_size != 1:  # one direction a pass: windowed
         got = batched_directions(
             model, once_per_step(model, loss_fn), plist, source, where=where, chunk_size=chunk_size
         )
-        if got is not None:
+        if got is not None or not source.factored:  # dense: the reference vmap(jvp) beats K windowed passes
             return got
     saved = snapshot_buffers(model)
     got = windowed_directions(model, once_per_step(model, loss_fn), plist, source, where=where)

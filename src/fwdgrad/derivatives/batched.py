@@ -68,6 +68,7 @@ class _FastModuleJvp(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, weight, _bias, _trigger, w_a, w_b, b_t, module, rule, x_dual = inputs
         ctx.module, ctx.rule, ctx.x_dual, ctx.factored = module, rule, x_dual, w_b is not None
+        ctx.set_materialize_grads(False)  # jvp reads no input tangent but x's: no zero tangents of the weights
         ctx.save_for_forward(x, weight, w_a, w_b, b_t, output)
 
     @staticmethod
@@ -75,7 +76,7 @@ class _FastModuleJvp(torch.autograd.Function):
         x, weight, w_a, w_b, b_t, out = ctx.saved_tensors
         w_dir = (w_a, w_b) if ctx.factored else w_a
         term = ctx.rule.param_tangent(ctx.module, x, out, w_dir, b_t)
-        if ctx.x_dual:
+        if ctx.x_dual and x_t is not None:  # None: x carries no tangent at this level
             term = ctx.rule.add_input_tangent(ctx.module, term, x_t, weight, inplace=False)
         return term
 

@@ -263,7 +263,8 @@ class ScratchPerturbation(Perturbation):
 
     def weighted_sum_into(self, i: int, weights: Tensor | list[float]) -> Tensor:
         """:meth:`weighted_sum` ``(i, weights)`` in the scratch buffers: a view, valid until the next draw
-        (a loop over the tensors runs inside :meth:`scratch_pass`)."""
+        (a loop over the tensors runs inside :meth:`scratch_pass`); in bfloat16 / float16 with K > 1 a new
+        tensor (the sum runs in float32, see :meth:`_weighted`)."""
         return self._weighted(i, weights, self._draw_into)
 
 
@@ -339,7 +340,7 @@ class RoundingLedger:
         self._dense: dict[int, Tensor] = {}
         self.two_point = True
         self.rounded_away: Tensor | int = 0
-        self.perturbed: Tensor | int = 0
+        self.perturbed = 0
         self.saved_bytes = 0
 
     def perturb_(self, source: Perturbation, k: int, eps: float, *, two_point: bool) -> None:
@@ -358,24 +359,24 @@ class RoundingLedger:
     def _perturb_one(self, source: Perturbation, i: int, p: Tensor, z: Tensor, eps: float) -> None:
         up = source.shift_(p.detach().clone(), z, eps)
         bits = _bits(p)
-        self.rounded_away = self.rounded_away + ((_bits(up) == bits) & (z != 0)).sum()
-        self.perturbed = self.perturbed + (z != 0).sum()
+        # the directions' entries are never 0 (Gaussian, Rademacher, sphere): every entry is perturbed
+        self.rounded_away = self.rounded_away + torch.count_nonzero(_bits(up) == bits)
+        self.perturbed += p.numel()
         way = up.clone()
         if self.two_point:
             source.shift_(source.shift_(way, z, -2 * eps), z, eps)
         else:
             source.shift_(way, z, -eps)
         back = _bits(way)
-        lost = bits != back
-        count = int(lost.sum())
+        diff = bits - back  # exact for same-signed bit patterns; non-zero exactly where they differ
+        count = int(torch.count_nonzero(diff))
         if count * (8 + p.element_size()) < p.numel():  # few: index and value
-            self._keep_sparse(i, p, lost, count)
+            self._keep_sparse(i, p, diff != 0, count)
         else:  # many: four bits per entry, and index and value beyond them or across a sign
-            diff = bits - back  # same-signed bit patterns: no overflow in their own width
             wide = ((bits ^ back) < 0) | (diff < -8) | (diff > 7)
             self._dense[i] = _pack_nibbles(diff.masked_fill_(wide, 0))
             self.saved_bytes += self._dense[i].numel()
-            self._keep_sparse(i, p, wide, int(wide.sum()))
+            self._keep_sparse(i, p, wide, int(torch.count_nonzero(wide)))
         p.copy_(up)
 
     def _keep_sparse(self, i: int, p: Tensor, mask: Tensor, count: int) -> None:

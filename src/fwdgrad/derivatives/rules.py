@@ -188,6 +188,17 @@ def in_dtype(t: Any, dtype: torch.dtype) -> Any:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def vmapped(t: Tensor) -> bool:
+    """Whether ``t`` carries a ``vmap`` batch dimension (beneath any ``jvp`` wrappers): the batched pass's
+    tangents of K directions."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
 # --- nn.Linear ------------------------------------------------------------------------------------------
 
 
@@ -203,6 +214,13 @@ def _linear_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: T
         u, v = w_t
         term = (x @ v).unsqueeze(-1) * u
         return term if b_t is None else term.add_(b_t)
+    if x.dim() >= 2 and vmapped(w_t):
+        # K directions under vmap (w_t batched, x shared): W_t x2ᵀ is one [K·out, in] @ [in, rows] product;
+        # vmap's rule for F.linear with a batched weight runs K narrow products (bmm) instead
+        wide = w_t @ x.reshape(-1, x.shape[-1]).mT  # [out, rows] per direction, fresh: the bias goes in in place
+        if b_t is not None:
+            wide.add_(b_t.unsqueeze(-1))
+        return wide.mT.reshape(*x.shape[:-1], w_t.shape[0])
     return F.linear(x, w_t, b_t)
 
 
@@ -212,7 +230,7 @@ def _linear_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, i
         # [..., out] as [rows, out]: one addmm into the fresh term, no second output-sized buffer
         term.view(-1, term.shape[-1]).addmm_(x_t.reshape(-1, x_t.shape[-1]), weight.t())
         return term
-    return term + F.linear(x_t, weight)
+    return F.linear(x_t, weight) + term  # the sum takes the layout of x_t·Wᵀ (term may be a transposed view)
 
 
 def _linear_weight_grads(m: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -259,7 +277,8 @@ def _conv_param_tangent(m: nn.Module, x: Tensor, out: Tensor, w_t: Any, b_t: Ten
 
 def _conv_add_input(m: nn.Module, term: Tensor, x_t: Tensor, weight: Tensor, inplace: bool = True) -> Tensor:
     x_t, weight = in_dtype(x_t, term.dtype), in_dtype(weight, term.dtype)
-    return term + F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups)
+    # the sum takes the layout of the input's term (under vmap the weight term's is direction-minor)
+    return F.conv2d(x_t, weight, None, m.stride, m.padding, m.dilation, m.groups) + term
 
 
 def _conv_weight_grads(m: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:

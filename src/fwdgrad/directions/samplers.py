@@ -124,14 +124,15 @@ def draw_direction(
     a direction can be drawn again, alone, with memory of one tensor, whatever K is.
 
     ``out``: a flat, contiguous buffer of ``like``'s dtype on the drawing device with at least
-    :func:`scratch_size` ``(like)`` entries. The direction is then drawn into its first entries and returned
-    as a view of them: the same numbers, no allocation (a loop over many tensors reuses one buffer; the view
-    is overwritten by the next draw into it)."""
+    :func:`scratch_size` ``(like)`` entries (``like.numel()`` for ``gaussian``). The direction is then drawn
+    into its first entries and returned as a view of them: the same numbers, no allocation (a loop over many
+    tensors reuses one buffer; the view is overwritten by the next draw into it)."""
     gen = scratch_generator(like.device if device is None else device, direction_seed(seed, k))
-    if out is not None and (out.dtype != like.dtype or out.dim() != 1 or out.numel() < scratch_size(like)):
+    need = scratch_size(like) if name == "rademacher" else like.numel()
+    if out is not None and (out.dtype != like.dtype or out.dim() != 1 or out.numel() < need):
         raise ValueError(
             f"fwdgrad.directions.draw_direction: out must be a flat {like.dtype} buffer of at least "
-            f"{scratch_size(like)} entries, got {out.dtype} of shape {tuple(out.shape)}"
+            f"{need} entries, got {out.dtype} of shape {tuple(out.shape)}"
         )
     if name == "rademacher":
         return _rademacher(tuple(like.shape), like, gen, out)
@@ -149,8 +150,12 @@ def draw_tensor(
     if num_directions == 1:
         return draw_direction(name, like, seed, 0, device).unsqueeze(0)
     out = torch.empty((num_directions, *like.shape), dtype=like.dtype, device=like.device)
+    in_place = name == "gaussian" and (device is None or torch.device(device) == like.device)
     for k in range(num_directions):
-        out[k] = draw_direction(name, like, seed, k, device)
+        if in_place:  # straight into the block (torch.randn is torch.empty + normal_): no copy
+            out[k].normal_(generator=scratch_generator(like.device, direction_seed(seed, k)))
+        else:
+            out[k] = draw_direction(name, like, seed, k, device)
     return out
 
 
@@ -161,21 +166,28 @@ def _per_tensor(
 
 
 def per_tensor_blocks(
-    name: str, like: Sequence[Tensor], num_directions: int | None, seeds: Sequence[int]
+    name: str, like: Sequence[Tensor], num_directions: int | None, seeds: Sequence[int],
+    into: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor]:
     """The ``[K, *p.shape]`` blocks of per-tensor sampler ``name`` for the tensor seeds ``seeds``
     (:func:`draw_tensor` per tensor; large CPU draws on several threads, same numbers). ``num_directions``
-    ``None``: direction 0 alone, shaped like the tensor (:func:`draw_direction`)."""
-    jobs = [(p, seed, p.device) for p, seed in zip(like, seeds)]
+    ``None``: direction 0 alone, shaped like the tensor (:func:`draw_direction`), drawn into ``into[i]``'s
+    storage where given (a contiguous tensor of ``like[i]``'s shape, dtype and device)."""
+    homes = list(into) if into is not None else [None] * len(like)
+    jobs = [(p, seed, p.device, home) for p, seed, home in zip(like, seeds, homes)]
 
-    def draw(p: Tensor, seed: int, device: torch.device) -> Tensor:
+    def draw(p: Tensor, seed: int, device: torch.device, home: Tensor | None) -> Tensor:
         if num_directions is None:
-            return draw_direction(name, p, seed, 0, device)
+            if home is None:
+                return draw_direction(name, p, seed, 0, device)
+            if name == "gaussian" or home.numel() % 8 == 0:  # the draw's own buffer is the home
+                return draw_direction(name, p, seed, 0, device, out=home.view(-1))
+            return home.copy_(draw_direction(name, p, seed, 0, device))
         return draw_tensor(name, p, num_directions, seed, device)
 
     workers = min(torch.get_num_threads(), len(jobs))
     total = (num_directions or 1) * sum(p.numel() for p in like)
-    if workers > 1 and total >= PARALLEL_DRAW_MIN and all(torch.device(d).type == "cpu" for _, _, d in jobs):
+    if workers > 1 and total >= PARALLEL_DRAW_MIN and all(torch.device(job[2]).type == "cpu" for job in jobs):
         # Each tensor has its own generator, so the numbers do not depend on the threads.
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda job: draw(*job), jobs))

@@ -87,6 +87,10 @@ class TangentSource:
         num_directions: K.
         generator: the step's source of randomness (``None``: torch's global RNG); it is advanced exactly
             as ``SAMPLERS[name]`` advances it, whatever the mode.
+        into: K = 1 kept (not ``lean``), ``gaussian``/``rademacher`` only: tensors (``None`` entries allowed) in
+            whose storage tensor ``i``'s tangent is drawn, of ``primals[i]``'s shape, dtype and device, contiguous
+            (a zero ``.grad`` lent by the ``.grad`` writer: the estimate ``d·v`` is then formed there in place,
+            :meth:`add_scaled`, with no model-sized temporary and no second draw).
         lean: keep no tangent. Only the per-tensor seeds are drawn (:func:`fwdgrad.directions.tensor_seeds`,
             exactly what the sampler draws from the generator), and :meth:`direction` draws a tensor's
             block from its seed whenever it is needed: a tangent is a function of (generator state at the
@@ -107,7 +111,7 @@ class TangentSource:
 
     def __init__(
         self, name: str, primals: Sequence[Tensor], num_directions: int, generator: torch.Generator | None,
-        *, lean: bool = False,
+        *, lean: bool = False, into: Sequence[Tensor | None] | None = None,
     ) -> None:
         if lean and name not in PER_TENSOR_SAMPLERS:
             raise ValueError(
@@ -117,13 +121,16 @@ class TangentSource:
         self.name, self.primals, self.num_directions = name, list(primals), num_directions
         self._blocks: list[Any] | None = None
         self._seeds: list[int] | None = None
+        self._homes: list[Tensor | None] | None = None
         if name == "rank1":
             self._blocks = list(rank1_factors(self.primals, num_directions, generator))
         elif name in PER_TENSOR_SAMPLERS:
             # the seeds are all the generator gives; blocks drawn from them equal SAMPLERS[name]'s
             self._seeds = tensor_seeds(len(self.primals), generator)
             if not lean and num_directions == 1:  # the one direction itself: handing it out costs no select op
-                self._first = per_tensor_blocks(name, self.primals, None, self._seeds)
+                if into is not None:
+                    self._homes = list(into)
+                self._first = per_tensor_blocks(name, self.primals, None, self._seeds, self._homes)
                 self._blocks = [d.unsqueeze(0) for d in self._first]
             elif not lean:
                 self._blocks = per_tensor_blocks(name, self.primals, num_directions, self._seeds)
@@ -185,6 +192,12 @@ class TangentSource:
         if num_directions > 1:
             return chunk_size is None or chunk_size >= num_directions
         return grads_unset
+
+    def lent(self, index: int, t: Tensor | None) -> bool:
+        """Whether ``t`` is the storage lent (``into``) to tensor ``index``'s tangent, the tangent still in it."""
+        homes, first = self._homes, self._first
+        return (homes is not None and t is not None and homes[index] is t and first is not None
+                and first[index] is not None)
 
     @staticmethod
     def lean_possible(name: str) -> bool:
@@ -273,6 +286,9 @@ class TangentSource:
         of ``out``'s dtype (the ``.grad`` writer computes them once per step): one ``addcmul_`` per direction
         (a lean source drawing one direction at a time), one ``addmm_`` for rank-1 factors."""
         block = self._kept(index)
+        if self.lent(index, out):  # out holds the tangent itself (a zero .grad lent as its storage): 0 + d·v
+            out.mul_(scales[0])
+            return
         if isinstance(block, tuple) or (isinstance(block, Tensor) and block.shape[0] > 1):
             self.weighted_sum(index, weights, out=out, alpha=1.0 / self.num_directions)
             return

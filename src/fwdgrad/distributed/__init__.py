@@ -15,7 +15,14 @@ from fwdgrad.distributed.comm import (
     RankLostError,
     ReplicaMismatchError,
 )
-from fwdgrad.distributed.launch import LaunchInterrupted, die_with_launcher, free_port, init_from_env, spawn_local
+from fwdgrad.distributed.launch import (
+    LaunchInterrupted,
+    die_with_launcher,
+    free_port,
+    init_from_env,
+    leave_and_exit,
+    spawn_local,
+)
 from fwdgrad.distributed.replay import (
     ReplayLog,
     check_replayable,
@@ -26,9 +33,10 @@ from fwdgrad.distributed.replay import (
     replay,
     replay_file,
     running_buffers,
+    save_initial_state,
 )
 from fwdgrad.distributed.seeds import ConcatSource, digest, step_seed, step_source
-from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard
+from fwdgrad.distributed.sharing import MODES, SeedSharingSGD, shard, shard_bounds
 
 __all__ = [
     "MODES",
@@ -47,6 +55,7 @@ __all__ = [
     "digest",
     "free_port",
     "init_from_env",
+    "leave_and_exit",
     "load_initial_state",
     "read_header",
     "record_bytes",
@@ -54,7 +63,9 @@ __all__ = [
     "replay",
     "replay_file",
     "running_buffers",
+    "save_initial_state",
     "shard",
+    "shard_bounds",
     "spawn_local",
     "step_seed",
     "step_source",

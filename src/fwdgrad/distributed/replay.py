@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwdgrad._io import write_atomic
+from fwdgrad._io import check_digest, read_torch, save_verified, write_atomic
 from fwdgrad.distributed.seeds import ConcatSource, after_exchange, digest, shared_source
 from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_class
 
@@ -317,15 +317,31 @@ def _optimizer(where: str, spec: dict[str, Any], params: list[Tensor]) -> torch.
     return cls(params, lr=1.0, **options)  # the lr of every step is set from its record
 
 
-def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def check_torch_version(where: str, path: str | os.PathLike[str], header: Mapping[str, Any],
+                        allow_mismatch: bool = False) -> None:
+    """``ValueError`` when the log ``path`` was written under another torch version than this one's: the
+    kernels (and so the rounding) may differ, and the replay would silently not be the trained model.
+    ``allow_mismatch``: replay anyway (the result may then differ from the trained weights in the last bits)."""
+    recorded = header.get("torch")
+    if recorded is None or recorded == torch.__version__ or allow_mismatch:
+        return
+    raise ValueError(f"{where}: {path} was written under torch {recorded} and this is torch {torch.__version__}; "
+                     "a bit-identical replay needs the same version (--allow-version-mismatch, or "
+                     "allow_version_mismatch=True, replays anyway, possibly not bit for bit)")
+
+
+def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor], *,
+           allow_version_mismatch: bool = False) -> dict[str, Tensor]:
     """The state dict ``init`` with its trainable parameters advanced through every step of log ``path``.
 
     ``init`` must hold the parameters the log names, with the initial weights' digest, and the tensors the log
     does not replay (buffers, frozen parameters) as they were at the start; those are copied unchanged. Runs
-    with the thread count the training used.
+    with the thread count the training used. A log written under another torch version is refused unless
+    ``allow_version_mismatch`` (:func:`check_torch_version`).
     """
     where = "fwdgrad replay"
     header, _ = read_header(path)
+    check_torch_version(where, path, header, allow_version_mismatch)
     config, kind = header["config"], header.get("kind", "fused-sgd")
     names = [n for n, _, _ in config["params"]]
     missing = [n for n in names if n not in init]
@@ -383,21 +399,36 @@ def replay(path: str | os.PathLike[str], init: Mapping[str, Tensor]) -> dict[str
     return state
 
 
+INIT_FORMAT = "fwdgrad-replay-init/1"
+
+
+def save_initial_state(path: str | os.PathLike[str], state: Mapping[str, Tensor]) -> Path:
+    """Write the initial state dict of a replay log to ``path`` atomically, with its format tag
+    (``fwdgrad-replay-init/1``) and content digest (:func:`fwdgrad._io.save_verified`)."""
+    return save_verified(path, {"state_dict": {k: v.detach().cpu().clone() for k, v in state.items()}}, INIT_FORMAT)
+
+
 def load_initial_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """The state dict in ``path``: a ``torch.save``-d state dict, or a file written by ``fwdgrad train
-    --save-model``/``--replay-log`` (``{"state_dict": ...}``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping) and "format" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"fwdgrad replay: {path} does not hold a state dict")
+    """The state dict in ``path``: a file of :func:`save_initial_state` (``fwdgrad train --replay-log``'s
+    ``.init.pt``) or of ``fwdgrad train --save-model``, whose content digest is checked, or a plain
+    ``torch.save``-d state dict (a user's own; the replay still checks its parameters against the log's
+    digest). ``ValueError`` naming the file when it is not a readable torch file, is damaged or holds no
+    state dict."""
+    state = read_torch(path, "torch file of initial weights")
+    if isinstance(state, Mapping) and "format" in state:
+        check_digest(path, state)
+        state = state.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"fwdgrad replay: {str(path)!r} does not hold a state dict")
     return dict(state)
 
 
-def replay_file(log: str | os.PathLike[str], init: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+def replay_file(log: str | os.PathLike[str], init: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                allow_version_mismatch: bool = False) -> int:
     """``fwdgrad replay``: read ``init`` (see :func:`load_initial_state`), replay ``log``, save the resulting
     state dict to ``out`` atomically; returns the number of steps replayed."""
-    final = replay(log, load_initial_state(init))
+    check_torch_version("fwdgrad replay", log, read_header(log)[0], allow_version_mismatch)
+    final = replay(log, load_initial_state(init), allow_version_mismatch=allow_version_mismatch)
     buf = io.BytesIO()
     torch.save(final, buf)
     write_atomic(out, buf.getvalue())

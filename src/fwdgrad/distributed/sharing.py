@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,13 +61,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from fwdgrad.distributed.comm import LocalComm, ReplicaMismatchError
+from fwdgrad.distributed.comm import DistributedError, LocalComm, ReplicaMismatchError
 from fwdgrad.distributed.seeds import ConcatSource, after_exchange, digest, shared_source, step_seed
+from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators import Gradient, ImplicitGradient, estimator, estimator_options
-from fwdgrad.estimators.base import check_rate, trainable_parameters
+from fwdgrad.estimators.base import check_rate, eager_module, trainable_parameters
 
 Tensor = torch.Tensor
 MODES = ("data", "tangent")
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous share of ``n`` examples: the first ``n mod world`` ranks
+    take ``⌈n/world⌉``, the others ``⌊n/world⌋`` (some none when ``n < world``), as ``torch.tensor_split``.
+    With ``weight = (stop − start) / n`` per rank, ``Σ_r weight_r · L_r`` is the whole batch's mean loss.
+
+    >>> [shard_bounds(5, r, 2) for r in range(2)], [shard_bounds(1, r, 2) for r in range(2)]
+    ([(0, 3), (3, 5)], [(0, 1), (1, 1)])
+    """
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (1 if rank < extra else 0)
 
 
 def shard(batch: Tensor, rank: int, world: int) -> Tensor:
@@ -121,7 +136,7 @@ class SeedSharingSGD:
         for own in ("seed", "generator"):
             if own in options:
                 raise ValueError(f"{where}: option {own!r} is set from the base seed; pass seed= only")
-        self.model, self.name, self.seed, self.mode = model, name, seed, mode
+        self.model, self.name, self.seed, self.mode = eager_module(model), name, seed, mode  # compiled: its module
         self.comm = comm if comm is not None else LocalComm()
         self.check_every, self.log = check_every, log
         known = estimator_options(name)
@@ -236,36 +251,91 @@ class SeedSharingSGD:
     def _source(self, primals: list[Tensor], step: int, stream: int) -> Any:
         return shared_source(self.estimator, self.tangents, primals, self.num_directions, self.seed, step, stream)
 
-    def _shared_gradient(self, where: str, loss_fn: Callable[[nn.Module], Tensor]) -> tuple[Gradient, Tensor]:
+    def _own_estimate(self, loss_fn: Callable[[nn.Module], Tensor], weight: float | None
+                      ) -> tuple[Gradient | None, BaseException | None]:
+        """This rank's estimate, or ``None`` for an empty shard (``weight == 0``: nothing to evaluate), or
+        ``(None, error)`` when its estimator raised in a world of several ranks: the error is held until every
+        rank has learnt of it through the exchange (else the others would wait in the collective)."""
+        if weight == 0.0:
+            return None, None
+        own = getattr(self.estimator, "shared_step", None)
+        try:
+            grad = (own(self.model, loss_fn, self.params) if own is not None
+                    else self.estimator.step(self.model, loss_fn, self.params, lean=True))
+        except Exception as exc:
+            if self.comm.world == 1:
+                raise
+            return None, exc
+        return grad, None
+
+    def _shared_gradient(
+        self, where: str, loss_fn: Callable[[nn.Module], Tensor], weight: float | None = None
+    ) -> tuple[Gradient, Tensor]:
         """This step's estimate on this rank, the exchange, and the gradient every rank will apply:
         ``(gradient, exchanged scalars in float64)``: the implicit gradient of the exchanged scalars, through
-        the estimator's ``post_exchange`` when it has one."""
+        the estimator's ``post_exchange`` when it has one. ``weight`` (data mode): this rank's share of the
+        batch, ``|shard| / |batch|`` (:func:`shard_bounds`); the exchanged values are then ``Σ_r weight_r ·
+        [L_r, d_r]`` (``None``: equal shards, the plain mean over ranks)."""
         t, comm = self.step_count, self.comm
         clock = time.perf_counter()
         self._gen.manual_seed(step_seed(self.seed, t, self._stream()))
-        own = getattr(self.estimator, "shared_step", None)
-        grad = (own(self.model, loss_fn, self.params) if own is not None
-                else self.estimator.step(self.model, loss_fn, self.params, lean=True))
+        grad, failure = self._own_estimate(loss_fn, weight)
         primals = [p.detach() for p in self.params.values()]
-        if not self._checked_source:
-            self._check_source(grad, primals)
-        dtype = grad.dirs.dtype
+        if grad is None:  # an empty shard contributes nothing; a failed rank contributes NaN (see _stop_every_rank)
+            filler = math.nan if failure is not None else 0.0
+            dtype = primals[0].dtype
+            own_loss = torch.tensor(filler, dtype=dtype, device=primals[0].device)
+            own_dirs = torch.full((self.num_directions,), filler, dtype=dtype, device=primals[0].device)
+            own_source: Any = self._source(primals, t, self._stream())
+        else:
+            if not self._checked_source:
+                self._check_source(grad, primals)
+            own_loss, own_dirs, own_source = grad.loss, grad.dirs, grad.source  # type: ignore[attr-defined]
+        dtype = own_dirs.dtype
         clock = self._tick("estimate", clock)
         if self.mode == "data":
-            payload = torch.cat([grad.loss.detach().reshape(1).double(), grad.dirs.detach().double()])
+            mine = torch.cat([own_loss.detach().reshape(1).double(), own_dirs.detach().double()])
+            payload = mine if weight is None or weight == 1.0 else mine * weight
             if comm.world > 1:
-                payload = comm.all_reduce_sum(payload, f"the data-parallel all_reduce of step {t}") / comm.world
-            loss, dirs, source = payload[0], payload[1:], grad.source
+                payload = comm.all_reduce_sum(payload, f"the data-parallel all_reduce of step {t}")
+                payload = payload / comm.world if weight is None else payload
+            loss, dirs, source = payload[0], payload[1:], own_source
         else:
-            gathered = grad.dirs.detach().double().reshape(1, -1)
+            mine = own_dirs.detach().double()
+            payload = mine.reshape(1, -1)
             if comm.world > 1:
-                gathered = comm.all_gather(grad.dirs.detach().double(), f"the tangent-parallel all_gather of step {t}")
-            loss, dirs = grad.loss.detach().double(), gathered.reshape(-1)
-            parts = [grad.source if r == comm.rank else self._source(primals, t, r) for r in range(comm.world)]
+                payload = comm.all_gather(mine, f"the tangent-parallel all_gather of step {t}")
+            loss, dirs = own_loss.detach().double(), payload.reshape(-1)
+            parts = [own_source if r == comm.rank else self._source(primals, t, r) for r in range(comm.world)]
             source = parts[0] if comm.world == 1 else ConcatSource(parts)
+        if comm.world > 1 and not bool(torch.isfinite(payload).all()):
+            self._stop_every_rank(where, t, mine, failure)
         self._tick("exchange", clock)
-        update: Gradient = ImplicitGradient(loss.to(grad.loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
+        update: Gradient = ImplicitGradient(loss.to(own_loss.dtype), dirs.to(dtype), source)  # type: ignore[arg-type]
         return after_exchange(self.estimator, update), dirs
+
+    def _stop_every_rank(self, where: str, t: int, mine: Tensor, failure: BaseException | None) -> None:
+        """The exchanged values of step ``t`` are not finite: every rank knows it at once (NaN spreads through
+        the sum or the gather), so every rank gathers who caused it (one more collective, on this path only) and
+        raises alike: :class:`~fwdgrad.errors.NonFiniteError` naming the rank(s) whose loss or derivatives were
+        NaN/Inf; on a rank whose estimator raised, that error; on the others a
+        :class:`~fwdgrad.distributed.comm.DistributedError` naming that rank. Nothing is written on any rank."""
+        code = 2.0 if failure is not None and not isinstance(failure, NonFiniteError) else (
+            1.0 if failure is not None or not bool(torch.isfinite(mine).all()) else 0.0)
+        codes = self.comm.all_gather(torch.tensor([code], dtype=torch.float64), f"the failure check of step {t}")
+        raised = [r for r in range(self.comm.world) if codes[r, 0] == 2.0]
+        bad = [r for r in range(self.comm.world) if codes[r, 0] == 1.0]
+        world = self.comm.world
+        if failure is not None and not isinstance(failure, NonFiniteError):
+            raise failure
+        if raised:
+            raise DistributedError(f"{where}: rank {raised[0]} (of {world}) stopped at step {t}: its estimator "
+                                   "raised an error (see that rank's output); every rank stops, nothing was written")
+        who = "no rank alone (an overflow of the sum)"
+        if bad:
+            who = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {bad}"
+        raise NonFiniteError(f"{where}: the loss or the directional derivatives of {who} (of {world}) are not finite "
+                             f"at step {t}; every rank stops this step, nothing was written")
 
     def _finish(self) -> None:
         self.step_count += 1
@@ -274,16 +344,18 @@ class SeedSharingSGD:
             self.check_identical()
 
     def step(
-        self, loss_fn: Callable[[nn.Module], Tensor], lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+        self, loss_fn: Callable[[nn.Module], Tensor], lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
+        *, weight: float | None = None,
     ) -> Tensor:
         """One step on every rank: ``loss_fn(model)`` is this rank's loss (its shard in data mode, the whole
-        batch in tangent mode). Returns the step's loss (data mode: the mean over ranks)."""
+        batch in tangent mode). Returns the step's loss (data mode: the mean over ranks). ``weight`` (data
+        mode): this rank's share of the batch for unequal shards (see :func:`shard_bounds`)."""
         where = "fwdgrad.distributed.SeedSharingSGD.step"
         lr = check_rate(where, "lr", lr, strictly_positive=True)
         weight_decay = check_rate(where, "weight_decay", weight_decay, strictly_positive=False)
         momentum = check_rate(where, "momentum", momentum, strictly_positive=False, below_one=True)
         t = self.step_count
-        update, dirs = self._shared_gradient(where, loss_fn)
+        update, dirs = self._shared_gradient(where, loss_fn, self._weight(where, weight))
         clock = time.perf_counter()
         update.sgd_(where, list(self.params.values()), lr, weight_decay, momentum, self._buffers)
         self._tick("update", clock)
@@ -292,13 +364,19 @@ class SeedSharingSGD:
         self._finish()
         return update.loss
 
-    def accumulate(self, loss_fn: Callable[[nn.Module], Tensor]) -> Tensor:
+    def accumulate(self, loss_fn: Callable[[nn.Module], Tensor], *, weight: float | None = None) -> Tensor:
         """The shared estimate added into every parameter's ``.grad`` (as ``loss.backward()`` would), for any
         ``torch.optim`` optimizer to step on: every rank holds the same ``.grad`` and the same optimizer
         state, so the replicas stay identical. Counts as one step (directions, weight check). The scalars the
         estimate was formed from are left in :attr:`last_scalars` (float64, what a
         :class:`~fwdgrad.distributed.replay.ReplayLog` of kind ``"optimizer"`` records); ``log=`` (fused SGD
-        records) is refused here.
+        records) is refused here. ``weight`` (data mode): this rank's share ``|shard| / |batch|`` of a batch
+        split into unequal shards (:func:`shard_bounds`; ``0`` for an empty shard, whose ``loss_fn`` is not
+        called), so that the exchanged loss and derivatives are those of the whole batch's mean loss.
+
+        A non-finite loss or derivative on any rank, or an error in one rank's estimator, stops the step on
+        every rank at once with the same error naming that rank (:class:`fwdgrad.NonFiniteError`), instead of
+        leaving the others waiting in the collective.
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -312,13 +390,24 @@ class SeedSharingSGD:
         if self.log is not None:
             raise ValueError(f"{where}: log= records fused SGD steps only; for accumulate() and an optimizer use "
                              "ReplayLog(path, shared, optimizer=...) and its append_optimizer_step")
-        update, dirs = self._shared_gradient(where, loss_fn)
+        update, dirs = self._shared_gradient(where, loss_fn, self._weight(where, weight))
         clock = time.perf_counter()
         update.accumulate(where, list(self.params.values()), list(self.params))
         self._tick("update", clock)
         self.last_scalars = dirs
         self._finish()
         return update.loss
+
+    def _weight(self, where: str, weight: float | None) -> float | None:
+        if weight is None:
+            return None
+        if self.mode != "data":
+            raise ValueError(f"{where}: weight= weighs a rank's shard of the batch (data mode); this is "
+                             f"{self.mode} mode")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"{where}: weight must be a number in [0, 1] (this rank's share of the batch), "
+                             f"got {weight!r}")
+        return float(weight)
 
     def _tick(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -346,4 +435,4 @@ class SeedSharingSGD:
         self._buffers = {self.params[n]: b.clone() for n, b in state["momentum"].items()}
 
 
-__all__ = ["MODES", "SeedSharingSGD", "shard"]
+__all__ = ["MODES", "SeedSharingSGD", "shard", "shard_bounds"]

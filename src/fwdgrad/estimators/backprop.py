@@ -23,6 +23,10 @@ class Backprop(Estimator):
     time; ``window=K`` truncates it to the last ``K`` steps (the steps before run without autograd history,
     so memory grows with ``K``, not with the sequence length).
 
+    Args:
+        window: ``None`` (the whole sequence, or any non-sequence model) or ``K >= 1``: truncated BPTT over
+            the last ``K`` steps of a sequence model.
+
     Example:
         >>> import torch, fwdgrad
         >>> model = torch.nn.Linear(3, 1)

@@ -13,8 +13,10 @@ from fwdgrad import local
 from fwdgrad.derivatives import local_weight_grads, module_directions, once_per_step
 from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
+from fwdgrad.directions import source as tangent_source
 from fwdgrad.directions.stateful import BoundMomentum, MomentumDirections, MomentumState
-from fwdgrad.estimators.base import LossFn, SampledEstimator
+from fwdgrad.errors import explain_float16_overflow
+from fwdgrad.estimators.base import LossFn, SampledEstimator, eager_module
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient, PartlyImplicitGradient
 from fwdgrad.estimators.registry import register_estimator
 
@@ -156,6 +158,52 @@ class ForwardGradient(SampledEstimator):
             raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no direction state "
                              "(directions='sampled'), got a saved one")
 
+    def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
+        """``p.grad += ĝ`` (see :class:`fwdgrad.Estimator`). When every ``.grad`` is zero (``zero_grad(
+        set_to_none=False)``) and one dense direction is drawn, each tangent is drawn into its ``.grad``'s
+        storage and scaled there by ``⟨∇L, v⟩``: one draw a step and no model-sized temporary (else the
+        tangents are drawn again when added); an error or a non-finite estimate leaves the ``.grad`` zero."""
+        where = f"{type(self).__name__}.__call__"
+        model = eager_module(model)
+        params = self._checked(where, model, loss_fn)
+        homes = self._zero_grads(params)
+        if homes is None:
+            with explain_float16_overflow(params.values()):
+                grad = self.step(model, loss_fn, params)
+                grad.accumulate(where, list(params.values()), list(params))
+            return grad.loss.detach()
+        try:
+            with explain_float16_overflow(params.values()):
+                grad = self._perturbed(where, model, loss_fn, params, False, homes=homes)
+                grad.accumulate(where, list(params.values()), list(params))
+        except BaseException:
+            for h in homes:  # they held tangents: zero again, as they were
+                h.zero_()
+            raise
+        return grad.loss.detach()
+
+    def _zero_grads(self, params: dict[str, nn.Parameter]) -> list[Tensor] | None:
+        """Every ``.grad``, when all are zero and may hold the step's one dense tangent each, else ``None`` (also
+        for a small model, :data:`~fwdgrad.directions.source.KEEP_SMALL_BYTES`: its kept tangents cost less
+        than the zero test's ops)."""
+        plain = (type(self).step is ForwardGradient.step and self.tangents in ("gaussian", "rademacher")
+                 and self.num_directions == 1 and self._momentum is None
+                 and getattr(self, "readout", "perturb") == "perturb"
+                 and getattr(self, "aggregation", "mean") == "mean")
+        if not plain or sum(p.numel() * p.element_size() for p in params.values()) <= tangent_source.KEEP_SMALL_BYTES:
+            return None
+        grads = [p.grad for p in params.values()]
+        if any(
+            g is None or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or not g.is_contiguous()
+            or g.requires_grad for g, p in zip(grads, params.values())
+        ) or len({id(g) for g in grads}) != len(grads):
+            return None
+        with torch.no_grad():  # one host read: every tensor's min and max are 0 (aminmax: one vectorised pass)
+            ends = [end for g in grads if g.numel() for end in torch.aminmax(g)]
+            if ends and bool(torch.stack(ends).any()):
+                return None
+        return grads  # type: ignore[return-value]
+
     def step(
         self, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], *, lean: bool = False
     ) -> Gradient:
@@ -217,15 +265,17 @@ class ForwardGradient(SampledEstimator):
         return ExplicitGradient(grad.loss, grads)
 
     def _perturbed(
-        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter], lean: bool,
+        homes: list[Tensor] | None = None,
     ) -> ImplicitGradient:
         primals = [p.detach() for p in params.values()]
         # keep the tangents only where it is the cheaper way (TangentSource.worth_keeping); else each tensor's
-        # directions are drawn again from their seeds as they are added: no model-sized temporary
-        keep = not lean and TangentSource.worth_keeping(
-            self.tangents, self.num_directions, primals, all(p.grad is None for p in params.values()), self.chunk_size)
+        # directions are drawn again from their seeds as they are added: no model-sized temporary. Zero .grads
+        # lent as the tangents' storage (homes) cost nothing to keep.
+        keep = homes is not None or (not lean and TangentSource.worth_keeping(
+            self.tangents, self.num_directions, primals, all(p.grad is None for p in params.values()), self.chunk_size))
         source = TangentSource(self.tangents, primals, self.num_directions, self._generator,
-                               lean=not keep and TangentSource.lean_possible(self.tangents))
+                               lean=not keep and TangentSource.lean_possible(self.tangents), into=homes)
         loss, dirs = module_directions(
             model, loss_fn, params, source, where=where, chunk_size=self.chunk_size, fast=self.fast_paths
         )

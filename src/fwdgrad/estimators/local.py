@@ -130,8 +130,6 @@ def _block_losses(
 
 
 class LocalActivityForwardGradient(SampledEstimator):
-    per_example_loss = True
-
     r"""Activity-perturbed forward gradient with local losses (``groups=True``: LG-FG-A, registered as
     ``lg-fg-a``; ``groups=False``: L-FG-A, ``l-fg-a``).
 
@@ -153,6 +151,8 @@ class LocalActivityForwardGradient(SampledEstimator):
         >>> model.blocks[0].channel.weight.grad is not None
         True
     """
+
+    per_example_loss = True
 
     def __init__(
         self,
@@ -218,6 +218,12 @@ class LocalWeightForwardGradient(SampledEstimator):
     derivative of block ``k``'s own losses (per group where its module implements
     :class:`fwdgrad.local.LocalLossLayer`); heads get their exact local gradient. Parameters outside every
     block and head get zero (the local-loss objective does not involve them).
+
+    Args:
+        num_directions: K weight tangents averaged per call.
+        tangents: sampler name of :mod:`fwdgrad.directions`.
+        groups: one local loss per patch and group (``True``: LG-FG-W) or one per block (``False``: L-FG-W).
+        seed, generator: the source of randomness (at most one).
     """
 
     per_example_loss = True
@@ -282,6 +288,9 @@ class LocalBackprop(Estimator):
     One ``backward`` of :math:`\text{read-out loss} + \sum_k (\text{head}_k \text{ loss} + \sum_s
     \ell(\text{split}_k[s]))`; the blocks are cut from one another, so every gradient stays inside its block.
     Works with scalar or per-example losses. The reported loss is the read-out's.
+
+    Args:
+        groups: one local loss per patch and group (``True``: LG-BP) or one per block (``False``: L-BP).
     """
 
     def __init__(self, *, groups: bool = False) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -185,3 +186,63 @@ def default_lr(name: str, optimizer: str) -> tuple[float, str]:
     if fallback is None:
         raise ValueError(f"fwdgrad: no default learning rate for optimizer {optimizer!r}")
     return float(fallback), f"no default for {name}: the fg-w default with {optimizer}"
+
+
+_ROLE = re.compile(r":[\w:]+:`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """reST markup to plain text for a terminal: ``:mod:`x``` → ``x``, double backquotes dropped."""
+    return " ".join(_ROLE.sub(r"\1", text).replace("``", "").split())
+
+
+def _args_section(doc: str | None) -> dict[str, str]:
+    """The ``Args:`` entries of one Google-style docstring, ``{option: meaning}``; an entry naming several
+    options (``seed, generator: ...``) gives each of them the meaning. Continuation lines (indented deeper
+    than the entry) join its meaning."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    out: dict[str, str] = {}
+    for i, line in enumerate(lines):
+        if line.strip() != "Args:":
+            continue
+        indent: int | None = None
+        names: list[str] = []
+        for entry in lines[i + 1 :]:
+            if not entry.strip():
+                continue
+            depth = len(entry) - len(entry.lstrip())
+            if depth <= len(line) - len(line.lstrip()):
+                break  # the section ended (a new heading or text at the docstring's own depth)
+            indent = depth if indent is None else indent
+            head = re.match(r"([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*(?:\([^)]*\))?\s*:\s*(.*)", entry.strip())
+            if depth == indent and head:
+                names = [n.strip() for n in head.group(1).split(",")]
+                for n in names:
+                    out[n] = head.group(2)
+            elif names:
+                for n in names:
+                    out[n] += " " + entry.strip()
+        break
+    return {k: plain_text(v) for k, v in out.items()}
+
+
+def option_docs(name: str) -> dict[str, str]:
+    """The meaning of every constructor option of recipe ``name``, from the ``Args:`` sections of its class's
+    docstrings along the method resolution order (a subclass's entry wins over its base's); an option no
+    docstring describes is absent. Presets are marked.
+
+    Example:
+        >>> option_docs("fg-w")["num_directions"]
+        'K, tangents averaged per call.'
+        >>> option_docs("fg-w-momentum")["directions"].startswith("preset 'momentum' in this recipe")
+        True
+    """
+    entry = recipe(name)
+    docs: dict[str, str] = {}
+    for cls in entry.cls.__mro__:
+        for key, text in _args_section(cls.__dict__.get("__doc__")).items():
+            docs.setdefault(key, text)
+    for key, value in entry.preset.items():
+        if key in docs:
+            docs[key] = f"preset {value!r} in this recipe. {docs[key]}"
+    return docs

@@ -67,7 +67,7 @@ class ZerothOrder(Estimator):
         eps: the finite-difference step ε, a finite number > 0; ``None`` (default): ``1e-3``, or ``1e-2`` when
             a parameter is bfloat16 / float16 or ``torch.autocast`` computes in one of them
             (:func:`fwdgrad.derivatives.finite_difference.default_eps`; ``docs/precision.md``).
-        num_directions: K.
+        num_directions: K, the number of random directions (2K loss evaluations, one-sided K + 1).
         tangents: ``gaussian``, ``rademacher`` or ``sphere`` (radius √n).
         one_sided: forward difference, with ``L(θ)`` evaluated once and shared by the K directions.
         seed: seed of a private ``torch.Generator`` (exclusive with ``generator``).
@@ -167,9 +167,9 @@ class ZerothOrder(Estimator):
                 "swamps the finite difference; compute the loss in float32 (e.g. F.cross_entropy(logits.float(), "
                 "y))", stacklevel=4,
             )
-        if ledger is None or "rounded" in self._warned or not isinstance(ledger.perturbed, Tensor):
+        if ledger is None or "rounded" in self._warned or not ledger.perturbed:
             return
-        share = float(ledger.rounded_away) / max(1, int(ledger.perturbed))  # one host read per step
+        share = float(ledger.rounded_away) / ledger.perturbed  # one host read per step
         if share > ROUNDED_AWAY_WARNING:
             self._warned.add("rounded")
             warnings.warn(
@@ -382,7 +382,8 @@ class ZerothOrderConservative(ZerothOrder):
     (ties keep the earlier one). 2K + 3 forward passes per step (one-sided: K + 3). ``weight_decay`` is
     applied to ``θ`` before the three candidates are formed. Moving between the candidates adds and
     subtracts ``lr·ĝ`` (regenerated), with the same rounding as the perturbations (none with
-    ``restore="snapshot"``, which copies ``θ`` back).
+    ``restore="snapshot"``, which copies ``θ`` back, nor with ``restore="exact"`` and bfloat16 / float16
+    weights, where it copies ``θ`` too: there the rounding of a move is the size of the move).
 
     :meth:`__call__` writes ``ĝ`` itself to ``.grad``, exactly as ``zo`` does for the same seed: the
     conservative choice needs the learning rate and the update, so it exists only in the fused
@@ -421,7 +422,10 @@ class ZerothOrderConservative(ZerothOrder):
             if weight_decay:
                 for p in tensors:
                     p.mul_(1.0 - lr * weight_decay)
-        saved = [p.detach().clone() for p in tensors] if self.restore == "snapshot" else None
+        # in half precision a move's rounding is the size of the move: "exact" copies θ there, as "snapshot" does
+        half = any(p.dtype in HALF_PRECISION for p in tensors)
+        exact = self.restore == "snapshot" or (self.restore == "exact" and half)
+        saved = [p.detach().clone() for p in tensors] if exact else None
 
         def back_to_theta(position: float) -> None:
             if saved is None:

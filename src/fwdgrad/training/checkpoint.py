@@ -1,10 +1,16 @@
 """Checkpoints: everything a killed run needs to continue exactly where its last complete epoch ended.
 
-A checkpoint is one file, ``checkpoint.pt`` in the run folder, written atomically (:func:`fwdgrad._io.write_atomic`)
-at the end of every epoch and after every run, holding only tensors and plain containers (``dict``, ``list``,
-``tuple``, ``str``, numbers, ``None``), so that ``torch.load(path, weights_only=True)`` reads it::
+A checkpoint is one file, ``checkpoint.pt`` in the run folder, written atomically at the end of every epoch
+and after every run, holding only tensors and plain containers (``dict``, ``list``, ``tuple``, ``str``,
+numbers, ``None``), so that ``torch.load(path, weights_only=True)`` reads it. Checkpoints, saved models
+(``--save-model``) and the initial weights of a replay log are written by :func:`save` and read by
+:func:`load` (:func:`fwdgrad._io.save_verified` / :func:`~fwdgrad._io.load_verified`): each carries its format
+tag and a SHA-256 content digest, checked on load, so a file damaged on disk is refused by name. Files of the
+earlier formats (``fwdgrad-checkpoint/1``, ``fwdgrad-model/1``: no digest, from development versions before
+the first release) are refused as of another format::
 
-    {"format": "fwdgrad-checkpoint/1", "command": "train" | "compare", "config": {RunConfig fields},
+    {"format": "fwdgrad-checkpoint/2", "digest": "sha256:...", "command": "train" | "compare",
+     "config": {RunConfig fields},
      "experiment": {"methods": [...], "skipped_methods": [...], "runs": [finished RunResult states],
                     "started_at": str},
      "current": None | {"method": display, "seed": int, "epoch": k,     # k complete epochs: the position
@@ -19,19 +25,22 @@ The position in the data order is the epoch count: the order of epoch ``e`` is a
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fwdgrad._io import write_atomic
+from fwdgrad._io import load_verified, save_verified
 from fwdgrad.estimators.state import load_state, state_of
 
-CHECKPOINT_FORMAT = "fwdgrad-checkpoint/1"
+CHECKPOINT_FORMAT = "fwdgrad-checkpoint/2"
 CHECKPOINT_FILE = "checkpoint.pt"
-MODEL_FORMAT = "fwdgrad-model/1"
+MODEL_FORMAT = "fwdgrad-model/2"
+# what `fwdgrad evaluate` needs of a saved model (data_dir: since fwdgrad-model/2; None when not given)
+MODEL_KEYS = ("model", "model_options", "input_shape", "num_classes", "dataset", "method", "seed", "state_dict")
+CHECKPOINT_KEYS = ("command", "config", "experiment", "current")
+_WHAT = {CHECKPOINT_FORMAT: "fwdgrad checkpoint", MODEL_FORMAT: "fwdgrad saved model"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,27 +89,16 @@ def set_estimator_state(est: Any, state: dict[str, Any]) -> None:
         load_state(est, state)
 
 
-def to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def save(path: str | Path, state: dict[str, Any], file_format: str = CHECKPOINT_FORMAT) -> Path:
+    """Write ``state`` with ``torch.save``, atomically, tagged ``file_format`` and with its content digest."""
+    return save_verified(path, state, file_format)
 
 
-def save(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` with ``torch.save``, atomically."""
-    return write_atomic(path, to_bytes(state))
-
-
-def load(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
-    """Read a checkpoint or a saved model with ``torch.load(weights_only=True)``; ``ValueError`` when the
-    file is not one (naming the file)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"fwdgrad: no file {str(path)!r}") from None
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"fwdgrad: {str(path)!r} is not a readable fwdgrad file: {exc}".splitlines()[0]) from None
-    if not isinstance(state, dict) or state.get("format") != expected_format:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"fwdgrad: {str(path)!r} is not a {expected_format} file (found {found!r})")
-    return state
+def load(path: str | Path, expected_format: str = CHECKPOINT_FORMAT, required: tuple[str, ...] | None = None
+         ) -> dict[str, Any]:
+    """Read a checkpoint or a saved model with ``torch.load(weights_only=True)`` and check its digest;
+    ``ValueError`` naming the file when it is not one, lacks a key it needs (``required``; default: those of
+    its format), or is damaged."""
+    if required is None:
+        required = {CHECKPOINT_FORMAT: CHECKPOINT_KEYS, MODEL_FORMAT: MODEL_KEYS}.get(expected_format, ())
+    return load_verified(path, expected_format, what=_WHAT.get(expected_format, "fwdgrad file"), required=required)

@@ -136,7 +136,7 @@ def resolve_methods(
                     f"fwdgrad: method {spec.display!r} cannot train model {config.model!r}: {reason}"
                 ) from exc
             skipped.append({"method": spec.display, "reason": reason})
-            if log is not None:
+            if log is not None and not config.quiet:  # the report lists it either way
                 log(f"skipping {spec.display}: {reason}")
             continue
         chosen.append(spec)

@@ -76,6 +76,11 @@ def split_dataset(dataset: DatasetLike, val_fraction: float, train_subset: int |
     n_val = round(val_fraction * n)
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
     if train_subset is not None:
+        if train_subset > len(train_idx):
+            held = f" after the {n_val} held out for validation" if n_val else ""
+            raise ValueError(f"fwdgrad: --train-subset {train_subset} exceeds the {len(train_idx)} training examples "
+                             f"of {getattr(dataset, 'name', 'the dataset')}{held}; give at most {len(train_idx)}, "
+                             "or leave it out to train on all of them")
         train_idx = train_idx[:train_subset]
     train_idx = train_idx.sort().values
     if len(train_idx) == 0:

@@ -35,12 +35,12 @@ from torch import nn
 from fwdgrad.errors import NonFiniteError
 from fwdgrad.estimators import Estimator, estimator, estimator_options
 from fwdgrad.models import num_parameters
-from fwdgrad.training import checkpoint as ckpt
 from fwdgrad.training.checkpoint import estimator_state, rng_state, set_estimator_state, set_rng_state
 from fwdgrad.training.config import MethodSpec, RunConfig
 from fwdgrad.training.fairness import Splits, derived_seed, epoch_order, initial_model, order_digest, weights_digest
 from fwdgrad.training.lr import make_scheduler
 from fwdgrad.training.memory import peak_memory_probe
+from fwdgrad.training.parallel import make_shared, seed_shared_mode
 
 Tensor = torch.Tensor
 Log = Callable[[str], None]
@@ -190,7 +190,7 @@ def replay_init_path(log: str | Path) -> Path:
 def _open_replay_log(
     path: Path, shared: Any, opt: torch.optim.Optimizer, config: RunConfig, model: nn.Module, resumed: bool
 ) -> Any:
-    from fwdgrad.distributed import ReplayLog
+    from fwdgrad.distributed import ReplayLog, save_initial_state
 
     where = f"fwdgrad: --replay-log {path}"
     try:
@@ -200,7 +200,7 @@ def _open_replay_log(
         log = ReplayLog(path, shared, optimizer=opt, clip_grad_norm=config.clip_grad_norm)
     except ValueError as exc:
         raise ValueError(f"{where}: {str(exc).removeprefix('fwdgrad.distributed.ReplayLog: ')}") from None
-    ckpt.save(replay_init_path(path), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    save_initial_state(replay_init_path(path), model.state_dict())
     return log
 
 
@@ -232,7 +232,11 @@ def train_run(
     epoch with the checkpoint state of the run (tensors, plain containers). ``resume``: such a state;
     the run continues after its last complete epoch. ``on_start(result)``: sees the live result first (an
     interrupted run's partial report shows it). ``comm``: the collectives of the world when
-    ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one).
+    ``config.parallel`` is set (see :mod:`fwdgrad.training.parallel`; default a world of one). A method that
+    seed sharing can carry takes seed-shared steps even without ``config.parallel``, in a world of one
+    (:func:`~fwdgrad.training.parallel.seed_shared_mode`): the same seed gives the same run with or without
+    ``--nproc``. In data mode over several ranks each batch is split by
+    :func:`~fwdgrad.distributed.shard_bounds`, each rank weighted by its share (the last batch may be smaller).
     ``replay_log``: with ``config.parallel`` set, rank 0 writes there the replay log of the run's steps
     (:class:`fwdgrad.distributed.ReplayLog`, kind ``"optimizer"``) and, on a new run, the initial state dict
     next to it (``<log>.init.pt`` with the ``.log`` suffix replaced); a resumed run continues the log from its
@@ -246,20 +250,15 @@ def train_run(
     x_train, y_train = splits.x_train, splits.y_train
     n = len(y_train)
     steps_per_epoch = math.ceil(n / bs)
-    if config.parallel is not None:
-        from fwdgrad.distributed import LocalComm, shard
-        from fwdgrad.training.parallel import make_shared
+    mode = seed_shared_mode(config, spec)
+    if mode is not None:  # --parallel/--nproc, or a plain run of a method that can be shared by seed
+        from fwdgrad.distributed import LocalComm, shard_bounds
 
         comm = LocalComm() if comm is None else comm
-        if config.parallel == "data":
-            if bs % comm.world:
-                raise ValueError(f"fwdgrad: --batch-size {bs} is not a multiple of the world size {comm.world} "
-                                 "(data parallelism needs shards of equal size)")
-            steps_per_epoch = n // bs  # the last partial batch is dropped: its shards would be unequal
-            if steps_per_epoch == 0:
-                raise ValueError(f"fwdgrad: --batch-size {bs} exceeds the {n} training examples; data "
-                                 "parallelism drops partial batches, so no step would be taken")
-        shared = make_shared(spec, seed, model, config.parallel, comm)
+        if mode == "data" and bs % comm.world:
+            raise ValueError(f"fwdgrad: --batch-size {bs} is not a multiple of the world size {comm.world} "
+                             "(data parallelism needs shards of equal size)")
+        shared = make_shared(spec, seed, model, mode, comm)
         est = shared.estimator
     else:
         est = make_estimator(spec, seed)
@@ -293,7 +292,7 @@ def train_run(
         first_epoch = int(resume["epoch"]) + 1
         order_hash = order_digest(n, seed, first_epoch - 1)
     result.steps_per_epoch = steps_per_epoch
-    if shared is not None:
+    if config.parallel is not None:
         result.world, result.mode = comm.world, config.parallel
     rlog = None
     if replay_log is not None:
@@ -331,15 +330,17 @@ def train_run(
                 probe = peak_memory_probe() if result.steps == min(1, planned_steps - 1) else None
                 t0 = time.perf_counter()
                 x, y = x_train[idx].to(device), y_train[idx].to(device)
-                if shared is not None and config.parallel == "data":
-                    x, y = shard(x, comm.rank, comm.world), shard(y, comm.rank, comm.world)
+                weight = None
+                if shared is not None and mode == "data" and comm.world > 1:  # the last batch's shards may differ
+                    lo, hi = shard_bounds(len(idx), comm.rank, comm.world)
+                    x, y, weight = x[lo:hi], y[lo:hi], (hi - lo) / len(idx)
 
                 def loss_fn(m: nn.Module, x: Tensor = x, y: Tensor = y) -> Tensor:
                     return F.cross_entropy(m(x), y, reduction=reduction)
 
                 opt.zero_grad()
                 try:
-                    loss = est(model, loss_fn) if shared is None else shared.accumulate(loss_fn)
+                    loss = est(model, loss_fn) if shared is None else shared.accumulate(loss_fn, weight=weight)
                 except NonFiniteError as exc:
                     result.train_time_s += time.perf_counter() - t0
                     if config.on_nonfinite == "skip":
@@ -412,7 +413,7 @@ def train_run(
                 "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                 "skipped_steps": skipped, "lr": opt.param_groups[0]["lr"],
             })
-            if shared is not None:
+            if shared is not None and config.parallel is not None:
                 result.bytes_per_step = shared.bytes_per_step
             if stop or epoch == epochs:
                 result.order_digest = order_hash.hexdigest()[:16]
@@ -444,6 +445,6 @@ def train_run(
         if rlog is not None:
             rlog.close()
     assert _params_finite(model), "fwdgrad.training: internal error, non-finite weights survived"
-    if log is not None and result.message:
+    if log is not None and result.message and not config.quiet:  # a failed run's message is reported at the end
         log(f"{spec.display} seed {seed}: {result.message}")
     return result

@@ -4,11 +4,13 @@ With ``config.parallel`` set, :func:`fwdgrad.training.loop.train_run` replaces t
 :class:`fwdgrad.distributed.SeedSharingSGD` over the world's ``comm`` (a
 :class:`~fwdgrad.distributed.comm.LocalComm` in a single process): every step is
 ``shared.accumulate(loss_fn)`` followed by the optimizer's step, exactly as with the estimator; in ``data``
-mode ``loss_fn`` sees this rank's :func:`~fwdgrad.distributed.shard` of the batch and the last partial batch
-of every epoch is dropped (all shards must have ``batch_size / world`` examples). The directions of step
+mode ``loss_fn`` sees this rank's shard of the batch. The directions of step
 ``t`` are drawn from ``step_seed(derived_seed(seed, "estimator"), t, stream)``, the same on every rank and
-in a single process, so a data-parallel run over ``W`` processes equals the single-process run
-(``--parallel data`` without ``--nproc``) on the whole batch up to rounding.
+in a single process. A plain run (no ``--parallel``) of a method that can be shared by seed takes the same
+seed-shared steps in a world of one (:func:`seed_shared_mode`), so a data-parallel run over ``W`` processes
+equals the plain single-process run of the same command on the whole batch up to rounding. The last batch of
+an epoch, smaller than the others, is split into shards that differ by at most one example, each rank's
+values weighted by its share (:func:`~fwdgrad.distributed.shard_bounds`): both runs see the same examples.
 
 Example:
     >>> from fwdgrad.training.config import MethodSpec
@@ -48,6 +50,20 @@ def make_shared(spec: MethodSpec, seed: int, model: nn.Module, mode: str, comm: 
                          f"{str(exc).splitlines()[0]}") from None
 
 
+def seed_shared_mode(config: Any, spec: MethodSpec) -> str | None:
+    """How :func:`~fwdgrad.training.loop.train_run` takes the steps of ``spec``: ``config.parallel`` when set;
+    else ``"data"`` (in a world of one) for every method that seed sharing can carry, so that its directions
+    are the seed-shared ones and ``--nproc N`` changes nothing but rounding; else ``None`` (the estimator's
+    own generator, for methods that ``--nproc`` refuses anyway)."""
+    if config.parallel is not None:
+        return str(config.parallel)
+    try:
+        check_shareable(spec, "data")
+    except ValueError:
+        return None
+    return "data"
+
+
 def check_shareable(spec: MethodSpec, mode: str) -> None:
     """Raise ``ValueError`` naming the method when ``spec`` cannot be shared by seed in ``mode``: builds it
     in a world of one on a tiny linear model and takes one step (the constructor's check, and the first
@@ -73,4 +89,4 @@ def check_shareable(spec: MethodSpec, mode: str) -> None:
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-__all__ = ["check_shareable", "make_shared", "shared_seed"]
+__all__ = ["check_shareable", "make_shared", "seed_shared_mode", "shared_seed"]

@@ -74,6 +74,12 @@ def replay_file(folder: Path, method: str, seed: int) -> Path:
     return folder / "replay" / f"{report.safe_filename(method)}_seed{seed}.log"
 
 
+def saved_data_dir(data_dir: str | None) -> str | None:
+    """The ``--data-dir`` a saved model records, as an absolute path (``fwdgrad evaluate`` may run from
+    another folder); ``None`` when the run used the default."""
+    return None if data_dir is None else str(Path(data_dir).expanduser().resolve())
+
+
 def load_resume(run_dir: str | Path) -> dict[str, Any]:
     """The checkpoint of the run in ``run_dir`` (``ValueError`` when there is none)."""
     path = Path(run_dir) / ckpt.CHECKPOINT_FILE
@@ -135,7 +141,7 @@ def execute(
     holder: dict[str, Any] = {"saved": "no checkpoint yet" if state is None else "its last checkpoint"}
 
     def save_checkpoint(exp: Experiment, current: dict[str, Any] | None) -> None:
-        ckpt.save(out / ckpt.CHECKPOINT_FILE, {**exp.checkpoint(current), "argv": argv})
+        ckpt.save(out / ckpt.CHECKPOINT_FILE, {**exp.checkpoint(current), "argv": argv}, ckpt.CHECKPOINT_FORMAT)
         where = f"epoch {current['epoch']} of {current['method']} seed {current['seed']}" if current else None
         holder["saved"] = f"the end of {where}" if where else f"the end of run {len(exp.runs)}"
 
@@ -155,11 +161,11 @@ def execute(
     def on_model_trained(run: RunResult, model: nn.Module) -> None:
         exp = holder["exp"]
         ckpt.save(model_file(out, run), {
-            "format": ckpt.MODEL_FORMAT, "model": config.model, "model_options": dict(config.model_options),
+            "model": config.model, "model_options": dict(config.model_options),
             "input_shape": list(exp.splits_info["input_shape"]), "num_classes": exp.splits_info["num_classes"],
-            "dataset": config.dataset, "method": run.method, "seed": run.seed,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        })
+            "dataset": config.dataset, "data_dir": saved_data_dir(config.data_dir), "method": run.method,
+            "seed": run.seed, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        }, ckpt.MODEL_FORMAT)
 
     try:
         with sigterm_as_interrupt() as seen:
