@@ -179,9 +179,9 @@ def test_fg_a_perturbs_the_linear_layers(kind: str, reduction: str) -> None:
     writes a finite .grad to each (LLaMA with per-sequence losses; OPT with the batch's mean loss, since its
     feed-forward runs on ``[B·T, H]``); with them trainable it refuses, naming them.
 
-    The output head is left out of the perturbed modules (``modules=``): OPT's ``lm_head`` holds the frozen,
-    tied input embedding, and fg-a's use check counts that frozen weight's use by ``embed_tokens`` too
-    (it then refuses with an empty list of parameters)."""
+    OPT's ``lm_head`` holds the frozen, tied input embedding, which ``embed_tokens`` also uses: a frozen
+    weight needs no estimate, so that use outside the perturbed module is no reason to refuse (it once
+    refused with an empty list of parameters); with the head left out (``modules=``) the same tensors get a .grad."""
     model = tiny(kind)
     ids = batch()
     loss_fn = lambda m: next_token_loss(m, ids, reduction=reduction)
@@ -192,10 +192,15 @@ def test_fg_a_perturbs_the_linear_layers(kind: str, reduction: str) -> None:
     _linear_layers_only(model)
     model.zero_grad(set_to_none=True)
     with forward_mode_attention(model, quiet=True):
+        _fg_a()(model, loss_fn)
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with forward_mode_attention(model, quiet=True):
         _fg_a(modules=lambda name, m: type(m) is torch.nn.Linear and name != "lm_head")(model, loss_fn)
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
         assert p.grad is None or bool(torch.isfinite(p.grad).all())
+    assert whole.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_fg_a_refuses_per_sequence_losses_where_opt_flattens_the_batch() -> None:

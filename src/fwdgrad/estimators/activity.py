@@ -483,10 +483,12 @@ def _watching_uses(
 ) -> Any:
     """``run()`` while recording any use of a trainable parameter outside the perturbed module that owns it;
     such a use (a tied weight through ``F.linear``, a submodule's weight used by its parent) raises."""
+    trainable = {id(p) for p in params.values()}  # a frozen weight used elsewhere (a tied lm_head) needs no estimate
     owner: dict[int, set[nn.Module]] = {}
     for _, m in chosen:
         for p in m.parameters():
-            owner.setdefault(id(p), set()).add(m)
+            if id(p) in trainable:
+                owner.setdefault(id(p), set()).add(m)
     tracker = UsesOutside(owner)
     handles = []
     for _, m in chosen:
@@ -498,9 +500,9 @@ def _watching_uses(
     finally:
         for h in handles:
             h.remove()
-    if tracker.outside:
-        names = {id(p): n for n, p in params.items()}
-        outside = {names[i]: "used outside its module's forward" for i in tracker.outside if i in names}
+    names = {id(p): n for n, p in params.items()}
+    outside = {names[i]: "used outside its module's forward" for i in tracker.outside if i in names}
+    if outside:
         raise _coverage_error(where, outside)
     return value
 
