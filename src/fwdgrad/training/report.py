@@ -285,11 +285,15 @@ def plot_png(exp: Experiment, x_key: str, title: str) -> bytes:
     axes[1].set(xlabel=xlabel, ylabel="train loss (epoch mean)", title="train loss", yscale="log")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(labels) > 8:  # a legend inside the panel would cover the curves: beside the figure instead
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    else:
+        axes[0].legend(fontsize=8)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
