@@ -11,10 +11,10 @@ from torch import nn
 import fwdgrad
 from data_fixtures import make_idx_files
 from fwdgrad.data import RESOURCES, load_dataset
+from fwdgrad.derivatives.diagonal_recurrence import forward_exact_gradient
 from fwdgrad.derivatives.spiking import SURROGATES, Spike, spike, spike_fgi, surrogate_derivative
 from fwdgrad.derivatives.through_time import (
     WindowedSequence,
-    forward_exact_gradient,
     online_forward_gradient,
     run_sequence,
 )

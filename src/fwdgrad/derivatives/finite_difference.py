@@ -69,6 +69,7 @@ from torch import nn
 
 from fwdgrad._validation import check_number, check_real_scalar
 from fwdgrad.directions import draw_direction, draw_tensor, scratch_size, tensor_seeds
+from fwdgrad.directions.source import add_weighted_directions
 
 Tensor = torch.Tensor
 
@@ -559,15 +560,8 @@ class PerturbationSource:
             if out is None:
                 return total.mul_(alpha).to(dtype)
             return out.copy_(out.float().add_(total, alpha=alpha))
-        w = weights.to(dtype)
-        for k in range(self.num_directions):
-            z = self.perturbation.direction(k, index)
-            if out is None:
-                out = z * w[k] if alpha == 1.0 else z * (w[k] * alpha)
-            else:
-                out.addcmul_(z, w[k], value=alpha)
-        assert out is not None
-        return out
+        return add_weighted_directions(lambda k: self.perturbation.direction(k, index), weights.to(dtype),
+                                       self.num_directions, out, alpha)
 
     def mean(self, index: int, dirs: Tensor) -> Tensor:
         """``(1/K) Σ_k dirs[k] · z_{k,index}``."""

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -75,6 +75,30 @@ class DirectionSource(Protocol):
 
     def weighted_sum(self, index: int, weights: Tensor, out: Tensor | None = None, alpha: float = 1.0) -> Tensor: ...
 
+
+
+def add_weighted_directions(
+    draw: Callable[[int], Tensor], weights: Tensor, num_directions: int, out: Tensor | None, alpha: float
+) -> Tensor:
+    """``out + alpha · Σ_k weights[k] · draw(k)`` over ``k < num_directions``, one direction at a time
+    (``out`` updated in place with ``addcmul_``; ``None``: a new tensor from the first direction), so the only
+    temporary is one direction. ``weights`` is a ``[K]`` tensor of the directions' dtype; no weight is read
+    on the host.
+
+    Example:
+        >>> import torch
+        >>> dirs = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> add_weighted_directions(lambda k: dirs[k], torch.tensor([3.0, 1.0]), 2, None, 0.5)
+        tensor([1.5000, 1.0000])
+    """
+    for k in range(num_directions):
+        d = draw(k)
+        if out is None:
+            out = d * weights[k] if alpha == 1.0 else d * (weights[k] * alpha)
+        else:
+            out.addcmul_(d, weights[k], value=alpha)
+    assert out is not None
+    return out
 
 class TangentSource:
     r"""The tangents of one step, exactly ``SAMPLERS[name](primals, K, generator)``, handed out tensor by
@@ -316,11 +340,7 @@ class TangentSource:
         if block is not None and block.shape[0] > 1:
             term = torch.tensordot(w, block, dims=1)
             return term.mul_(alpha) if out is None else out.add_(term, alpha=alpha)
-        for k in range(self.num_directions):  # one direction at a time, kept (K = 1) or drawn again
-            d = block[k] if block is not None else draw_direction(self.name, p, self._seeds[index], k)
-            if out is None:
-                out = d * w[k] if alpha == 1.0 else d * (w[k] * alpha)
-            else:
-                out.addcmul_(d, w[k], value=alpha)
-        assert out is not None
-        return out
+        # one direction at a time, kept (K = 1) or drawn again
+        return add_weighted_directions(
+            lambda k: block[k] if block is not None else draw_direction(self.name, p, self._seeds[index], k),
+            w, self.num_directions, out, alpha)

@@ -38,13 +38,13 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from fwdgrad._validation import check_real_scalar
+from fwdgrad.derivatives.diagonal_recurrence import forward_exact_gradient
 from fwdgrad.derivatives.rules import global_hooks_active, has_hidden_behaviour
 from fwdgrad.derivatives.through_time import (
     WindowedSequence,
     check_diagonal_model,
     check_sequence_model,
     check_window,
-    forward_exact_gradient,
 )
 from fwdgrad.directions import sample_tangents
 from fwdgrad.estimators.backprop import BP_LR, Backprop
@@ -112,7 +112,7 @@ class ForwardExactGradient(Estimator):
         chunk: ``None``: traces updated step by step; ``C``: the subsequence-parallel variant (HYPR) over
             subsequences of ``C`` steps. Both give the BPTT gradient (with the same surrogate) to rounding.
 
-    See :func:`fwdgrad.derivatives.through_time.forward_exact_gradient`.
+    See :func:`fwdgrad.derivatives.diagonal_recurrence.forward_exact_gradient`.
     """
 
     def __init__(self, chunk: int | None = None) -> None:
