@@ -239,3 +239,22 @@ def test_a_lent_zero_grad_survives_the_fall_back_to_the_reference_path(monkeypat
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=TOL)
     for a, b in zip(model.buffers(), want_model.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+def test_an_error_of_the_users_forward_reaches_the_caller_and_the_forward_is_not_run_again() -> None:
+    """The batched fast path gives way to another path only when vmap cannot batch an operation; a
+    RuntimeError of the user's own code is raised, not swallowed with the forward then run a second time."""
+    calls = []
+
+    class Failing(torch.nn.Sequential):
+        def forward(self, x):
+            calls.append(1)
+            raise RuntimeError("the user's forward failed")
+
+    model = Failing(torch.nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for options in ({"num_directions": 2}, {"num_directions": 3, "tangents": "rank1"}):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="the user's forward failed"):
+            fwdgrad.estimator("fg-w", seed=0, **options)(model, lambda m: m(x).sum())
+        assert len(calls) == 1, options

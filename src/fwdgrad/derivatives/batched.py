@@ -190,11 +190,23 @@ class BatchedPass(ModulePass):
         try:
             with torch.no_grad(), self.installed(forwards):
                 value, dirs = vmap(one, randomness="same")(*self._blocks(start, stop))
-        except (_GiveUp, RuntimeError):
+        except _GiveUp:
+            return None
+        except RuntimeError as exc:  # vmap cannot batch an operation of this model: another path can
+            if not _is_batching_error(exc):
+                raise  # the user's own error (their forward, their loss): never swallowed and run again
             return None
         if USES.hits != before:
             return None
         return value[0].detach(), dirs.detach()
+
+
+def _is_batching_error(exc: RuntimeError) -> bool:
+    """Whether ``exc`` says that ``vmap`` / functorch could not batch an operation (a reason to take another
+    path), rather than an error of the model's or the loss's own code (which must reach the caller)."""
+    text = str(exc).lower()
+    return any(k in text for k in ("vmap", "batching rule", "batched tensor", "functorch", "batchedtensor",
+                                   "transform", "captured tensor"))
 
 
 def batched_directions(
