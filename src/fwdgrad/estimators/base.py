@@ -104,8 +104,14 @@ class Estimator:
         model = eager_module(model)
         params = self._checked(where, model, loss_fn)
         with explain_float16_overflow(params.values()):
-            grad = self.step(model, loss_fn, params)
-            grad.accumulate(where, list(params.values()), list(params))
+            return self._step_into_grad(where, model, loss_fn, params)
+
+    def _step_into_grad(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> Tensor:
+        """One step added into ``.grad``; returns the detached loss (a subclass may form the step in place)."""
+        grad = self.step(model, loss_fn, params)
+        grad.accumulate(where, list(params.values()), list(params))
         return grad.loss.detach()
 
     def step(

@@ -15,8 +15,7 @@ from fwdgrad.derivatives.watch import restore_buffers, snapshot_buffers
 from fwdgrad.directions import TangentSource
 from fwdgrad.directions import source as tangent_source
 from fwdgrad.directions.stateful import BoundMomentum, MomentumDirections, MomentumState
-from fwdgrad.errors import explain_float16_overflow
-from fwdgrad.estimators.base import LossFn, SampledEstimator, eager_module
+from fwdgrad.estimators.base import LossFn, SampledEstimator
 from fwdgrad.estimators.gradient import ExplicitGradient, Gradient, ImplicitGradient, PartlyImplicitGradient
 from fwdgrad.estimators.registry import register_estimator
 
@@ -158,24 +157,19 @@ class ForwardGradient(SampledEstimator):
             raise ValueError(f"{type(self).__name__}.load_state_dict: this estimator keeps no direction state "
                              "(directions='sampled'), got a saved one")
 
-    def __call__(self, model: nn.Module, loss_fn: LossFn) -> Tensor:
-        """``p.grad += ĝ`` (see :class:`fwdgrad.Estimator`). When every ``.grad`` is zero (``zero_grad(
-        set_to_none=False)``) and one dense direction is drawn, each tangent is drawn into its ``.grad``'s
-        storage and scaled there by ``⟨∇L, v⟩``: one draw a step and no model-sized temporary (else the
-        tangents are drawn again when added); an error or a non-finite estimate leaves the ``.grad`` zero."""
-        where = f"{type(self).__name__}.__call__"
-        model = eager_module(model)
-        params = self._checked(where, model, loss_fn)
+    def _step_into_grad(
+        self, where: str, model: nn.Module, loss_fn: LossFn, params: dict[str, nn.Parameter]
+    ) -> Tensor:
+        """``p.grad += ĝ``. When every ``.grad`` is zero (``zero_grad(set_to_none=False)``) and one dense
+        direction is drawn, each tangent is drawn into its ``.grad``'s storage and scaled there by
+        ``⟨∇L, v⟩``: one draw a step and no model-sized temporary (else the tangents are drawn again when
+        added); an error or a non-finite estimate leaves the ``.grad`` zero."""
         homes = self._zero_grads(params)
         if homes is None:
-            with explain_float16_overflow(params.values()):
-                grad = self.step(model, loss_fn, params)
-                grad.accumulate(where, list(params.values()), list(params))
-            return grad.loss.detach()
+            return super()._step_into_grad(where, model, loss_fn, params)
         try:
-            with explain_float16_overflow(params.values()):
-                grad = self._perturbed(where, model, loss_fn, params, False, homes=homes)
-                grad.accumulate(where, list(params.values()), list(params))
+            grad = self._perturbed(where, model, loss_fn, params, False, homes=homes)
+            grad.accumulate(where, list(params.values()), list(params))
         except BaseException:
             for h in homes:  # they held tangents: zero again, as they were
                 h.zero_()
